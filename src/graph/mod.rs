@@ -1,0 +1,107 @@
+//! Multi-agent system (MAS) runtime: the setup file's data model (agents, edges,
+//! prompt pools), the per-query tool environment seam, and the batched
+//! super-step executor (reference spec §1: graph semantics and the agent call).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A joint prompt configuration: agent name → prompt template.
+pub type PromptSet = BTreeMap<String, String>;
+
+/// Pseudo-node where every run starts.
+pub const START: &str = "__start__";
+/// Pseudo-node where a run ends.
+pub const END: &str = "__end__";
+
+/// One edge of the agent graph (reference YAML shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSpec {
+    /// Source node (`__start__` or an agent name).
+    pub from: String,
+    /// Target node (`__end__` or an agent name).
+    pub to: String,
+    /// State variable whose truth value makes this conditional edge fire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition_fix: Option<String>,
+    /// How many times a conditional edge may fire per run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Where to go when the condition is false or retries are exhausted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_target: Option<String>,
+}
+
+impl EdgeSpec {
+    /// Whether this edge is conditional.
+    pub fn is_conditional(&self) -> bool {
+        self.condition_fix.is_some()
+    }
+}
+
+/// One agent of the MAS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// Node id and prompt-pool key.
+    pub name: String,
+    /// What the agent does; shown to the meta-LLM only, never to the task LLM.
+    #[serde(default)]
+    pub task_description: String,
+    /// State variables the agent's prompt reads (`{var}` placeholders).
+    #[serde(default)]
+    pub input_vars: Vec<String>,
+    /// State variables the agent writes (`<var>…</var>` tags in its reply).
+    #[serde(default)]
+    pub output_vars: Vec<String>,
+    /// Names of tools the agent may call.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Maximum tool-loop iterations (0 = no tool loop).
+    #[serde(default)]
+    pub max_tool_calls: u32,
+}
+
+/// A MAS setup file: graph, agents and initial prompt pools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Graph edges.
+    pub edges: Vec<EdgeSpec>,
+    /// Agents, in file order.
+    pub agents: Vec<AgentSpec>,
+    /// Agent name → initial prompt templates.
+    pub init_agent_prompt_pool: BTreeMap<String, Vec<String>>,
+}
+
+impl Setup {
+    /// The agent named `name`, if any.
+    pub fn agent(&self, name: &str) -> Option<&AgentSpec> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+    /// The joint configuration made of each agent's `i`-th pool prompt (clamped).
+    pub fn pool_config(&self, i: usize) -> PromptSet {
+        self.agents
+            .iter()
+            .filter_map(|a| {
+                let pool = self.init_agent_prompt_pool.get(&a.name)?;
+                let p = pool.get(i.min(pool.len().saturating_sub(1)))?;
+                Some((a.name.clone(), p.clone()))
+            })
+            .collect()
+    }
+}
+
+/// A per-run tool environment (e.g. MBPP's code store and test runner).
+/// Each (configuration, query) run gets its own fresh environment.
+pub trait ToolEnv: Send {
+    /// Names of the tools this environment offers.
+    fn tool_names(&self) -> Vec<String>;
+    /// One-line description of a tool (for the "Available tools:" block).
+    fn describe(&self, name: &str) -> Option<String>;
+    /// Execute a tool; the result (or error text) is returned to the agent.
+    fn call(&mut self, name: &str, args: &serde_json::Value) -> String;
+    /// The environment's final artifact, if any (e.g. MBPP's last written code).
+    fn artifact(&self) -> Option<String> {
+        None
+    }
+}
