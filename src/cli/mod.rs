@@ -3,10 +3,16 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod common;
+pub mod generate;
+
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
 #[derive(Parser, Debug)]
 #[command(name = "cantante", version, about)]
 pub struct Cli {
+    /// Log level filter (e.g. info, debug, cantante=trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
     /// Subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -14,10 +20,44 @@ pub struct Cli {
 
 /// Subcommands.
 #[derive(Subcommand, Debug)]
-pub enum Command {}
+pub enum Command {
+    /// Generate completions with the local engine.
+    Generate(generate::GenerateArgs),
+}
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
 
 /// Entry point used by `main.rs`; returns the process exit code.
 pub fn main() -> i32 {
-    let _ = Cli::parse();
-    0
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let result = match cli.command {
+        Command::Generate(a) => generate::run(a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            1
+        }
+    }
+}
+
+/// Render an error and its causes on one line.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
 }

@@ -6,14 +6,14 @@
 //! LLM; here all of them go through [`Llm::generate`], which takes a whole batch
 //! of requests so the engine can run them as a few large forward passes.
 
-// pub mod chat;
-// pub mod engine;
-// pub mod gguf_tokenizer;
-// pub mod model;
-// pub mod sampling;
+pub mod chat;
+pub mod engine;
+pub mod gguf_tokenizer;
+pub mod model;
+pub mod sampling;
 pub mod scripted;
-// pub mod tiny;
-// pub mod tokenizer;
+pub mod tiny;
+pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};
 
@@ -101,19 +101,31 @@ pub struct Message {
 impl Message {
     /// A system message.
     pub fn system(s: impl Into<String>) -> Self {
-        Self { role: Role::System, content: s.into() }
+        Self {
+            role: Role::System,
+            content: s.into(),
+        }
     }
     /// A user message.
     pub fn user(s: impl Into<String>) -> Self {
-        Self { role: Role::User, content: s.into() }
+        Self {
+            role: Role::User,
+            content: s.into(),
+        }
     }
     /// An assistant message.
     pub fn assistant(s: impl Into<String>) -> Self {
-        Self { role: Role::Assistant, content: s.into() }
+        Self {
+            role: Role::Assistant,
+            content: s.into(),
+        }
     }
     /// A tool-result message.
     pub fn tool(s: impl Into<String>) -> Self {
-        Self { role: Role::Tool, content: s.into() }
+        Self {
+            role: Role::Tool,
+            content: s.into(),
+        }
     }
 }
 
@@ -131,11 +143,19 @@ pub struct Sampling {
 impl Sampling {
     /// Greedy decoding.
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0 }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+        }
     }
     /// Plain temperature sampling.
     pub fn temperature(t: f64) -> Self {
-        Self { temperature: t, top_p: 1.0, top_k: 0 }
+        Self {
+            temperature: t,
+            top_p: 1.0,
+            top_k: 0,
+        }
     }
     /// Whether this is greedy decoding.
     pub fn is_greedy(&self) -> bool {
@@ -182,7 +202,13 @@ impl Request {
             messages.push(Message::system(system));
         }
         messages.push(Message::user(user));
-        Self { messages, max_new_tokens, sampling: Sampling::greedy(), seed: 0, stop: Vec::new() }
+        Self {
+            messages,
+            max_new_tokens,
+            sampling: Sampling::greedy(),
+            seed: 0,
+            stop: Vec::new(),
+        }
     }
     /// Builder: set sampling.
     pub fn with_sampling(mut self, s: Sampling) -> Self {

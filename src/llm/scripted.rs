@@ -68,7 +68,12 @@ impl Llm for ScriptedLlm {
                     stop_reason = StopReason::Length;
                 }
                 let prompt_tokens = r.messages.iter().map(|m| word_count(&m.content)).sum();
-                Generation { completion_tokens: word_count(&text), text, prompt_tokens, stop_reason }
+                Generation {
+                    completion_tokens: word_count(&text),
+                    text,
+                    prompt_tokens,
+                    stop_reason,
+                }
             })
             .collect())
     }

@@ -1,0 +1,72 @@
+//! Shared CLI pieces: model arguments, model loading, progress bars.
+
+use crate::llm::engine::{CandleLlm, EngineOptions};
+use anyhow::{Context, Result};
+
+/// Arguments selecting and configuring the local model.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model: a GGUF file, a HuggingFace folder, or a hub id (online only).
+    /// Default: $CANTANTE_MODEL, else the default model in the fetch cache.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Run on CUDA (build with --features cuda).
+    #[arg(long)]
+    pub cuda: bool,
+    /// Keep GGUF weights quantized on CPU (less memory, slower batched matmuls).
+    #[arg(long)]
+    pub quantized: bool,
+    /// Maximum sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// KV-cache memory bound in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub kv_mib: usize,
+    /// Disable reuse of shared prompt prefixes.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
+}
+
+/// Where models/fetch.sh caches the default model.
+pub fn default_model_path() -> std::path::PathBuf {
+    let base = std::env::var("CANTANTE_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into()))
+                .join(".cache/cantante/models")
+        });
+    base.join("qwen2.5-coder-0.5b-instruct.gguf")
+}
+
+/// Load the model described by the arguments.
+pub fn load_llm(m: &ModelArgs) -> Result<CandleLlm> {
+    let spec = m
+        .model
+        .clone()
+        .or_else(|| std::env::var("CANTANTE_MODEL").ok())
+        .unwrap_or_else(|| default_model_path().display().to_string());
+    let opts = EngineOptions {
+        cuda: m.cuda,
+        dequantize: if m.quantized { Some(false) } else { None },
+        max_batch: m.max_batch.max(1),
+        kv_budget_bytes: m.kv_mib << 20,
+        prefix_reuse: !m.no_prefix_reuse,
+        ..Default::default()
+    };
+    tracing::info!("loading model {spec}");
+    CandleLlm::load(&spec, opts).with_context(|| format!("cannot load model `{spec}`"))
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    b.set_message(msg.to_string());
+    b
+}

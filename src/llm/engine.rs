@@ -1,0 +1,691 @@
+//! The in-process Candle engine: loads a model (GGUF file, safetensors folder,
+//! or a hub id when online), renders chat templates, and serves batched
+//! [`Llm::generate`] calls with continuous batching over a packed ragged
+//! forward, per-sequence KV caches under a memory bound, reuse of shared
+//! prompt prefixes, and per-request seeded sampling.
+
+use super::chat::{ChatTemplate, CHATML_TEMPLATE};
+use super::gguf_tokenizer;
+use super::model::{Chunk, Model, SeqKv};
+use super::sampling;
+use super::tokenizer::Tokenizer;
+use super::{Generation, Llm, LlmError, Request, Result, StopReason};
+use candle_core::Device;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Run on CUDA device 0 (needs the `cuda` feature).
+    pub cuda: bool,
+    /// Expand quantized weights to f32 on load (`None` = yes on CPU, no on GPU).
+    pub dequantize: Option<bool>,
+    /// Maximum sequences decoded together.
+    pub max_batch: usize,
+    /// Memory bound for KV caches of running sequences, in bytes.
+    pub kv_budget_bytes: usize,
+    /// Maximum tokens in one packed forward (chunked prefill beyond that).
+    pub max_step_tokens: usize,
+    /// Reuse the KV cache of prompt prefixes shared by several requests.
+    pub prefix_reuse: bool,
+    /// Minimum shared prefix length (tokens) worth reusing.
+    pub min_prefix_tokens: usize,
+    /// Number of cached prefixes kept between calls.
+    pub prefix_cache_entries: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            cuda: false,
+            dequantize: None,
+            max_batch: 32,
+            kv_budget_bytes: 4 << 30,
+            max_step_tokens: 2048,
+            prefix_reuse: true,
+            min_prefix_tokens: 16,
+            prefix_cache_entries: 32,
+        }
+    }
+}
+
+/// Counters of the work the engine did (for benchmarks and reports).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineStats {
+    /// Prompt tokens of all requests.
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest came from reused prefixes).
+    pub prefill_computed: usize,
+    /// Prompt tokens served from reused prefixes.
+    pub prefix_reused: usize,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Packed forward passes run.
+    pub forwards: usize,
+}
+
+struct PrefixEntry {
+    tokens: Vec<u32>,
+    kv: SeqKv,
+}
+
+/// A model served in-process through Candle.
+pub struct CandleLlm {
+    model: Model,
+    tokenizer: Tokenizer,
+    chat: ChatTemplate,
+    eos: Vec<u32>,
+    opts: EngineOptions,
+    id: String,
+    stats: Mutex<EngineStats>,
+    prefixes: Mutex<Vec<PrefixEntry>>,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> LlmError {
+    LlmError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Verify `file` against a sibling `<file>.sha256` (first hex word) when present.
+pub fn verify_sidecar_checksum(file: &Path) -> Result<()> {
+    let side = PathBuf::from(format!("{}.sha256", file.display()));
+    let Ok(expected) = std::fs::read_to_string(&side) else {
+        return Ok(());
+    };
+    let expected = expected
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_lowercase();
+    let mut f = std::fs::File::open(file).map_err(|e| io_err(file, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| io_err(file, e))?;
+    let got = hex::encode(h.finalize());
+    if got != expected {
+        return Err(LlmError::BadModel {
+            path: file.display().to_string(),
+            message: format!(
+                "sha256 mismatch: expected {expected} (from {}), got {got}",
+                side.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn device(opts: &EngineOptions) -> Result<Device> {
+    if opts.cuda {
+        #[cfg(feature = "cuda")]
+        {
+            return Ok(Device::new_cuda(0)?);
+        }
+        #[cfg(not(feature = "cuda"))]
+        return Err(LlmError::Other(
+            "CUDA requested but cantante was built without the `cuda` feature".into(),
+        ));
+    }
+    Ok(Device::Cpu)
+}
+
+impl CandleLlm {
+    /// Load a model from a GGUF file, a HuggingFace folder, or (with the `hub`
+    /// feature, online) a hub repository id such as `Qwen/Qwen2.5-0.5B-Instruct`.
+    pub fn load(spec: &str, opts: EngineOptions) -> Result<Self> {
+        let path = PathBuf::from(spec);
+        if path.is_file() {
+            return Self::load_gguf(&path, opts);
+        }
+        if path.is_dir() {
+            return Self::load_dir(&path, opts);
+        }
+        #[cfg(feature = "hub")]
+        if spec.contains('/') && !spec.starts_with('.') && !spec.starts_with('/') {
+            let dir = hub_download(spec)?;
+            return Self::load_dir(&dir, opts);
+        }
+        Err(LlmError::Io {
+            path: spec.to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such model file or folder (run models/fetch.sh for the default models)",
+            ),
+        })
+    }
+
+    /// Load a GGUF file (quantized weights, tokenizer and chat template from metadata).
+    pub fn load_gguf(path: &Path, opts: EngineOptions) -> Result<Self> {
+        let p = path.display().to_string();
+        verify_sidecar_checksum(path)?;
+        let mut file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+            LlmError::BadModel {
+                path: p.clone(),
+                message: format!("not a readable GGUF file: {e}"),
+            }
+        })?;
+        let dev = device(&opts)?;
+        let deq = opts.dequantize.unwrap_or(dev.is_cpu());
+        let model = Model::from_gguf(&ct, &mut file, &p, &dev, deq)?;
+        let sibling = path.with_file_name("tokenizer.json");
+        let (tokenizer, special) = if sibling.is_file() {
+            (
+                Tokenizer::from_file(&sibling)?,
+                gguf_tokenizer::tokenizer_json_from_gguf(&ct, &p)
+                    .map(|x| x.1)
+                    .unwrap_or_default(),
+            )
+        } else {
+            let (json, special) = gguf_tokenizer::tokenizer_json_from_gguf(&ct, &p)?;
+            (Tokenizer::from_json_str(&json.to_string())?, special)
+        };
+        let template = gguf_tokenizer::chat_template_from_gguf(&ct);
+        let name = ct
+            .metadata
+            .get("general.name")
+            .and_then(|v| v.to_string().ok().cloned())
+            .unwrap_or_else(|| {
+                path.file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+        Self::assemble(
+            model,
+            tokenizer,
+            template,
+            special.eos,
+            special.bos,
+            opts,
+            format!("{name} ({})", file_tag(path)),
+        )
+    }
+
+    /// Load a HuggingFace folder: config.json, *.safetensors, tokenizer.json
+    /// and (for the chat template) tokenizer_config.json.
+    pub fn load_dir(dir: &Path, opts: EngineOptions) -> Result<Self> {
+        let dev = device(&opts)?;
+        let model = Model::from_safetensors_dir(dir, &dev)?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let mut template = None;
+        let mut eos = None;
+        let mut bos = None;
+        if let Ok(text) = std::fs::read_to_string(&tc_path) {
+            let j: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LlmError::BadModel {
+                    path: tc_path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            template = j["chat_template"].as_str().map(String::from);
+            let tok_of = |k: &str| -> Option<u32> {
+                let v = &j[k];
+                let s = v.as_str().or_else(|| v["content"].as_str())?;
+                tokenizer.token_to_id(s)
+            };
+            eos = tok_of("eos_token");
+            bos = tok_of("bos_token");
+        }
+        Self::assemble(
+            model,
+            tokenizer,
+            template,
+            eos,
+            bos,
+            opts,
+            dir.display().to_string(),
+        )
+    }
+
+    fn assemble(
+        model: Model,
+        tokenizer: Tokenizer,
+        template: Option<String>,
+        eos: Option<u32>,
+        bos: Option<u32>,
+        opts: EngineOptions,
+        id: String,
+    ) -> Result<Self> {
+        let tok_str = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.decode(&[i], false).ok())
+                .unwrap_or_default()
+        };
+        let chat = ChatTemplate::new(
+            template.as_deref().unwrap_or(CHATML_TEMPLATE),
+            &tok_str(bos),
+            &tok_str(eos),
+        )?;
+        let mut eos_ids: Vec<u32> = eos.into_iter().collect();
+        for s in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"] {
+            if let Some(i) = tokenizer.token_to_id(s) {
+                if !eos_ids.contains(&i) {
+                    eos_ids.push(i);
+                }
+            }
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            chat,
+            eos: eos_ids,
+            opts,
+            id,
+            stats: Mutex::new(EngineStats::default()),
+            prefixes: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Engine options in force.
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// Change the batch limit (e.g. 1 to measure sequential decoding).
+    pub fn set_max_batch(&mut self, n: usize) {
+        self.opts.max_batch = n.max(1);
+    }
+
+    /// Enable or disable prefix reuse (clears the prefix cache).
+    pub fn set_prefix_reuse(&mut self, on: bool) {
+        self.opts.prefix_reuse = on;
+        self.clear_prefix_cache();
+    }
+
+    /// Forget cached prefixes.
+    pub fn clear_prefix_cache(&self) {
+        if let Ok(mut p) = self.prefixes.lock() {
+            p.clear();
+        }
+    }
+
+    /// Work counters since load (or the last [`Self::reset_stats`]).
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Reset the work counters.
+    pub fn reset_stats(&self) {
+        if let Ok(mut s) = self.stats.lock() {
+            *s = EngineStats::default();
+        }
+    }
+
+    /// The exact prompt text a request is turned into.
+    pub fn render(&self, req: &Request) -> Result<String> {
+        self.chat.render(&req.messages)
+    }
+
+    fn plan_prefixes(&self, prompts: &[Vec<u32>]) -> Result<()> {
+        let min = self.opts.min_prefix_tokens.max(1);
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by(|&a, &b| prompts[a].cmp(&prompts[b]));
+        // Clusters of lexicographic neighbours sharing >= min tokens.
+        let mut wanted: Vec<Vec<u32>> = Vec::new();
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i + 1;
+            let mut common = usize::MAX;
+            while j < order.len() {
+                let l = lcp(&prompts[order[j - 1]], &prompts[order[j]]);
+                let c = common.min(l);
+                if c < min {
+                    break;
+                }
+                common = c;
+                j += 1;
+            }
+            if j - i >= 2 {
+                let shortest = order[i..j]
+                    .iter()
+                    .map(|&k| prompts[k].len())
+                    .min()
+                    .unwrap_or(0);
+                let n = common.min(shortest.saturating_sub(1));
+                if n >= min {
+                    wanted.push(prompts[order[i]][..n].to_vec());
+                }
+            }
+            i = j.max(i + 1);
+        }
+        let mut store = self
+            .prefixes
+            .lock()
+            .map_err(|_| LlmError::Other("prefix cache poisoned".into()))?;
+        wanted.retain(|w| !store.iter().any(|e| lcp(&e.tokens, w) >= w.len()));
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut kvs: Vec<SeqKv> = wanted
+            .iter()
+            .map(|_| SeqKv::new(self.model.config().n_layers))
+            .collect();
+        // Prefill the shared prefixes themselves, packed together within the step budget.
+        let mut start = 0;
+        while start < wanted.len() {
+            let mut end = start;
+            let mut toks = 0;
+            while end < wanted.len()
+                && (end == start || toks + wanted[end].len() <= self.opts.max_step_tokens)
+            {
+                toks += wanted[end].len();
+                end += 1;
+            }
+            let mut chunks: Vec<Chunk> = kvs[start..end]
+                .iter_mut()
+                .zip(&wanted[start..end])
+                .map(|(kv, t)| Chunk {
+                    kv,
+                    tokens: t.as_slice(),
+                })
+                .collect();
+            self.model.forward(&mut chunks)?;
+            if let Ok(mut s) = self.stats.lock() {
+                s.prefill_computed += toks;
+                s.forwards += 1;
+            }
+            start = end;
+        }
+        for (tokens, kv) in wanted.into_iter().zip(kvs) {
+            store.push(PrefixEntry { tokens, kv });
+        }
+        let cap = self.opts.prefix_cache_entries.max(1);
+        if store.len() > cap {
+            let drop = store.len() - cap;
+            store.drain(..drop);
+        }
+        Ok(())
+    }
+
+    fn start_kv(&self, prompt: &[u32]) -> Result<(SeqKv, usize)> {
+        let n_layers = self.model.config().n_layers;
+        if !self.opts.prefix_reuse {
+            return Ok((SeqKv::new(n_layers), 0));
+        }
+        let store = self
+            .prefixes
+            .lock()
+            .map_err(|_| LlmError::Other("prefix cache poisoned".into()))?;
+        let best = store
+            .iter()
+            .map(|e| (lcp(&e.tokens, prompt).min(e.kv.len()), e))
+            .max_by_key(|(l, _)| *l);
+        match best {
+            Some((l, e)) if l >= self.opts.min_prefix_tokens && l < prompt.len() => {
+                Ok((e.kv.prefix(l)?, l))
+            }
+            _ => Ok((SeqKv::new(n_layers), 0)),
+        }
+    }
+}
+
+fn file_tag(path: &Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn lcp(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(feature = "hub")]
+fn hub_download(repo: &str) -> Result<PathBuf> {
+    let api = hf_hub::api::sync::Api::new().map_err(|e| LlmError::Other(format!("hub: {e}")))?;
+    let r = api.model(repo.to_string());
+    let hub = |f: &str| {
+        r.get(f)
+            .map_err(|e| LlmError::Other(format!("hub download of {repo}/{f} failed: {e}")))
+    };
+    let cfg = hub("config.json")?;
+    hub("tokenizer.json")?;
+    let _ = hub("tokenizer_config.json");
+    if hub("model.safetensors").is_err() {
+        let idx = hub("model.safetensors.index.json")?;
+        let text = std::fs::read_to_string(&idx).map_err(|e| io_err(&idx, e))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| LlmError::Other(e.to_string()))?;
+        let mut files: Vec<String> = j["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        for f in files {
+            hub(&f)?;
+        }
+    }
+    Ok(cfg.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+struct Seq {
+    idx: usize,
+    kv: SeqKv,
+    prompt: Vec<u32>,
+    fed: usize,
+    generated: Vec<u32>,
+    rng: ChaCha8Rng,
+}
+
+impl Llm for CandleLlm {
+    fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
+        let mut prompts = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            if r.messages.is_empty() {
+                return Err(LlmError::BadRequest {
+                    index: i,
+                    message: "no messages".into(),
+                });
+            }
+            let text = self.chat.render(&r.messages)?;
+            let ids = self.tokenizer.encode(&text)?;
+            if ids.len() + r.max_new_tokens.max(1) > self.model.config().max_position {
+                return Err(LlmError::BadRequest {
+                    index: i,
+                    message: format!(
+                        "prompt of {} tokens + {} new tokens exceeds the model context of {}",
+                        ids.len(),
+                        r.max_new_tokens,
+                        self.model.config().max_position
+                    ),
+                });
+            }
+            prompts.push(ids);
+        }
+        let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+        if let Ok(mut s) = self.stats.lock() {
+            s.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+        }
+        if self.opts.prefix_reuse && requests.len() > 1 {
+            self.plan_prefixes(&prompts)?;
+        }
+        let kv_per_tok = self.model.config().kv_bytes_per_token().max(1);
+        let budget_tokens = self.opts.kv_budget_bytes / kv_per_tok;
+        let mut pending: VecDeque<usize> = VecDeque::new();
+        for (i, r) in requests.iter().enumerate() {
+            if r.max_new_tokens == 0 {
+                out[i] = Some(Generation {
+                    text: String::new(),
+                    prompt_tokens: prompts[i].len(),
+                    completion_tokens: 0,
+                    stop_reason: StopReason::Length,
+                });
+            } else {
+                pending.push_back(i);
+            }
+        }
+        let mut active: Vec<Seq> = Vec::new();
+        let mut reserved = 0usize;
+        loop {
+            while active.len() < self.opts.max_batch.max(1) {
+                let Some(&i) = pending.front() else { break };
+                let need = prompts[i].len() + requests[i].max_new_tokens;
+                if !active.is_empty() && reserved + need > budget_tokens {
+                    break;
+                }
+                pending.pop_front();
+                reserved += need;
+                let (kv, reused) = self.start_kv(&prompts[i])?;
+                if let Ok(mut s) = self.stats.lock() {
+                    s.prefix_reused += reused;
+                }
+                active.push(Seq {
+                    idx: i,
+                    kv,
+                    prompt: prompts[i].clone(),
+                    fed: reused,
+                    generated: Vec::new(),
+                    rng: ChaCha8Rng::seed_from_u64(requests[i].seed),
+                });
+            }
+            if active.is_empty() {
+                break;
+            }
+            // Build this step's chunks within the token budget: decodes first (1 token
+            // each), then prompt remainders (chunked prefill).
+            let mut budget = self.opts.max_step_tokens.max(active.len());
+            let mut feed: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (active pos, tokens, produces logits)
+            for (k, s) in active.iter().enumerate() {
+                if s.fed >= s.prompt.len() {
+                    let last = *s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]);
+                    feed.push((k, vec![last], true));
+                    budget -= 1;
+                }
+            }
+            for (k, s) in active.iter().enumerate() {
+                if s.fed < s.prompt.len() && budget > 0 {
+                    let n = (s.prompt.len() - s.fed).min(budget);
+                    budget -= n;
+                    feed.push((
+                        k,
+                        s.prompt[s.fed..s.fed + n].to_vec(),
+                        s.fed + n == s.prompt.len(),
+                    ));
+                }
+            }
+            feed.sort_by_key(|f| f.0);
+            let logits = {
+                let mut chunks = Vec::with_capacity(feed.len());
+                let mut fi = feed.iter().peekable();
+                for (k, s) in active.iter_mut().enumerate() {
+                    if let Some(f) = fi.peek() {
+                        if f.0 == k {
+                            chunks.push(Chunk {
+                                kv: &mut s.kv,
+                                tokens: &f.1,
+                            });
+                            fi.next();
+                        }
+                    }
+                }
+                self.model.forward(&mut chunks)?
+            };
+            let logits = logits.to_vec2::<f32>()?;
+            let mut computed = 0;
+            let mut finished = Vec::new();
+            for (row, (k, toks, produces)) in feed.iter().enumerate() {
+                let s = &mut active[*k];
+                if s.fed < s.prompt.len() {
+                    s.fed += toks.len();
+                    computed += toks.len();
+                }
+                if !produces {
+                    continue;
+                }
+                let req = &requests[s.idx];
+                let tok = sampling::sample(&logits[row], &req.sampling, &mut s.rng);
+                s.generated.push(tok);
+                if let Some(g) = self.check_finished(s, req)? {
+                    finished.push((*k, g));
+                }
+            }
+            if let Ok(mut st) = self.stats.lock() {
+                st.prefill_computed += computed;
+                st.forwards += 1;
+            }
+            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+            for (k, g) in finished {
+                let s = active.swap_remove(k);
+                reserved -= prompts[s.idx].len() + requests[s.idx].max_new_tokens;
+                if let Ok(mut st) = self.stats.lock() {
+                    st.generated += g.completion_tokens;
+                }
+                out[s.idx] = Some(g);
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                g.ok_or_else(|| LlmError::Other(format!("request {i} produced no generation")))
+            })
+            .collect()
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer.count(text)
+    }
+
+    fn truncate_tokens(&self, text: &str, max_tokens: usize) -> String {
+        self.tokenizer.truncate(text, max_tokens)
+    }
+
+    fn model_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl CandleLlm {
+    fn check_finished(&self, s: &Seq, req: &Request) -> Result<Option<Generation>> {
+        let last = *s.generated.last().unwrap_or(&0);
+        let n = s.generated.len();
+        let make = |ids: &[u32], reason| -> Result<Generation> {
+            Ok(Generation {
+                text: self.tokenizer.decode(ids, true)?,
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: n,
+                stop_reason: reason,
+            })
+        };
+        if self.eos.contains(&last) {
+            return make(&s.generated[..n - 1], StopReason::Eos).map(Some);
+        }
+        if !req.stop.is_empty() {
+            let text = self.tokenizer.decode(&s.generated, true)?;
+            if let Some(pos) = req
+                .stop
+                .iter()
+                .filter_map(|st| text.find(st.as_str()))
+                .min()
+            {
+                return Ok(Some(Generation {
+                    text: text[..pos].to_string(),
+                    prompt_tokens: s.prompt.len(),
+                    completion_tokens: n,
+                    stop_reason: StopReason::StopString,
+                }));
+            }
+        }
+        if n >= req.max_new_tokens {
+            return make(&s.generated, StopReason::Length).map(Some);
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,250 @@
+//! Engine tests on tiny seeded models: batched == sequential under greedy,
+//! seeded sampling independent of batch composition, stop strings, token
+//! counts, prefix reuse, GGUF vs safetensors, and clear load errors.
+
+use cantante::llm::engine::{CandleLlm, EngineOptions};
+use cantante::llm::tiny::{write_tiny_dir, write_tiny_gguf, TinySpec};
+use cantante::llm::{Llm, Message, Request, Sampling, StopReason};
+use std::path::PathBuf;
+
+fn tiny(spec: TinySpec) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, spec).unwrap();
+    (dir, p)
+}
+
+fn load(p: &PathBuf, max_batch: usize) -> CandleLlm {
+    let opts = EngineOptions {
+        max_batch,
+        ..Default::default()
+    };
+    CandleLlm::load(p.to_str().unwrap(), opts).unwrap()
+}
+
+fn mixed_requests() -> Vec<Request> {
+    let prompts = [
+        "hi",
+        "the quick brown fox jumps over the lazy dog and keeps running far away",
+        "Solve: 12 * 7 = ?",
+        "def add(a, b):\n    return a + b\n# explain this code in one sentence please",
+        "x",
+    ];
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request::chat("You are terse.", p, 6 + i * 3))
+        .collect()
+}
+
+#[test]
+fn greedy_batched_equals_sequential() {
+    for arch in ["qwen2", "llama"] {
+        let (_d, p) = tiny(TinySpec {
+            arch,
+            seed: 3,
+            quantized: true,
+        });
+        let batched = load(&p, 32);
+        let seq = load(&p, 1);
+        let reqs = mixed_requests();
+        let a = batched.generate(&reqs).unwrap();
+        let b: Vec<_> = reqs
+            .iter()
+            .map(|r| seq.generate(std::slice::from_ref(r)).unwrap().remove(0))
+            .collect();
+        assert_eq!(a, b, "arch {arch}");
+        for (g, r) in a.iter().zip(&reqs) {
+            assert!(g.completion_tokens <= r.max_new_tokens);
+            let rendered = batched.render(r).unwrap();
+            assert_eq!(
+                g.prompt_tokens,
+                batched.tokenizer().encode(&rendered).unwrap().len()
+            );
+            if g.stop_reason == StopReason::Length {
+                assert_eq!(g.completion_tokens, r.max_new_tokens);
+            }
+        }
+    }
+}
+
+#[test]
+fn seeded_sampling_independent_of_batch() {
+    let (_d, p) = tiny(TinySpec::default());
+    let llm = load(&p, 32);
+    let target = Request::chat("sys", "tell me a story about the sea", 24)
+        .with_sampling(Sampling {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 50,
+        })
+        .with_seed(1234);
+    let alone = llm
+        .generate(std::slice::from_ref(&target))
+        .unwrap()
+        .remove(0);
+    let mut batch = mixed_requests();
+    batch.insert(2, target.clone());
+    let in_batch = llm.generate(&batch).unwrap().remove(2);
+    let mut batch2: Vec<Request> = (0..7)
+        .map(|i| Request::user(format!("other {i}"), 5).with_seed(i))
+        .collect();
+    batch2.push(target.clone());
+    let in_batch2 = llm.generate(&batch2).unwrap().pop().unwrap();
+    assert_eq!(alone, in_batch);
+    assert_eq!(alone, in_batch2);
+    let other_seed = llm
+        .generate(&[target.clone().with_seed(99)])
+        .unwrap()
+        .remove(0);
+    assert_ne!(
+        alone.text, other_seed.text,
+        "different seeds should give different samples"
+    );
+}
+
+#[test]
+fn stop_strings_and_max_tokens() {
+    let (_d, p) = tiny(TinySpec::default());
+    let llm = load(&p, 8);
+    let base = Request::chat("", "write many words", 40)
+        .with_sampling(Sampling::temperature(1.0))
+        .with_seed(5);
+    let full = llm.generate(std::slice::from_ref(&base)).unwrap().remove(0);
+    assert!(full.completion_tokens <= 40);
+    // Pick a stop string that occurs in the unconstrained output.
+    let chars: Vec<char> = full.text.chars().collect();
+    if chars.len() >= 6 {
+        let stop: String = chars[3..5].iter().collect();
+        let cut = full.text.find(&stop).unwrap();
+        let g = llm
+            .generate(&[base.clone().with_stop(vec![stop.clone()])])
+            .unwrap()
+            .remove(0);
+        assert_eq!(g.stop_reason, StopReason::StopString);
+        assert_eq!(g.text, full.text[..cut]);
+        assert!(!g.text.contains(&stop));
+    }
+    let short = llm
+        .generate(&[Request {
+            max_new_tokens: 3,
+            ..base
+        }])
+        .unwrap()
+        .remove(0);
+    assert!(short.completion_tokens <= 3);
+}
+
+#[test]
+fn prefix_reuse_saves_prefill_and_keeps_outputs() {
+    let (_d, p) = tiny(TinySpec::default());
+    let instruction = "You are a careful solver. Read the problem, think step by step, and answer with a number only. ".repeat(4);
+    let reqs: Vec<Request> = (0..12)
+        .map(|i| {
+            Request::chat(
+                "sys",
+                &format!("{instruction}\nProblem {i}: what is {i} plus {}?", i * 3),
+                5,
+            )
+        })
+        .collect();
+    let mut off = load(&p, 32);
+    off.set_prefix_reuse(false);
+    let a = off.generate(&reqs).unwrap();
+    let on = load(&p, 32);
+    let b = on.generate(&reqs).unwrap();
+    assert_eq!(a, b);
+    let st = on.stats();
+    assert!(st.prefix_reused > 0);
+    let saved = 1.0 - st.prefill_computed as f64 / st.prompt_tokens as f64;
+    assert!(saved > 0.4, "saved only {saved:.2} of prefill");
+    assert_eq!(off.stats().prefix_reused, 0);
+}
+
+#[test]
+fn safetensors_folder_matches_f32_gguf() {
+    let spec = TinySpec {
+        arch: "qwen2",
+        seed: 11,
+        quantized: false,
+    };
+    let (_d, p) = tiny(spec);
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_dir(dir.path(), spec).unwrap();
+    let g = load(&p, 8);
+    let s = CandleLlm::load(dir.path().to_str().unwrap(), EngineOptions::default()).unwrap();
+    let reqs = mixed_requests();
+    assert_eq!(g.generate(&reqs).unwrap(), s.generate(&reqs).unwrap());
+}
+
+#[test]
+fn chat_roles_render_through_template() {
+    let (_d, p) = tiny(TinySpec::default());
+    let llm = load(&p, 4);
+    let r = Request {
+        messages: vec![
+            Message::system("S"),
+            Message::user("U"),
+            Message::assistant("A"),
+            Message::user("U2"),
+        ],
+        ..Request::user("", 2)
+    };
+    let text = llm.render(&r).unwrap();
+    assert!(text.starts_with("<|im_start|>system\nS<|im_end|>"));
+    assert!(text.ends_with("<|im_start|>assistant\n"));
+    assert_eq!(llm.generate(&[r]).unwrap().len(), 1);
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let err = CandleLlm::load("/nonexistent/model.gguf", EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+    let (d, p) = tiny(TinySpec::default());
+    // truncated file
+    let bytes = std::fs::read(&p).unwrap();
+    let t = d.path().join("trunc.gguf");
+    std::fs::write(&t, &bytes[..bytes.len() / 2]).unwrap();
+    let err = CandleLlm::load(t.to_str().unwrap(), EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("trunc.gguf"), "{err}");
+    // garbage file
+    let g = d.path().join("garbage.gguf");
+    std::fs::write(&g, b"not a model at all").unwrap();
+    let err = CandleLlm::load(g.to_str().unwrap(), EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("garbage.gguf"), "{err}");
+    // checksum sidecar mismatch
+    std::fs::write(format!("{}.sha256", p.display()), "00ff  tiny.gguf\n").unwrap();
+    let err = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("sha256 mismatch") && err.contains("tiny.gguf"),
+        "{err}"
+    );
+    // unknown architecture in a HF folder
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_dir(dir.path(), TinySpec::default()).unwrap();
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("qwen2", "mamba");
+    std::fs::write(&cfg, text).unwrap();
+    let err = CandleLlm::load(dir.path().to_str().unwrap(), EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("mamba") && err.contains("config.json"),
+        "{err}"
+    );
+}

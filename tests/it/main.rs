@@ -1,0 +1,4 @@
+//! One integration-test binary (ripgrep style): each module tests one area.
+
+mod engine;
+mod tokenizer;
