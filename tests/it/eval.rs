@@ -1,0 +1,76 @@
+//! `eval` end to end: on a scripted LLM whose answers make the accuracy exactly
+//! known, and on the tiny model (plumbing real, accuracy meaningless).
+
+use cantante::eval::{execute, summarize, EvalOptions};
+use cantante::graph::setup::Validation;
+use cantante::graph::Setup;
+use cantante::llm::engine::{CandleLlm, EngineOptions};
+use cantante::llm::tiny::{write_tiny_gguf, TinySpec};
+use cantante::llm::{Llm, ScriptedLlm};
+use cantante::task::{load_task, Split};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn data() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+}
+
+fn setup_for(task: &dyn cantante::task::Task, name: &str) -> Setup {
+    let rules = Validation::new(&task.provided_vars(), &task.tool_names());
+    Setup::load_validated(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(name), &rules).unwrap()
+}
+
+#[test]
+fn gsm8k_eval_on_scripted_llm_has_known_accuracy() {
+    let task = load_task("gsm8k", Some(&data())).unwrap();
+    let setup = setup_for(task.as_ref(), "gsm8k.yaml");
+    let examples = task.load(Split::Test, Some(10), 3).unwrap();
+    // Questions 0, 2, 4, ... are answered correctly, the others wrongly.
+    let answers: HashMap<String, String> = examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.query.clone(), if i % 2 == 0 { e.target.clone() } else { format!("{}1", e.target) }))
+        .collect();
+    let llm = ScriptedLlm::new(move |r| {
+        let text: String = r.messages.iter().map(|m| m.content.as_str()).collect();
+        let ans = answers.iter().find(|(q, _)| text.contains(q.as_str())).map(|(_, a)| a.clone()).unwrap_or_default();
+        let mut s = String::new();
+        for k in 1..=3 {
+            s += &format!("<proposal_{k}>{ans}</proposal_{k}><justification_{k}>because</justification_{k}>");
+        }
+        s + &format!("<prediction>{ans}</prediction>")
+    });
+    let config = setup.pool_config(0);
+    let runs = execute(&llm, &setup, task.as_ref(), &[config], &examples, &EvalOptions::default(), None).unwrap();
+    let s = summarize(&runs[0]);
+    assert_eq!(s.n, 10);
+    assert!((s.accuracy - 0.5).abs() < 1e-9, "accuracy {}", s.accuracy);
+    assert!(s.format_failure_rate.values().all(|&r| r == 0.0), "{:?}", s.format_failure_rate);
+    assert!(s.mean_input_tokens > 0.0 && s.mean_output_tokens > 0.0);
+    // 4 agents per run, all runs batched per super-step: 2 batches in total.
+    assert_eq!(llm.batches(), 2);
+    assert_eq!(llm.calls(), 40);
+}
+
+#[test]
+fn gsm8k_eval_on_tiny_model_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, TinySpec::default()).unwrap();
+    let llm = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
+    let task = load_task("gsm8k", Some(&data())).unwrap();
+    let setup = setup_for(task.as_ref(), "gsm8k.yaml");
+    let examples = task.load(Split::Test, Some(3), 1).unwrap();
+    let mut opts = EvalOptions::default();
+    opts.run.max_new_tokens = 8;
+    let runs = execute(&llm, &setup, task.as_ref(), &[setup.pool_config(0), setup.pool_config(1)], &examples, &opts, None).unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs.iter().flatten() {
+        assert_eq!(r.result.calls.len(), 4);
+        assert!(r.result.output_tokens > 0 && r.result.output_tokens <= 4 * 8);
+        // Noise never contains the tags: every call is a recorded format failure.
+        assert!(r.result.calls.iter().all(|c| !c.format_failures.is_empty()));
+        assert_eq!(r.score, 0.0);
+    }
+    assert!(llm.count_tokens("hello world") > 0);
+}
