@@ -1,0 +1,2 @@
+mod sandbox;
+mod task;
