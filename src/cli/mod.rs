@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod common;
 pub mod generate;
+pub mod sandbox;
 
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
 #[derive(Parser, Debug)]
@@ -23,15 +24,14 @@ pub struct Cli {
 pub enum Command {
     /// Generate completions with the local engine.
     Generate(generate::GenerateArgs),
+    /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
+    Sandbox(sandbox::SandboxArgs),
 }
 
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Entry point used by `main.rs`; returns the process exit code.
@@ -39,10 +39,11 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     init_tracing(&cli.log);
     let result = match cli.command {
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(a).map(|_| 0),
+        Command::Sandbox(a) => sandbox::run(&a),
     };
     match result {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             1

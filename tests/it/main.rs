@@ -1,5 +1,6 @@
 //! One integration-test binary (ripgrep style): each module tests one area.
 
 mod engine;
+mod sandbox;
+mod task;
 mod tokenizer;
-mod eval;
