@@ -6,6 +6,8 @@
 //! `eval` → `attribution` → `optimize` → `report`; `config` and `cli` sit on top.
 #![warn(missing_docs)]
 
+pub mod attribution;
 pub mod cli;
 pub mod graph;
 pub mod llm;
+pub mod optimize;
