@@ -1,0 +1,326 @@
+//! Meta-prompts for prompt rewriting (spec §6.1, §6.2, §6.4 — our own text,
+//! same `<prompt>…</prompt>` output contract), extraction and validation of
+//! generated prompts, and the batched meta-call driver with one regeneration.
+//!
+//! Fix of spec §10.6/§10.12: a reply without `<prompt>` tags is rejected
+//! instead of becoming the prompt, and every generated prompt must keep all of
+//! the agent's `{input}` placeholders (`few_shots` optional) and mention all of
+//! its `<output>` tags; otherwise it is regenerated once and then dropped.
+
+use super::budget::StopReason;
+use super::{Interrupt, MetaJob, OptimizeError};
+use crate::graph::AgentSpec;
+use crate::llm::{Llm, Request, Sampling};
+
+/// Input variable that a prompt may omit.
+pub const OPTIONAL_INPUT: &str = "few_shots";
+
+fn var_lists(agent: &AgentSpec) -> (String, String) {
+    let ins = agent
+        .input_vars
+        .iter()
+        .map(|v| format!("{{{v}}}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let outs = agent
+        .output_vars
+        .iter()
+        .map(|v| format!("<{v}>"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (ins, outs)
+}
+
+fn contract(agent: &AgentSpec) -> String {
+    let (ins, outs) = var_lists(agent);
+    format!(
+        "Rules for the new template:\n\
+- It must contain each of these input placeholders, written exactly like this, with single curly braces: {ins}. \
+You may move them, but do not rename, remove or add placeholders.\n\
+- It must tell the model to write each of these outputs inside its own pair of XML tags: {outs} \
+(for example <{first}>...</{first}>).\n\
+- Keep any tool-call syntax and doubled braces {{{{ }}}} exactly as they are.\n\
+Reply with the new template only, between <prompt> and </prompt>.",
+        first = agent.output_vars.first().map(String::as_str).unwrap_or("answer"),
+    )
+}
+
+/// Mutation meta-prompt: rephrase one template, same meaning, slightly different style.
+pub fn mutation_prompt(agent: &AgentSpec, instruction: &str) -> String {
+    format!(
+        "You improve instructions for one step of an AI pipeline.\n\
+The step's job: {desc}\n\n\
+Here is the current instruction template for this step:\n<template>\n{instruction}\n</template>\n\n\
+Write a variant of it that keeps the same intent but changes the wording, emphasis or structure a little, \
+so that the model doing this step is more likely to succeed.\n{rules}",
+        desc = agent.task_description.trim(),
+        rules = contract(agent),
+    )
+}
+
+/// Crossover meta-prompt: merge two parent templates into one.
+pub fn crossover_prompt(agent: &AgentSpec, mother: &str, father: &str) -> String {
+    format!(
+        "You improve instructions for one step of an AI pipeline.\n\
+The step's job: {desc}\n\n\
+Two instruction templates for this step have worked reasonably well:\n\
+<template_a>\n{mother}\n</template_a>\n<template_b>\n{father}\n</template_b>\n\n\
+Combine them into a single coherent template that takes the strongest guidance from each and reads as one text.\n{rules}",
+        desc = agent.task_description.trim(),
+        rules = contract(agent),
+    )
+}
+
+/// EvoPrompt-GA meta-prompt: cross over two parents, then mutate the result, in one call.
+pub fn ga_prompt(agent: &AgentSpec, p1: &str, p2: &str) -> String {
+    format!(
+        "You evolve instructions for one step of an AI pipeline.\n\
+The step's job: {desc} The pipeline reads this step's results from the XML tags named below.\n\n\
+Parent 1:\n<template_a>\n{p1}\n</template_a>\nParent 2:\n<template_b>\n{p2}\n</template_b>\n\n\
+First cross the two parents over: build a child that mixes parts of both. Then mutate the child: \
+change some of its wording so it differs from both parents. Output only the final child.\n{rules}",
+        desc = agent.task_description.trim(),
+        rules = contract(agent),
+    )
+}
+
+/// The prompt in a meta reply: the text after the last `<prompt>` up to the
+/// next `</prompt>` (or the end of the reply), trimmed. `None` without the tag
+/// or when empty.
+pub fn extract_prompt(reply: &str) -> Option<String> {
+    let i = reply.rfind("<prompt>")?;
+    let rest = &reply[i + "<prompt>".len()..];
+    let body = match rest.find("</prompt>") {
+        Some(j) => &rest[..j],
+        None => rest,
+    };
+    let body = body.trim();
+    if body.is_empty() {
+        None
+    } else {
+        Some(body.to_string())
+    }
+}
+
+/// Problems of a generated prompt for `agent` (empty = valid): missing input
+/// placeholders (`few_shots` is optional) and output tags never mentioned.
+pub fn prompt_problems(prompt: &str, agent: &AgentSpec) -> Vec<String> {
+    let mut problems = Vec::new();
+    for v in &agent.input_vars {
+        if v != OPTIONAL_INPUT && !prompt.contains(&format!("{{{v}}}")) {
+            problems.push(format!("missing placeholder {{{v}}}"));
+        }
+    }
+    for v in &agent.output_vars {
+        if !prompt.contains(&format!("<{v}>")) {
+            problems.push(format!("missing output tag <{v}>"));
+        }
+    }
+    problems
+}
+
+/// Output of [`run_meta_jobs`].
+#[derive(Clone, Debug, Default)]
+pub struct MetaOutcome {
+    /// Per job, the valid prompt or `None` (rejected twice).
+    pub prompts: Vec<Option<String>>,
+    /// Per job, how many generated prompts were rejected (0, 1 or 2).
+    pub rejections: Vec<usize>,
+    /// Prompt tokens spent.
+    pub input_tokens: usize,
+    /// Completion tokens spent.
+    pub output_tokens: usize,
+}
+
+/// Seed of the regeneration of a rejected meta job.
+pub fn regen_seed(seed: u64) -> u64 {
+    super::derive_seed(seed, &[super::tag("regenerate")])
+}
+
+/// Run meta jobs (each for the agent at the same index of `agents`) as one
+/// batch; rejected outputs are regenerated once, in a second batch, with
+/// another seed. Before each batch, `check` is called with the batch's
+/// projected tokens plus the tokens already spent by this call; an `Err`
+/// stops before dispatching.
+pub fn run_meta_jobs(
+    llm: &dyn Llm,
+    jobs: &[MetaJob],
+    agents: &[&AgentSpec],
+    max_new_tokens: usize,
+    temperature: f64,
+    check: &mut dyn FnMut(u64) -> Result<(), StopReason>,
+) -> Result<MetaOutcome, Interrupt> {
+    let mut out = MetaOutcome {
+        prompts: vec![None; jobs.len()],
+        rejections: vec![0; jobs.len()],
+        ..Default::default()
+    };
+    if jobs.is_empty() {
+        return Ok(out);
+    }
+    let mut send = |idx: &[usize], seeds: &[u64], out: &mut MetaOutcome| -> Result<(), Interrupt> {
+        let projected: u64 = idx
+            .iter()
+            .map(|&i| (llm.count_tokens(&jobs[i].prompt) + max_new_tokens) as u64)
+            .sum();
+        check(projected + (out.input_tokens + out.output_tokens) as u64)
+            .map_err(Interrupt::Stop)?;
+        let reqs: Vec<Request> = idx
+            .iter()
+            .zip(seeds)
+            .map(|(&i, &s)| {
+                Request::user(jobs[i].prompt.clone(), max_new_tokens)
+                    .with_sampling(Sampling::temperature(temperature))
+                    .with_seed(s)
+            })
+            .collect();
+        let gens = llm
+            .generate(&reqs)
+            .map_err(|e| Interrupt::Error(e.into()))?;
+        if gens.len() != reqs.len() {
+            return Err(Interrupt::Error(OptimizeError::Shape {
+                expected: format!("{} meta generations", reqs.len()),
+                got: format!("{}", gens.len()),
+            }));
+        }
+        for (&i, g) in idx.iter().zip(&gens) {
+            out.input_tokens += g.prompt_tokens;
+            out.output_tokens += g.completion_tokens;
+            match extract_prompt(&g.text) {
+                Some(p) if prompt_problems(&p, agents[i]).is_empty() => out.prompts[i] = Some(p),
+                Some(p) => {
+                    tracing::debug!(agent = %agents[i].name, problems = ?prompt_problems(&p, agents[i]), "generated prompt rejected");
+                    out.rejections[i] += 1;
+                }
+                None => {
+                    tracing::debug!(agent = %agents[i].name, "meta reply without <prompt> tags rejected");
+                    out.rejections[i] += 1;
+                }
+            }
+        }
+        Ok(())
+    };
+    let all: Vec<usize> = (0..jobs.len()).collect();
+    let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
+    send(&all, &seeds, &mut out)?;
+    let again: Vec<usize> = all
+        .into_iter()
+        .filter(|&i| out.prompts[i].is_none())
+        .collect();
+    if !again.is_empty() {
+        let seeds2: Vec<u64> = again.iter().map(|&i| regen_seed(jobs[i].seed)).collect();
+        send(&again, &seeds2, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Projected tokens of a batch of meta jobs (prompt tokens + the reply cap).
+pub fn project_meta_tokens(llm: &dyn Llm, jobs: &[MetaJob], max_new_tokens: usize) -> usize {
+    jobs.iter()
+        .map(|j| llm.count_tokens(&j.prompt) + max_new_tokens)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::ScriptedLlm;
+
+    fn agent() -> AgentSpec {
+        AgentSpec {
+            name: "solver".into(),
+            task_description: "Solve the math problem.".into(),
+            input_vars: vec!["query".into(), "few_shots".into()],
+            output_vars: vec!["answer".into()],
+            tools: vec![],
+            max_tool_calls: 0,
+        }
+    }
+
+    #[test]
+    fn extracts_last_prompt_block() {
+        assert_eq!(
+            extract_prompt("x <prompt>a</prompt> y <prompt> b </prompt>"),
+            Some("b".into())
+        );
+        assert_eq!(
+            extract_prompt("<prompt>open ended"),
+            Some("open ended".into())
+        );
+        assert_eq!(extract_prompt("no tags at all"), None);
+        assert_eq!(extract_prompt("<prompt>  </prompt>"), None);
+    }
+
+    #[test]
+    fn validates_placeholders_and_tags() {
+        let a = agent();
+        assert!(prompt_problems("Solve {query}. Put it in <answer>.", &a).is_empty());
+        assert_eq!(
+            prompt_problems("Solve it. <answer>", &a),
+            vec!["missing placeholder {query}"]
+        );
+        assert_eq!(
+            prompt_problems("Solve {query}.", &a),
+            vec!["missing output tag <answer>"]
+        );
+    }
+
+    #[test]
+    fn meta_prompts_carry_the_contract() {
+        let a = agent();
+        let m = mutation_prompt(&a, "Solve {query} into <answer></answer>");
+        assert!(m.contains("Solve the math problem."));
+        assert!(m.contains("{query}, {few_shots}"));
+        assert!(m.contains("<answer>"));
+        assert!(m.contains("<prompt>"));
+        let c = crossover_prompt(&a, "AAA", "BBB");
+        assert!(c.contains("AAA") && c.contains("BBB"));
+    }
+
+    #[test]
+    fn rejected_output_is_regenerated_once_then_dropped() {
+        // seed 1: always invalid; seed 2: invalid first, valid on regeneration; seed 3: valid.
+        let r1 = regen_seed(1);
+        let r2 = regen_seed(2);
+        let llm = ScriptedLlm::new(move |r| match r.seed {
+            3 => "<prompt>Solve {query} in <answer></answer></prompt>".into(),
+            s if s == r2 => "<prompt>Think, then solve {query}; <answer></answer></prompt>".into(),
+            s if s == r1 => "<prompt>forgot everything</prompt>".into(),
+            _ => "no tags".into(),
+        });
+        let a = agent();
+        let jobs: Vec<MetaJob> = [1u64, 2, 3]
+            .iter()
+            .map(|&s| MetaJob {
+                prompt: "p".into(),
+                seed: s,
+            })
+            .collect();
+        let out = run_meta_jobs(&llm, &jobs, &[&a, &a, &a], 100, 0.1, &mut |_| Ok(())).unwrap();
+        assert_eq!(out.prompts[0], None);
+        assert_eq!(
+            out.prompts[1].as_deref(),
+            Some("Think, then solve {query}; <answer></answer>")
+        );
+        assert_eq!(
+            out.prompts[2].as_deref(),
+            Some("Solve {query} in <answer></answer>")
+        );
+        assert_eq!(out.rejections, vec![2, 1, 0]);
+        assert_eq!(llm.batches(), 2);
+        assert_eq!(llm.calls(), 5);
+        // A budget check that refuses the regeneration batch stops cleanly.
+        let mut seen = Vec::new();
+        let r = run_meta_jobs(&llm, &jobs, &[&a, &a, &a], 100, 0.1, &mut |p| {
+            seen.push(p);
+            if seen.len() > 1 {
+                Err(StopReason::Interrupted)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(r, Err(Interrupt::Stop(StopReason::Interrupted))));
+        assert_eq!(seen.len(), 2);
+        assert!(seen[1] > 0);
+    }
+}

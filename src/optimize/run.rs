@@ -1,0 +1,941 @@
+//! The CANTANTE round loop (spec §4.1–§4.7 with the fixes of §10.7–§10.10):
+//! [`propose`], [`execute`], [`attribute`], [`update`], then the combined best
+//! is [`validate`]d. Rounds are synchronous (one barrier per round), every
+//! random choice is derived from (run seed, round, agent, query, candidate),
+//! rollouts are cached by (configuration hash, query, seed), the budget is
+//! checked before every batch, and a checkpoint is written after every round.
+//!
+//! Run directory: `config.json` (resolved configuration), `checkpoint.yaml`,
+//! `rounds.jsonl` (one record per round), `best_prompts.yaml` (agent →
+//! prompt), `summary.json`. A file named `STOP` ends the run after the
+//! current round.
+
+use super::budget::{self, Spend, StopReason, TokenCounters};
+use super::checkpoint::{self, CreditAccumulator, RunState, ValidationPoint};
+use super::meta::run_meta_jobs;
+use super::{
+    config_hash, derive_seed, rng_for, tag, AgentContext, AgentOptimizer, Executor, Interrupt,
+    LocalOptimizer, OptimizeConfig, OptimizeError, OptimizerKind, QueryCredits, Rollout,
+};
+use crate::attribution::{
+    contrast_groups, shuffled_groups, AgentCredits, Attributer, AttributionGroup, CreditStats,
+    IdentityAttributer, LlmAttributer,
+};
+use crate::graph::{AgentSpec, PromptSet};
+use crate::llm::Llm;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Progress events (the CLI turns them into progress bars).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum ProgressEvent {
+    /// A round begins.
+    RoundStarted {
+        /// Round number (1-based).
+        round: usize,
+        /// Configured number of rounds.
+        rounds: usize,
+    },
+    /// A phase of the round begins (`propose`, `execute`, `attribute`, `update`, `validate`).
+    Phase {
+        /// Round number.
+        round: usize,
+        /// Phase name.
+        phase: &'static str,
+    },
+    /// A round completed and was checkpointed.
+    RoundFinished {
+        /// Round number.
+        round: usize,
+        /// Validation score of this round's combined best.
+        validation_score: f64,
+        /// Best validation score so far.
+        best_score: f64,
+        /// Tokens spent so far.
+        tokens: TokenCounters,
+    },
+    /// The run stopped.
+    Stopped {
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// Caller hooks of a run.
+#[derive(Default, Clone, Copy)]
+pub struct RunHooks<'a> {
+    /// Progress callback.
+    pub progress: Option<&'a (dyn Fn(&ProgressEvent) + Sync)>,
+    /// Stop (as [`StopReason::Interrupted`]) once this many rounds are complete.
+    pub stop_after_rounds: Option<usize>,
+}
+
+/// Result of a run (also written as `summary.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OptimizeResult {
+    /// The best validated joint configuration.
+    pub best_prompts: PromptSet,
+    /// Its validation score.
+    pub best_score: f64,
+    /// Round after which it was validated (0 = the initial configuration).
+    pub best_round: usize,
+    /// Validation score of the initial configuration.
+    pub initial_score: f64,
+    /// Completed rounds.
+    pub rounds_completed: usize,
+    /// Why the run stopped.
+    pub stop_reason: StopReason,
+    /// Tokens spent.
+    pub tokens: TokenCounters,
+    /// Validation of the combined best after every round.
+    pub validations: Vec<ValidationPoint>,
+    /// Rejected generated prompts per agent.
+    pub rejections: BTreeMap<String, usize>,
+    /// Credit statistics per agent over all attributed rollouts.
+    pub agent_credits: BTreeMap<String, CreditStats>,
+    /// Final population per agent, best first.
+    pub populations: BTreeMap<String, Vec<String>>,
+}
+
+/// One line of `rounds.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: usize,
+    /// Joint configurations run (index 0 = the incumbent).
+    pub configs: Vec<PromptSet>,
+    /// Their content hashes.
+    pub config_hashes: Vec<String>,
+    /// Dev query indices of the block.
+    pub block: Vec<usize>,
+    /// `scores[c][q]`: system score of configuration c on block query q.
+    pub scores: Vec<Vec<f64>>,
+    /// Block-mean system score per configuration.
+    pub block_scores: Vec<f64>,
+    /// `credits[agent][c][q]` (mean over the groups the rollout appeared in; null = missing).
+    pub credits: BTreeMap<String, Vec<Vec<Option<f64>>>>,
+    /// Attribution groups whose credits are missing after the retry.
+    pub attribution_failures: usize,
+    /// Generated prompts rejected this round, per agent.
+    pub rejections: BTreeMap<String, usize>,
+    /// Task tokens spent this round.
+    pub task_tokens: u64,
+    /// Meta tokens spent this round.
+    pub meta_tokens: u64,
+    /// Cumulative counters after the round.
+    pub tokens: TokenCounters,
+    /// Combined best per agent after the update.
+    pub incumbent: PromptSet,
+    /// Its validation score.
+    pub validation_score: f64,
+}
+
+struct Ctx<'a> {
+    executor: &'a dyn Executor,
+    meta_llm: &'a dyn Llm,
+    attributer: Box<dyn Attributer + 'a>,
+    run_dir: &'a Path,
+    hooks: RunHooks<'a>,
+    specs: Vec<AgentSpec>,
+}
+
+impl Ctx<'_> {
+    fn emit(&self, e: ProgressEvent) {
+        if let Some(p) = self.hooks.progress {
+            p(&e);
+        }
+    }
+}
+
+fn make_attributer<'a>(config: &OptimizeConfig, llm: &'a dyn Llm) -> Box<dyn Attributer + 'a> {
+    if config.identity_attribution {
+        Box::new(IdentityAttributer)
+    } else {
+        Box::new(LlmAttributer {
+            llm,
+            field_cap: config.attribution_field_cap,
+            max_new_tokens: config.attribution_max_new_tokens,
+            temperature: config.attribution_temperature,
+        })
+    }
+}
+
+fn optimized_agents(executor: &dyn Executor) -> Result<Vec<AgentSpec>, OptimizeError> {
+    let setup = executor.setup();
+    if setup.agents.is_empty() {
+        return Err(OptimizeError::Setup("the setup has no agents".into()));
+    }
+    for a in &setup.agents {
+        match setup.init_agent_prompt_pool.get(&a.name) {
+            Some(p) if !p.is_empty() => {}
+            _ => {
+                return Err(OptimizeError::Setup(format!(
+                    "agent `{}` has no prompts in init_agent_prompt_pool",
+                    a.name
+                )))
+            }
+        }
+    }
+    if executor.num_dev() == 0 {
+        return Err(OptimizeError::Setup(
+            "the executor has no dev queries".into(),
+        ));
+    }
+    Ok(setup.agents.clone())
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> OptimizeError + '_ {
+    move |source| OptimizeError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn json<T: Serialize>(path: &Path, v: &T) -> Result<Vec<u8>, OptimizeError> {
+    serde_json::to_vec_pretty(v).map_err(|e| OptimizeError::Format {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Start a run in `run_dir` (created if needed; must not hold a checkpoint).
+pub fn optimize(
+    executor: &dyn Executor,
+    meta_llm: &dyn Llm,
+    attributer_llm: &dyn Llm,
+    config: &OptimizeConfig,
+    run_dir: &Path,
+    hooks: RunHooks,
+) -> Result<OptimizeResult, OptimizeError> {
+    config.validate()?;
+    let specs = optimized_agents(executor)?;
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    if run_dir.join(checkpoint::CHECKPOINT).exists() {
+        return Err(OptimizeError::Config {
+            field: "run_dir".into(),
+            message: format!(
+                "{} already holds a checkpoint; resume it instead",
+                run_dir.display()
+            ),
+        });
+    }
+    let cfg_path = run_dir.join("config.json");
+    checkpoint::write_atomic(&cfg_path, &json(&cfg_path, config)?)?;
+    checkpoint::truncate_lines(&run_dir.join("rounds.jsonl"), 0)?;
+    let pool = &executor.setup().init_agent_prompt_pool;
+    let count = |s: &str| meta_llm.count_tokens(s);
+    let optimizers = specs
+        .iter()
+        .map(|a| {
+            let p = &pool[&a.name];
+            let opt = match config.optimizer {
+                OptimizerKind::Capo => {
+                    AgentOptimizer::Capo(super::capo::Capo::new(p, config.population, &count))
+                }
+                OptimizerKind::Evoprompt => AgentOptimizer::Evoprompt(
+                    super::evoprompt::EvoPrompt::new(p, config.population),
+                ),
+            };
+            (a.name.clone(), opt)
+        })
+        .collect();
+    let mut st = RunState {
+        version: checkpoint::VERSION,
+        config: config.clone(),
+        agents: specs.iter().map(|a| a.name.clone()).collect(),
+        optimizers,
+        rounds_done: 0,
+        tokens: TokenCounters::default(),
+        cache: BTreeMap::new(),
+        validation_cache: BTreeMap::new(),
+        rejections: specs.iter().map(|a| (a.name.clone(), 0)).collect(),
+        credits: BTreeMap::new(),
+        validations: vec![],
+        stop_reason: None,
+    };
+    let ctx = Ctx {
+        executor,
+        meta_llm,
+        attributer: make_attributer(config, attributer_llm),
+        run_dir,
+        hooks,
+        specs,
+    };
+    let initial = incumbent_config(&st);
+    match validate(&ctx, &mut st, &initial, 0) {
+        Ok(p) => st.validations.push(p),
+        Err(Interrupt::Stop(reason)) => return finish(&ctx, st, reason),
+        Err(Interrupt::Error(e)) => return Err(e),
+    }
+    checkpoint::save(run_dir, &st)?;
+    drive(&ctx, st)
+}
+
+/// Continue the run checkpointed in `run_dir` (same executor and models).
+/// The result equals the one of an uninterrupted run with the same seed.
+pub fn resume(
+    executor: &dyn Executor,
+    meta_llm: &dyn Llm,
+    attributer_llm: &dyn Llm,
+    run_dir: &Path,
+    hooks: RunHooks,
+) -> Result<OptimizeResult, OptimizeError> {
+    let mut st = checkpoint::load(run_dir)?;
+    let specs = optimized_agents(executor)?;
+    let names: Vec<String> = specs.iter().map(|a| a.name.clone()).collect();
+    if names != st.agents {
+        return Err(OptimizeError::Setup(format!(
+            "checkpoint agents {:?} differ from the setup's {:?}",
+            st.agents, names
+        )));
+    }
+    if st.validations.is_empty() {
+        return Err(OptimizeError::Format {
+            path: run_dir.join(checkpoint::CHECKPOINT).display().to_string(),
+            message: "no initial validation recorded".into(),
+        });
+    }
+    checkpoint::truncate_lines(&run_dir.join("rounds.jsonl"), st.rounds_done)?;
+    st.stop_reason = None;
+    let config = st.config.clone();
+    let ctx = Ctx {
+        executor,
+        meta_llm,
+        attributer: make_attributer(&config, attributer_llm),
+        run_dir,
+        hooks,
+        specs,
+    };
+    drive(&ctx, st)
+}
+
+fn drive(ctx: &Ctx, mut st: RunState) -> Result<OptimizeResult, OptimizeError> {
+    let mut reason = StopReason::Completed;
+    while st.rounds_done < st.config.rounds {
+        if ctx
+            .hooks
+            .stop_after_rounds
+            .is_some_and(|n| st.rounds_done >= n)
+        {
+            reason = StopReason::Interrupted;
+            break;
+        }
+        let round = st.rounds_done + 1;
+        ctx.emit(ProgressEvent::RoundStarted {
+            round,
+            rounds: st.config.rounds,
+        });
+        let mut next = st.clone();
+        match run_round(ctx, &mut next, round) {
+            Ok(record) => {
+                let line = serde_json::to_string(&record).map_err(|e| OptimizeError::Format {
+                    path: "rounds.jsonl".into(),
+                    message: e.to_string(),
+                })?;
+                checkpoint::append_line(&ctx.run_dir.join("rounds.jsonl"), &line)?;
+                next.rounds_done = round;
+                st = next;
+                checkpoint::save(ctx.run_dir, &st)?;
+                write_best(ctx.run_dir, &st)?;
+                let best = st.best().map(|b| b.score).unwrap_or(f64::NAN);
+                ctx.emit(ProgressEvent::RoundFinished {
+                    round,
+                    validation_score: record.validation_score,
+                    best_score: best,
+                    tokens: st.tokens,
+                });
+                tracing::info!(
+                    round,
+                    validation = record.validation_score,
+                    best,
+                    total_tokens = st.tokens.total(),
+                    "round done"
+                );
+                if ctx.run_dir.join("STOP").exists() {
+                    reason = StopReason::StopFile;
+                    break;
+                }
+            }
+            Err(Interrupt::Stop(r)) => {
+                // Keep what was paid for; the unfinished round itself is discarded.
+                st.tokens = next.tokens;
+                st.cache = next.cache;
+                st.validation_cache = next.validation_cache;
+                reason = r;
+                break;
+            }
+            Err(Interrupt::Error(e)) => return Err(e),
+        }
+    }
+    finish(ctx, st, reason)
+}
+
+fn finish(
+    ctx: &Ctx,
+    mut st: RunState,
+    reason: StopReason,
+) -> Result<OptimizeResult, OptimizeError> {
+    tracing::info!(?reason, rounds = st.rounds_done, "run stopped");
+    st.stop_reason = Some(reason.clone());
+    checkpoint::save(ctx.run_dir, &st)?;
+    let result = result_of(&st, reason.clone());
+    let path = ctx.run_dir.join("summary.json");
+    checkpoint::write_atomic(&path, &json(&path, &result)?)?;
+    write_best(ctx.run_dir, &st)?;
+    ctx.emit(ProgressEvent::Stopped { reason });
+    Ok(result)
+}
+
+fn write_best(run_dir: &Path, st: &RunState) -> Result<(), OptimizeError> {
+    let path = run_dir.join("best_prompts.yaml");
+    if let Some(best) = st.best() {
+        let text = serde_yaml::to_string(&best.config).map_err(|e| OptimizeError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        checkpoint::write_atomic(&path, text.as_bytes())?;
+    }
+    Ok(())
+}
+
+fn result_of(st: &RunState, reason: StopReason) -> OptimizeResult {
+    let best = st.best().cloned().unwrap_or(ValidationPoint {
+        round: 0,
+        config: incumbent_config(st),
+        score: f64::NAN,
+        tokens: 0,
+    });
+    OptimizeResult {
+        best_prompts: best.config.clone(),
+        best_score: best.score,
+        best_round: best.round,
+        initial_score: st.validations.first().map(|v| v.score).unwrap_or(f64::NAN),
+        rounds_completed: st.rounds_done,
+        stop_reason: reason,
+        tokens: st.tokens,
+        validations: st.validations.clone(),
+        rejections: st.rejections.clone(),
+        agent_credits: st
+            .credits
+            .iter()
+            .map(|(a, c)| (a.clone(), c.stats()))
+            .collect(),
+        populations: st
+            .optimizers
+            .iter()
+            .map(|(a, o)| (a.clone(), o.population()))
+            .collect(),
+    }
+}
+
+fn incumbent_config(st: &RunState) -> PromptSet {
+    st.optimizers
+        .iter()
+        .map(|(a, o)| (a.clone(), o.incumbent()))
+        .collect()
+}
+
+fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, Interrupt> {
+    let before = st.tokens;
+    ctx.emit(ProgressEvent::Phase {
+        round,
+        phase: "propose",
+    });
+    let rejections = propose(ctx, st, round)?;
+    ctx.emit(ProgressEvent::Phase {
+        round,
+        phase: "execute",
+    });
+    let (configs, block, rollouts) = execute(ctx, st, round)?;
+    ctx.emit(ProgressEvent::Phase {
+        round,
+        phase: "attribute",
+    });
+    let (credits, failures) = attribute(ctx, st, round, &block, &rollouts)?;
+    ctx.emit(ProgressEvent::Phase {
+        round,
+        phase: "update",
+    });
+    update(ctx, st, round, &configs, &block, &credits);
+    ctx.emit(ProgressEvent::Phase {
+        round,
+        phase: "validate",
+    });
+    let incumbent = incumbent_config(st);
+    let point = validate(ctx, st, &incumbent, round)?;
+    let validation_score = point.score;
+    st.validations.push(point);
+    let scores: Vec<Vec<f64>> = rollouts
+        .iter()
+        .map(|row| row.iter().map(|r| r.score).collect())
+        .collect();
+    Ok(RoundRecord {
+        round,
+        config_hashes: configs.iter().map(config_hash).collect(),
+        configs,
+        block,
+        block_scores: scores
+            .iter()
+            .map(|r| r.iter().sum::<f64>() / r.len().max(1) as f64)
+            .collect(),
+        scores,
+        credits,
+        attribution_failures: failures,
+        rejections,
+        task_tokens: st.tokens.task() - before.task(),
+        meta_tokens: st.tokens.meta() - before.meta(),
+        tokens: st.tokens,
+        incumbent,
+        validation_score,
+    })
+}
+
+/// Propose: every agent's optimizer writes its candidates; the meta calls of
+/// each phase (crossover, then mutation) go out as one batch over all agents.
+/// Returns the rejected prompts per agent.
+fn propose(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+) -> Result<BTreeMap<String, usize>, Interrupt> {
+    let n = st.agents.len();
+    let mut active = vec![true; n];
+    let mut outputs: Vec<Vec<Option<String>>> = vec![Vec::new(); n];
+    let mut rejections: BTreeMap<String, usize> =
+        st.agents.iter().map(|a| (a.clone(), 0)).collect();
+    for phase in 0..8 {
+        let mut jobs = Vec::new();
+        let mut owners = Vec::new();
+        for i in 0..n {
+            if !active[i] {
+                continue;
+            }
+            let name = st.agents[i].clone();
+            let actx = AgentContext {
+                agent: &ctx.specs[i],
+                run_seed: st.config.seed,
+                round,
+                config: &st.config,
+                llm: ctx.meta_llm,
+            };
+            let opt = st.optimizers.get_mut(&name).ok_or_else(|| {
+                Interrupt::Error(OptimizeError::Setup(format!(
+                    "no optimizer for agent `{name}`"
+                )))
+            })?;
+            match opt.propose_phase(phase, &outputs[i], &actx) {
+                None => active[i] = false,
+                Some(js) => {
+                    owners.extend(std::iter::repeat_n(i, js.len()));
+                    jobs.extend(js);
+                }
+            }
+        }
+        if !active.iter().any(|&a| a) {
+            break;
+        }
+        let specs: Vec<&AgentSpec> = owners.iter().map(|&i| &ctx.specs[i]).collect();
+        let spent = st.tokens;
+        let config = st.config.clone();
+        let out = run_meta_jobs(
+            ctx.meta_llm,
+            &jobs,
+            &specs,
+            config.meta_max_new_tokens,
+            config.meta_temperature,
+            &mut |projected| budget::check(&config, &spent, Spend::Meta, projected, "rewrite"),
+        );
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return Err(e),
+        };
+        st.tokens.rewrite_input += out.input_tokens as u64;
+        st.tokens.rewrite_output += out.output_tokens as u64;
+        for o in outputs.iter_mut() {
+            o.clear();
+        }
+        for ((&i, p), rej) in owners.iter().zip(out.prompts).zip(out.rejections) {
+            outputs[i].push(p);
+            *rejections.entry(st.agents[i].clone()).or_default() += rej;
+            *st.rejections.entry(st.agents[i].clone()).or_default() += rej;
+        }
+    }
+    Ok(rejections)
+}
+
+type Executed = (Vec<PromptSet>, Vec<usize>, Vec<Vec<Rollout>>);
+
+/// Execute: joint configurations (the incumbent first, then candidate i of
+/// every agent with the others fixed to their incumbents) run on one seeded
+/// block in one executor call; cached rollouts are never rerun.
+fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Interrupt> {
+    let seed = st.config.seed;
+    let incumbent = incumbent_config(st);
+    let lists: Vec<(String, Vec<String>)> = st
+        .agents
+        .iter()
+        .map(|a| {
+            let mut list = st.optimizers[a].candidates_to_run();
+            list.shuffle(&mut rng_for(seed, &[tag("align"), round as u64, tag(a)]));
+            (a.clone(), list)
+        })
+        .collect();
+    let m = lists.iter().map(|l| l.1.len()).max().unwrap_or(0);
+    let mut configs = vec![incumbent.clone()];
+    for i in 0..m {
+        let mut c = incumbent.clone();
+        for (a, list) in &lists {
+            if let Some(p) = list.get(i) {
+                c.insert(a.clone(), p.clone());
+            }
+        }
+        if !configs.contains(&c) {
+            configs.push(c);
+        }
+    }
+    let num_dev = ctx.executor.num_dev();
+    let mut rng = rng_for(seed, &[tag("block"), round as u64]);
+    let block =
+        rand::seq::index::sample(&mut rng, num_dev, st.config.block_size.min(num_dev)).into_vec();
+
+    let rseed = derive_seed(seed, &[tag("rollout")]);
+    let hashes: Vec<String> = configs.iter().map(config_hash).collect();
+    let key = |h: &str, q: usize| format!("{h}:{q}:{rseed}");
+    let need: Vec<usize> = (0..configs.len())
+        .filter(|&c| {
+            block
+                .iter()
+                .any(|&q| !st.cache.contains_key(&key(&hashes[c], q)))
+        })
+        .collect();
+    let queries: Vec<usize> = block
+        .iter()
+        .copied()
+        .filter(|&q| {
+            need.iter()
+                .any(|&c| !st.cache.contains_key(&key(&hashes[c], q)))
+        })
+        .collect();
+    if !need.is_empty() {
+        let per_rollout = if st.tokens.rollouts > 0 {
+            (st.tokens.task_input + st.tokens.task_output).div_ceil(st.tokens.rollouts)
+        } else {
+            incumbent
+                .values()
+                .map(|p| ctx.meta_llm.count_tokens(p) as u64)
+                .sum::<u64>()
+                + (incumbent.len() * st.config.task_max_new_tokens_estimate) as u64
+        };
+        let projected = per_rollout * (need.len() * queries.len()) as u64;
+        budget::check(&st.config, &st.tokens, Spend::Task, projected, "execute")
+            .map_err(Interrupt::Stop)?;
+        let to_run: Vec<PromptSet> = need.iter().map(|&c| configs[c].clone()).collect();
+        let out = ctx
+            .executor
+            .execute(&to_run, &queries, rseed)
+            .map_err(|e| Interrupt::Error(OptimizeError::Executor(e)))?;
+        if out.len() != to_run.len() || out.iter().any(|row| row.len() != queries.len()) {
+            return Err(Interrupt::Error(OptimizeError::Shape {
+                expected: format!("{}x{} rollouts", to_run.len(), queries.len()),
+                got: format!(
+                    "{} rows of lengths {:?}",
+                    out.len(),
+                    out.iter().map(Vec::len).collect::<Vec<_>>()
+                ),
+            }));
+        }
+        for (row, &c) in out.into_iter().zip(&need) {
+            for (r, &q) in row.into_iter().zip(&queries) {
+                st.tokens.task_input += r.input_tokens as u64;
+                st.tokens.task_output += r.output_tokens as u64;
+                st.tokens.rollouts += 1;
+                st.cache.entry(key(&hashes[c], q)).or_insert(r);
+            }
+        }
+    }
+    let rollouts = hashes
+        .iter()
+        .map(|h| {
+            block
+                .iter()
+                .map(|&q| st.cache[&key(h, q)].clone())
+                .collect()
+        })
+        .collect();
+    Ok((configs, block, rollouts))
+}
+
+type Credits = BTreeMap<String, Vec<Vec<Option<f64>>>>;
+
+/// Attribute: per query, groups mixing the incumbent with candidates (seeded
+/// shuffle); all groups of the round in one attributer batch. A rollout seen
+/// in several groups (the incumbent) gets the mean of its non-missing credits.
+fn attribute(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+    block: &[usize],
+    rollouts: &[Vec<Rollout>],
+) -> Result<(Credits, usize), Interrupt> {
+    let seed = st.config.seed;
+    let mut groups = Vec::new();
+    let mut members = Vec::new();
+    for (qi, &q) in block.iter().enumerate() {
+        let text = ctx.executor.query_text(q);
+        let gs = contrast_groups(
+            rollouts.len(),
+            0,
+            st.config.group_size,
+            derive_seed(seed, &[tag("groups"), round as u64, q as u64]),
+        );
+        for (j, g) in gs.into_iter().enumerate() {
+            groups.push(AttributionGroup {
+                query: text.clone(),
+                rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
+                seed: derive_seed(seed, &[tag("attribute"), round as u64, q as u64, j as u64]),
+            });
+            members.push((qi, g));
+        }
+    }
+    let projected = ctx.attributer.project_tokens(&st.agents, &groups) as u64;
+    if ctx.attributer.uses_llm() {
+        budget::check(
+            &st.config,
+            &st.tokens,
+            Spend::Meta,
+            projected,
+            "attribution",
+        )
+        .map_err(Interrupt::Stop)?;
+    }
+    let out = ctx
+        .attributer
+        .attribute(&st.agents, &groups)
+        .map_err(|e| Interrupt::Error(OptimizeError::Attribution(e)))?;
+    st.tokens.attribution_input += out.input_tokens as u64;
+    st.tokens.attribution_output += out.output_tokens as u64;
+    let (nc, nq) = (rollouts.len(), block.len());
+    let mut sums: BTreeMap<&String, Vec<Vec<(f64, usize)>>> = st
+        .agents
+        .iter()
+        .map(|a| (a, vec![vec![(0.0, 0); nq]; nc]))
+        .collect();
+    for ((qi, g), credits) in members.iter().zip(&out.credits) {
+        for (&c, ac) in g.iter().zip(credits) {
+            add_credits(&mut sums, ac, c, *qi);
+        }
+    }
+    let credits: Credits = sums
+        .into_iter()
+        .map(|(a, m)| {
+            let m = m
+                .into_iter()
+                .map(|row| {
+                    row.into_iter()
+                        .map(|(s, n)| if n > 0 { Some(s / n as f64) } else { None })
+                        .collect()
+                })
+                .collect();
+            (a.clone(), m)
+        })
+        .collect();
+    Ok((credits, out.failures))
+}
+
+fn add_credits(
+    sums: &mut BTreeMap<&String, Vec<Vec<(f64, usize)>>>,
+    ac: &AgentCredits,
+    c: usize,
+    qi: usize,
+) {
+    for (a, v) in ac {
+        if let (Some(m), Some(x)) = (sums.get_mut(a), v) {
+            m[c][qi].0 += x;
+            m[c][qi].1 += 1;
+        }
+    }
+}
+
+/// Update: each agent's optimizer gets, for each of its candidates, the
+/// per-query credits of the configurations that used it (mean when several did).
+fn update(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+    configs: &[PromptSet],
+    block: &[usize],
+    credits: &Credits,
+) {
+    for i in 0..st.agents.len() {
+        let a = st.agents[i].clone();
+        let Some(agent_credits) = credits.get(&a) else {
+            continue;
+        };
+        for row in agent_credits {
+            for c in row {
+                st.credits
+                    .entry(a.clone())
+                    .or_insert_with(CreditAccumulator::default)
+                    .add(*c);
+            }
+        }
+        let cands = st.optimizers[&a].candidates_to_run();
+        let evals: Vec<QueryCredits> = cands
+            .iter()
+            .map(|p| {
+                block
+                    .iter()
+                    .enumerate()
+                    .map(|(qi, &q)| {
+                        let vals: Vec<f64> = configs
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, cfg)| cfg.get(&a) == Some(p))
+                            .filter_map(|(c, _)| agent_credits[c][qi])
+                            .collect();
+                        let v = if vals.is_empty() {
+                            None
+                        } else {
+                            Some(vals.iter().sum::<f64>() / vals.len() as f64)
+                        };
+                        (q, v)
+                    })
+                    .collect()
+            })
+            .collect();
+        let config = st.config.clone();
+        let actx = AgentContext {
+            agent: &ctx.specs[i],
+            run_seed: config.seed,
+            round,
+            config: &config,
+            llm: ctx.meta_llm,
+        };
+        if let Some(opt) = st.optimizers.get_mut(&a) {
+            opt.update(round, &evals, &actx);
+        }
+    }
+}
+
+/// Validate the combined best so the reported best was actually run (cached by configuration).
+fn validate(
+    ctx: &Ctx,
+    st: &mut RunState,
+    config: &PromptSet,
+    round: usize,
+) -> Result<ValidationPoint, Interrupt> {
+    let vseed = derive_seed(st.config.seed, &[tag("validate")]);
+    let key = format!("{}:{vseed}", config_hash(config));
+    if let Some(&(score, _)) = st.validation_cache.get(&key) {
+        return Ok(ValidationPoint {
+            round,
+            config: config.clone(),
+            score,
+            tokens: 0,
+        });
+    }
+    let projected = st
+        .validations
+        .iter()
+        .map(|v| v.tokens as u64)
+        .max()
+        .unwrap_or_else(|| {
+            (config
+                .values()
+                .map(|p| ctx.meta_llm.count_tokens(p))
+                .sum::<usize>()
+                + config.len() * st.config.task_max_new_tokens_estimate) as u64
+                * st.config.validation_size_estimate as u64
+        });
+    budget::check(&st.config, &st.tokens, Spend::Task, projected, "validate")
+        .map_err(Interrupt::Stop)?;
+    let (score, tokens) = ctx
+        .executor
+        .validate(config, vseed)
+        .map_err(|e| Interrupt::Error(OptimizeError::Executor(e)))?;
+    st.tokens.validation += tokens as u64;
+    st.validation_cache.insert(key, (score, tokens));
+    Ok(ValidationPoint {
+        round,
+        config: config.clone(),
+        score,
+        tokens,
+    })
+}
+
+/// Run only the attribution on a set of configurations and queries, and
+/// return per-agent credit statistics (rank agents by mean credit: the lowest
+/// is the weak link). Each query's rollouts are contrasted in shuffled groups
+/// of `config.group_size` (no incumbent).
+pub fn attribute_only(
+    executor: &dyn Executor,
+    attributer_llm: &dyn Llm,
+    config_set: &[PromptSet],
+    queries: &[usize],
+    seed: u64,
+    config: &OptimizeConfig,
+) -> Result<BTreeMap<String, CreditStats>, OptimizeError> {
+    config.validate()?;
+    let agents: Vec<String> = executor
+        .setup()
+        .agents
+        .iter()
+        .map(|a| a.name.clone())
+        .collect();
+    let rseed = derive_seed(seed, &[tag("rollout")]);
+    let rollouts = executor
+        .execute(config_set, queries, rseed)
+        .map_err(OptimizeError::Executor)?;
+    if rollouts.len() != config_set.len() || rollouts.iter().any(|r| r.len() != queries.len()) {
+        return Err(OptimizeError::Shape {
+            expected: format!("{}x{} rollouts", config_set.len(), queries.len()),
+            got: format!("{} rows", rollouts.len()),
+        });
+    }
+    let mut groups = Vec::new();
+    for (qi, &q) in queries.iter().enumerate() {
+        let text = executor.query_text(q);
+        for (j, g) in shuffled_groups(
+            config_set.len(),
+            config.group_size,
+            derive_seed(seed, &[tag("groups"), q as u64]),
+        )
+        .into_iter()
+        .enumerate()
+        {
+            groups.push(AttributionGroup {
+                query: text.clone(),
+                rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
+                seed: derive_seed(seed, &[tag("attribute"), q as u64, j as u64]),
+            });
+        }
+    }
+    let attributer = make_attributer(config, attributer_llm);
+    let out = attributer.attribute(&agents, &groups)?;
+    let mut values: BTreeMap<String, Vec<f64>> =
+        agents.iter().map(|a| (a.clone(), vec![])).collect();
+    for credits in out.credits.iter().flatten() {
+        for (a, v) in credits {
+            if let (Some(list), Some(x)) = (values.get_mut(a), v) {
+                list.push(*x);
+            }
+        }
+    }
+    Ok(values
+        .into_iter()
+        .map(|(a, v)| (a, CreditStats::from_values(&v)))
+        .collect())
+}
+
+/// Agents sorted by mean credit, weakest first (ties by name).
+pub fn rank_agents(stats: &BTreeMap<String, CreditStats>) -> Vec<(String, CreditStats)> {
+    let mut v: Vec<(String, CreditStats)> = stats.iter().map(|(a, s)| (a.clone(), *s)).collect();
+    v.sort_by(|x, y| {
+        x.1.mean
+            .partial_cmp(&y.1.mean)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    v
+}

@@ -1,0 +1,618 @@
+//! End-to-end tests of the CANTANTE optimizer against a fake executor and
+//! scripted meta/attributer LLMs: the score depends only on whether the
+//! solver's prompt says "CAREFULLY"; the meta-LLM's mutations sometimes add
+//! that word; the attributer credits the solver according to its output.
+
+use cantante::graph::{AgentSpec, PromptSet, Setup};
+use cantante::llm::{Request, ScriptedLlm};
+use cantante::optimize::{
+    attribute_only, optimize, rank_agents, resume, Executor, OptimizeConfig, OptimizerKind,
+    Rollout, RoundRecord, RunHooks, StopReason,
+};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const MAGIC: &str = "CAREFULLY";
+
+struct FakeExecutor {
+    setup: Setup,
+    execute_calls: AtomicUsize,
+    rollouts: AtomicUsize,
+    validate_calls: AtomicUsize,
+}
+
+fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
+    AgentSpec {
+        name: name.into(),
+        task_description: format!("The {name} step."),
+        input_vars: inputs.iter().map(|s| s.to_string()).collect(),
+        output_vars: outputs.iter().map(|s| s.to_string()).collect(),
+        tools: vec![],
+        max_tool_calls: 0,
+    }
+}
+
+impl FakeExecutor {
+    fn new() -> Self {
+        let solver_pool = vec![
+            "Solve {query}. Answer in <answer></answer>.".to_string(),
+            "Read {query} and reply with <answer>result</answer>.".to_string(),
+            "Question: {query}\nGive the result inside <answer> tags.".to_string(),
+        ];
+        let checker_pool = vec![
+            "Check {answer} for {query}; final in <prediction></prediction>.".to_string(),
+            "Given {query} and {answer}, write <prediction>value</prediction>.".to_string(),
+            "Verify {answer}. Question {query}. Output <prediction>x</prediction>.".to_string(),
+        ];
+        let setup = Setup {
+            edges: vec![],
+            agents: vec![
+                agent("solver", &["query", "few_shots"], &["answer"]),
+                agent("checker", &["query", "answer"], &["prediction"]),
+            ],
+            init_agent_prompt_pool: [
+                ("solver".to_string(), solver_pool),
+                ("checker".to_string(), checker_pool),
+            ]
+            .into(),
+        };
+        Self {
+            setup,
+            execute_calls: AtomicUsize::new(0),
+            rollouts: AtomicUsize::new(0),
+            validate_calls: AtomicUsize::new(0),
+        }
+    }
+
+    fn run_one(config: &PromptSet, q: usize) -> Rollout {
+        let careful = config["solver"].contains(MAGIC);
+        let score = if careful || q % 4 == 0 { 1.0 } else { 0.0 };
+        let answer = if careful {
+            "carefully derived 42".to_string()
+        } else {
+            format!("guessed {}", 40 + q % 3)
+        };
+        let pred = if score == 1.0 {
+            "42".to_string()
+        } else {
+            "41".to_string()
+        };
+        let agent_outputs = [
+            (
+                "solver".to_string(),
+                [("answer".to_string(), answer)].into(),
+            ),
+            (
+                "checker".to_string(),
+                [("prediction".to_string(), pred.clone())].into(),
+            ),
+        ]
+        .into();
+        let words: usize = config.values().map(|p| p.split_whitespace().count()).sum();
+        Rollout {
+            score,
+            prediction: pred,
+            agent_outputs,
+            input_tokens: words + 2,
+            output_tokens: 5,
+        }
+    }
+}
+
+impl Executor for FakeExecutor {
+    fn setup(&self) -> &Setup {
+        &self.setup
+    }
+    fn num_dev(&self) -> usize {
+        40
+    }
+    fn query_text(&self, idx: usize) -> String {
+        format!("What is question number {idx}?")
+    }
+    fn execute(
+        &self,
+        configs: &[PromptSet],
+        queries: &[usize],
+        _seed: u64,
+    ) -> anyhow::Result<Vec<Vec<Rollout>>> {
+        self.execute_calls.fetch_add(1, Ordering::SeqCst);
+        self.rollouts
+            .fetch_add(configs.len() * queries.len(), Ordering::SeqCst);
+        Ok(configs
+            .iter()
+            .map(|c| queries.iter().map(|&q| Self::run_one(c, q)).collect())
+            .collect())
+    }
+    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(f64, usize)> {
+        self.validate_calls.fetch_add(1, Ordering::SeqCst);
+        let scores: Vec<f64> = (100..108).map(|q| Self::run_one(config, q).score).collect();
+        Ok((scores.iter().sum::<f64>() / scores.len() as f64, 80))
+    }
+}
+
+fn between<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
+    let i = text.find(open).map(|i| i + open.len()).unwrap_or(0);
+    let j = text[i..].find(close).map(|j| i + j).unwrap_or(text.len());
+    text[i..j].trim()
+}
+
+/// Crossover keeps template A plus a seed tag; mutation adds the magic word
+/// for two seeds out of three.
+fn meta_llm() -> ScriptedLlm {
+    ScriptedLlm::new(|r: &Request| {
+        let p = &r.messages[0].content;
+        if p.contains("<template_a>") {
+            let a = between(p, "<template_a>", "</template_a>");
+            format!("Here you go: <prompt>{a} [x{}]</prompt>", r.seed % 1000)
+        } else {
+            let t = between(p, "<template>", "</template>");
+            let extra = if r.seed % 3 != 0 {
+                format!(" Work {MAGIC}.")
+            } else {
+                " Be brief.".to_string()
+            };
+            format!("<prompt>{t}{extra}</prompt>")
+        }
+    })
+    .named("meta")
+}
+
+/// Credits the solver by its output (careful work helps), the checker a flat 0.3.
+fn attributer_llm() -> ScriptedLlm {
+    ScriptedLlm::new(|r: &Request| {
+        let p = &r.messages[0].content;
+        let payload = between(p, "The runs:\n", "\n\nFirst write");
+        let v: serde_json::Value = serde_json::from_str(payload).expect("payload is JSON");
+        let execs: Vec<String> = v["executions"]
+            .as_array()
+            .expect("executions")
+            .iter()
+            .map(|e| {
+                let ans = e["agent_outputs"]["solver"]["answer"]
+                    .as_str()
+                    .unwrap_or("");
+                let s = if ans.contains("carefully") { 0.9 } else { -0.5 };
+                format!("{{\"agent_credits\": {{\"solver\": {s}, \"checker\": 0.3}}}}")
+            })
+            .collect();
+        format!(
+            "Comparison done.\n<attribution>{{\"executions\": [{}]}}</attribution>",
+            execs.join(", ")
+        )
+    })
+    .named("attributer")
+}
+
+fn config(rounds: usize) -> OptimizeConfig {
+    OptimizeConfig {
+        seed: 11,
+        rounds,
+        block_size: 6,
+        max_blocks: 2,
+        ..Default::default()
+    }
+}
+
+fn read_records(dir: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(dir.join("rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn optimize_finds_the_magic_word_and_credits_the_solver() {
+    let exec = FakeExecutor::new();
+    let (meta, att) = (meta_llm(), attributer_llm());
+    let dir = tempfile::tempdir().unwrap();
+    let events = std::sync::Mutex::new(Vec::new());
+    let progress =
+        |e: &cantante::optimize::ProgressEvent| events.lock().unwrap().push(format!("{e:?}"));
+    let hooks = RunHooks {
+        progress: Some(&progress),
+        ..Default::default()
+    };
+    let res = optimize(&exec, &meta, &att, &config(2), dir.path(), hooks).unwrap();
+
+    assert_eq!(res.stop_reason, StopReason::Completed);
+    assert_eq!(res.rounds_completed, 2);
+    assert_eq!(res.initial_score, 0.25);
+    assert_eq!(
+        res.best_score, 1.0,
+        "validated best improved over the initial configuration"
+    );
+    assert!(res.best_prompts["solver"].contains(MAGIC));
+    assert!(res.best_round >= 1);
+    // One executor call per round, one attribution batch per round, validation run for real.
+    assert_eq!(exec.execute_calls.load(Ordering::SeqCst), 2);
+    assert_eq!(att.batches(), 2);
+    assert!(exec.validate_calls.load(Ordering::SeqCst) >= 2);
+
+    // Credits: the solver's credit separates careful from careless configurations; the checker's does not.
+    let recs = read_records(dir.path());
+    assert_eq!(recs.len(), 2);
+    let (mut careful, mut careless) = (Vec::new(), Vec::new());
+    for rec in &recs {
+        assert!(
+            rec.configs[1..].iter().all(|c| c != &rec.configs[0]),
+            "configurations are distinct"
+        );
+        for (c, cfg) in rec.configs.iter().enumerate() {
+            for cr in rec.credits["solver"][c].iter().flatten() {
+                if cfg["solver"].contains(MAGIC) {
+                    careful.push(*cr);
+                } else {
+                    careless.push(*cr);
+                }
+            }
+            assert!(rec.credits["checker"][c].iter().all(|x| *x == Some(0.3)));
+        }
+        assert_eq!(rec.block.len(), 6);
+        assert_eq!(rec.scores.len(), rec.configs.len());
+    }
+    assert!(!careful.is_empty() && !careless.is_empty());
+    assert!(careful.iter().all(|&x| x == 0.9) && careless.iter().all(|&x| x == -0.5));
+    assert!(res.agent_credits["solver"].std > 0.1);
+    assert_eq!(res.agent_credits["checker"].std, 0.0);
+    assert!(res.tokens.task() > 0 && res.tokens.meta() > 0);
+    assert_eq!(recs[1].tokens, res.tokens);
+
+    // Outputs on disk.
+    let best: PromptSet = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.path().join("best_prompts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(best, res.best_prompts);
+    let cfg: OptimizeConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg, config(2));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["stop_reason"]["reason"], "completed");
+    let ev = events.lock().unwrap();
+    assert!(ev.iter().any(|e| e.starts_with("RoundFinished { round: 2")));
+    assert!(ev.last().unwrap().starts_with("Stopped"));
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let exec = FakeExecutor::new();
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(3),
+        full_dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = RunHooks {
+        stop_after_rounds: Some(2),
+        ..Default::default()
+    };
+    let part = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(3),
+        dir.path(),
+        hooks,
+    )
+    .unwrap();
+    assert_eq!(part.stop_reason, StopReason::Interrupted);
+    assert_eq!(part.rounds_completed, 2);
+    // Simulate a kill after the round record was written but before the checkpoint.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("rounds.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"round\": 3, \"partial\": true}\n").unwrap();
+    drop(f);
+    // Fresh LLM instances: nothing carried over in memory.
+    let resumed = resume(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(resumed.rounds_completed, 3);
+    assert_eq!(
+        serde_json::to_string(&resumed).unwrap(),
+        serde_json::to_string(&full).unwrap()
+    );
+    for f in ["rounds.jsonl", "best_prompts.yaml", "summary.json"] {
+        assert_eq!(
+            std::fs::read(dir.path().join(f)).unwrap(),
+            std::fs::read(full_dir.path().join(f)).unwrap(),
+            "{f} differs"
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_result_other_seed_other_blocks() {
+    let exec = FakeExecutor::new();
+    let (d1, d2, d3) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let a = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(2),
+        d1.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let b = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(2),
+        d2.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::to_string(&a).unwrap(),
+        serde_json::to_string(&b).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(d1.path().join("rounds.jsonl")).unwrap(),
+        std::fs::read(d2.path().join("rounds.jsonl")).unwrap()
+    );
+    let c = OptimizeConfig {
+        seed: 12,
+        ..config(2)
+    };
+    optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &c,
+        d3.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_ne!(
+        read_records(d1.path())[0].block,
+        read_records(d3.path())[0].block
+    );
+}
+
+#[test]
+fn budget_cap_stops_cleanly_and_records_why() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    // Realistic reply-length estimates so projections are close to the real cost.
+    let tight = OptimizeConfig {
+        task_max_new_tokens_estimate: 5,
+        meta_max_new_tokens: 60,
+        attribution_max_new_tokens: 60,
+        ..config(5)
+    };
+    // Probe: tokens after rounds 1 and 2 of an unlimited run; cap halfway between.
+    let probe_dir = tempfile::tempdir().unwrap();
+    let probe_cfg = OptimizeConfig {
+        rounds: 2,
+        ..tight.clone()
+    };
+    optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &probe_cfg,
+        probe_dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let recs = read_records(probe_dir.path());
+    let (t1, t2) = (recs[0].tokens.total(), recs[1].tokens.total());
+    let cap_tokens = (t1 + t2) / 2;
+    let cfg = OptimizeConfig {
+        max_total_tokens: Some(cap_tokens),
+        ..tight
+    };
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 1);
+    match &res.stop_reason {
+        StopReason::Budget {
+            cap,
+            limit,
+            spent,
+            projected,
+            ..
+        } => {
+            assert_eq!(cap, "total");
+            assert_eq!(*limit, cap_tokens);
+            assert!(spent + projected > *limit);
+        }
+        other => panic!("expected a budget stop, got {other:?}"),
+    }
+    assert!(
+        res.tokens.total() <= cap_tokens,
+        "never dispatched past the cap"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["stop_reason"]["reason"], "budget");
+    assert_eq!(read_records(dir.path()).len(), 1);
+
+    // A meta cap of zero stops before the first rewrite batch.
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        max_meta_tokens: Some(0),
+        ..config(2)
+    };
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir2.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 0);
+    assert!(
+        matches!(&res.stop_reason, StopReason::Budget { cap, batch, .. } if cap == "meta" && batch == "rewrite")
+    );
+    assert_eq!(res.tokens.meta(), 0);
+    assert_eq!(res.best_score, res.initial_score);
+}
+
+#[test]
+fn stop_file_ends_after_the_current_round() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("STOP"), "").unwrap();
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(3),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 1);
+    assert_eq!(res.stop_reason, StopReason::StopFile);
+}
+
+#[test]
+fn identity_attribution_and_evoprompt_ablations_run() {
+    let exec = FakeExecutor::new();
+    let att = attributer_llm();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        identity_attribution: true,
+        ..config(2)
+    };
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &att,
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        att.calls(),
+        0,
+        "the identity attributer never calls the LLM"
+    );
+    assert_eq!(res.tokens.attribution_input, 0);
+    for rec in read_records(dir.path()) {
+        for (c, row) in rec.scores.iter().enumerate() {
+            for (qi, s) in row.iter().enumerate() {
+                assert_eq!(rec.credits["solver"][c][qi], Some(2.0 * s - 1.0));
+                assert_eq!(rec.credits["checker"][c][qi], Some(2.0 * s - 1.0));
+            }
+        }
+    }
+    assert_eq!(res.best_score, 1.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        optimizer: OptimizerKind::Evoprompt,
+        ..config(2)
+    };
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 2);
+    assert!(res.best_score >= res.initial_score);
+    assert_eq!(res.populations["solver"].len(), 3);
+}
+
+#[test]
+fn invalid_generated_prompts_are_rejected_and_counted() {
+    let exec = FakeExecutor::new();
+    // Mutations drop the {query} placeholder for the solver half of the time.
+    let meta = ScriptedLlm::new(|r: &Request| {
+        let p = &r.messages[0].content;
+        if p.contains("<template_a>") {
+            let a = between(p, "<template_a>", "</template_a>");
+            format!("<prompt>{a} [x{}]</prompt>", r.seed % 1000)
+        } else {
+            let t = between(p, "<template>", "</template>");
+            if r.seed % 2 == 0 {
+                format!("<prompt>{}</prompt>", t.replace("{query}", "the question"))
+            } else {
+                t.to_string()
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let res = optimize(
+        &exec,
+        &meta,
+        &attributer_llm(),
+        &config(1),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert!(res.rejections["solver"] > 0);
+    for pop in res.populations.values() {
+        for p in pop {
+            assert!(
+                p.contains("{query}"),
+                "invalid prompt entered a population: {p}"
+            );
+        }
+    }
+    let recs = read_records(dir.path());
+    assert_eq!(
+        recs[0].rejections.values().sum::<usize>(),
+        res.rejections.values().sum::<usize>()
+    );
+}
+
+#[test]
+fn attribute_only_ranks_the_weak_link() {
+    let exec = FakeExecutor::new();
+    let setup = exec.setup().clone();
+    let configs: Vec<PromptSet> = (0..3).map(|i| setup.pool_config(i)).collect();
+    let stats = attribute_only(
+        &exec,
+        &attributer_llm(),
+        &configs,
+        &[1, 2, 3, 5],
+        9,
+        &OptimizeConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(stats["solver"].n, 12);
+    assert!((stats["solver"].mean + 0.5).abs() < 1e-12);
+    assert!((stats["checker"].mean - 0.3).abs() < 1e-12);
+    assert!(stats["checker"].std < 1e-9);
+    let ranked = rank_agents(&stats);
+    assert_eq!(ranked[0].0, "solver");
+}
