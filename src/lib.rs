@@ -7,5 +7,6 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod prompt;
 pub mod graph;
 pub mod llm;

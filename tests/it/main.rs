@@ -1,0 +1,3 @@
+//! One integration-test binary (ripgrep style): each module tests one area.
+
+mod graph;
