@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod common;
+pub mod eval;
 pub mod generate;
 pub mod sandbox;
 
@@ -24,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate completions with the local engine.
     Generate(generate::GenerateArgs),
+    /// Score a prompt set of a MAS setup on a benchmark split.
+    Eval(eval::EvalArgs),
     /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
     Sandbox(sandbox::SandboxArgs),
 }
@@ -41,6 +44,7 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Generate(a) => generate::run(a).map(|_| 0),
         Command::Sandbox(a) => sandbox::run(&a),
+        Command::Eval(a) => eval::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -2,8 +2,101 @@
 //! prompt pools), the per-query tool environment seam, and the batched
 //! super-step executor (reference spec §1: graph semantics and the agent call).
 
+pub mod runtime;
+pub mod setup;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+pub use runtime::{
+    run_batch, write_trace_jsonl, AgentCall, RunOptions, RunResult, RunSpec, ToolCallRecord,
+    TraceRecord,
+};
+pub use setup::Validation;
+
+/// Errors of the MAS layer: setup loading/validation and graph execution.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// The setup file could not be read.
+    #[error("cannot read setup file {path}: {source}")]
+    Io {
+        /// File that failed.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The setup file is not valid YAML of the expected shape.
+    #[error("setup file {path}: {message}")]
+    Parse {
+        /// File that failed.
+        path: String,
+        /// Parser message (with line and column).
+        message: String,
+    },
+    /// The setup is well-formed YAML but describes an invalid MAS.
+    #[error("{file}: {}field `{field}`: {message}", agent_prefix(.agent))]
+    Invalid {
+        /// Setup file (or `<setup>` when it did not come from a file).
+        file: String,
+        /// Agent concerned, if any.
+        agent: Option<String>,
+        /// Offending field, e.g. `input_vars`, `edges[2].to`, `init_agent_prompt_pool[3]`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A run specification does not fit the setup (e.g. a prompt set lacking an agent).
+    #[error("run {run}: {message}")]
+    BadRun {
+        /// Index of the run in the batch.
+        run: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The language model failed on a whole batch (see [`runtime::run_batch`]).
+    #[error("LLM failed in super-step {step}: {source}")]
+    Llm {
+        /// Super-step (0-based) in which the batch failed.
+        step: usize,
+        /// Underlying error.
+        source: crate::llm::LlmError,
+    },
+    /// A trace file could not be written.
+    #[error("cannot write trace {path}: {source}")]
+    Trace {
+        /// File that failed.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+}
+
+fn agent_prefix(agent: &Option<String>) -> String {
+    agent
+        .as_ref()
+        .map(|a| format!("agent `{a}`, "))
+        .unwrap_or_default()
+}
+
+impl GraphError {
+    /// Attach a file name to an [`GraphError::Invalid`] error (other errors are returned unchanged).
+    pub fn in_file(self, path: impl AsRef<std::path::Path>) -> Self {
+        match self {
+            GraphError::Invalid {
+                agent,
+                field,
+                message,
+                ..
+            } => GraphError::Invalid {
+                file: path.as_ref().display().to_string(),
+                agent,
+                field,
+                message,
+            },
+            e => e,
+        }
+    }
+}
 
 /// A joint prompt configuration: agent name → prompt template.
 pub type PromptSet = BTreeMap<String, String>;

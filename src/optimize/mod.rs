@@ -20,6 +20,7 @@ pub mod budget;
 pub mod capo;
 pub mod checkpoint;
 pub mod evoprompt;
+pub mod mas;
 pub mod meta;
 pub mod run;
 

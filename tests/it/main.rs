@@ -1,6 +1,8 @@
 //! One integration-test binary (ripgrep style): each module tests one area.
 
 mod engine;
+mod eval;
+mod graph;
 mod optimize;
 mod sandbox;
 mod task;

@@ -1,0 +1,1068 @@
+//! Batched super-step executor of the agent graph (reference spec §1.3, §1.4,
+//! with the §10 defects fixed).
+//!
+//! [`run_batch`] executes many runs (one prompt configuration × one query
+//! each) together. Every super-step, each run's ready agents are rendered
+//! against the state as it was before the step, and **all ready agent calls of
+//! all runs go to the model as one [`Llm::generate`] batch**; each further
+//! tool-loop turn of the agents still talking to tools is again one batch.
+//! After the step, every run applies its agents' outputs (in agent-file order,
+//! last write wins) and follows its out-edges.
+//!
+//! # Graph semantics
+//!
+//! - Targets of `__start__` form the first super-step (parallel fan-out).
+//! - An unconditional edge fires after its source ran.
+//! - A *join* (a node with two or more distinct predecessors) scheduled while
+//!   another scheduled node can still reach it waits, so it runs once, after
+//!   every branch arrived (explicit barrier). If every scheduled node would
+//!   wait, all run (no deadlock).
+//! - A conditional edge reads `state[condition_fix]` after its source ran; the
+//!   value is true when, lower-cased and stripped of spaces, quotes, `*`, `` ` ``
+//!   and a trailing `.`, it is one of `true`, `y`, `1`, `yes`. When true and
+//!   this run's counter for the edge is below `max_retries`, the counter is
+//!   incremented and the run goes to `to`; otherwise the counter is reset and
+//!   the run goes to `fallback_target`.
+//! - A run ends when nothing is scheduled, or with an error note after
+//!   [`RunOptions::step_limit`] super-steps.
+//!
+//! # Agent call
+//!
+//! Messages are `[system: RunOptions::system_prompt (omitted when empty), user:
+//! rendered prompt]`. The prompt is rendered with [`crate::prompt::render`]
+//! (few-shot section, then every state value capped to
+//! [`RunOptions::field_token_cap`] tokens), then the whole prompt is cut to
+//! [`RunOptions::prompt_token_cap`] tokens if set. Outputs are read from the
+//! final reply's `<var>…</var>` tags; **a missing tag is recorded in
+//! [`AgentCall::format_failures`] and leaves the variable unset** (it is
+//! removed from the state), never filled with the whole reply.
+//!
+//! # Tool loop
+//!
+//! For an agent with tools and `max_tool_calls > 0`, a reply holding
+//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>` (first match) is
+//! executed in the run's [`ToolEnv`]. The model's turn is kept in the history
+//! up to the end of the call, and the result comes back as a user message
+//! `<tool_result>{"name", "argument_keys", "result"}</tool_result>` (the
+//! result capped like a field). Requests of such agents stop at
+//! `</tool_call>` (the tag is restored in the reply), so the model cannot
+//! invent tool results. The loop ends when a reply has no tool call, when the
+//! call's JSON is invalid (that reply is final), or after `max_tool_calls`
+//! executed calls (the next reply is final whatever it holds). A tool call
+//! from an agent without tools is simply a final reply. An unknown tool gets
+//! an error result listing the agent's tools; a panicking tool an error text.
+//! Tools of different runs execute in parallel.
+//!
+//! # Tokens
+//!
+//! Per agent call, `input_tokens` = the first turn's `prompt_tokens` (exact,
+//! after the chat template) + the tokens of every tool-result message
+//! ([`Llm::count_tokens`]); `output_tokens` = the `completion_tokens` of all
+//! turns (tool-call turns included). Re-reading the growing history in later
+//! turns is not counted again.
+//!
+//! # Seeds
+//!
+//! A request's seed is a hash of (run seed, agent name, index of the agent
+//! call within the run, tool-loop turn), so a run produces the same requests
+//! whatever else is in the batch.
+//!
+//! # Errors
+//!
+//! If the model rejects one request ([`LlmError::BadRequest`], e.g. a history
+//! longer than the context), only that run ends, with
+//! [`RunResult::error`] set; the rest of the batch is resent. Any other model
+//! error aborts the whole call with [`GraphError::Llm`] and the partial results
+//! are dropped (no run is silently reported as finished).
+
+use super::{GraphError, PromptSet, Setup, ToolEnv, END, START};
+use crate::llm::{Generation, Llm, LlmError, Message, Request, Sampling, StopReason};
+use crate::prompt;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Opening tag of a tool call in a reply.
+pub const TOOL_CALL_OPEN: &str = "<tool_call>";
+/// Closing tag of a tool call in a reply.
+pub const TOOL_CALL_CLOSE: &str = "</tool_call>";
+
+/// One run: a prompt configuration applied to one query.
+pub struct RunSpec {
+    /// Agent name → prompt template (must cover every agent of the setup).
+    pub prompts: Arc<PromptSet>,
+    /// The task input (`query` state variable).
+    pub query: String,
+    /// Extra initial state variables, e.g. MBPP's `test_cases`.
+    pub init: BTreeMap<String, String>,
+    /// Few-shot examples inserted into every agent's few-shot section.
+    pub few_shots: Vec<String>,
+    /// This run's own tool environment (None for tasks without tools).
+    pub tools: Option<Box<dyn ToolEnv>>,
+    /// Seed from which every request seed of the run is derived.
+    pub seed: u64,
+}
+
+impl RunSpec {
+    /// A run without extra state, shots or tools.
+    pub fn new(prompts: Arc<PromptSet>, query: impl Into<String>, seed: u64) -> Self {
+        Self {
+            prompts,
+            query: query.into(),
+            init: BTreeMap::new(),
+            few_shots: Vec::new(),
+            tools: None,
+            seed,
+        }
+    }
+}
+
+/// Settings shared by all runs of a [`run_batch`] call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// System message of every agent call (omitted when empty).
+    pub system_prompt: String,
+    /// Maximum new tokens per model turn.
+    pub max_new_tokens: usize,
+    /// Cap in tokens on every state value filled into a prompt and on every
+    /// tool result (` ... [truncated]` is appended when cut); 0 = no cap.
+    pub field_token_cap: usize,
+    /// Cap in tokens on the whole rendered prompt; None = no cap.
+    pub prompt_token_cap: Option<usize>,
+    /// Sampling of every agent call.
+    pub sampling: Sampling,
+    /// Super-steps after which a run still going is stopped with an error note.
+    pub step_limit: usize,
+}
+
+impl Default for RunOptions {
+    /// Reference-like defaults with the input caps decoupled from the output limit:
+    /// 512 new tokens, 512-token fields, no prompt cap, temperature 0.7, 30 steps.
+    fn default() -> Self {
+        Self {
+            system_prompt: "You are a helpful assistant.".into(),
+            max_new_tokens: 512,
+            field_token_cap: 512,
+            prompt_token_cap: None,
+            sampling: Sampling::temperature(0.7),
+            step_limit: 30,
+        }
+    }
+}
+
+/// One executed tool call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolCallRecord {
+    /// Tool name as the model wrote it.
+    pub tool: String,
+    /// Arguments object as the model wrote it.
+    pub arguments: serde_json::Value,
+    /// Result text returned to the model (inside the `<tool_result>` JSON).
+    pub result: String,
+}
+
+/// One agent call (node execution) of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentCall {
+    /// Agent name.
+    pub agent: String,
+    /// Rendered user prompt (after field and prompt caps).
+    pub prompt: String,
+    /// Final reply (the one outputs are parsed from).
+    pub reply: String,
+    /// Parsed output variables (only those whose tag was found).
+    pub outputs: BTreeMap<String, String>,
+    /// Input tokens (see the module docs).
+    pub input_tokens: usize,
+    /// Output tokens of all turns.
+    pub output_tokens: usize,
+    /// Output variables whose `<var>…</var>` tag was missing from the reply.
+    pub format_failures: Vec<String>,
+    /// Tool calls made during this agent call, in order.
+    pub tool_calls: Vec<ToolCallRecord>,
+}
+
+/// The outcome of one run.
+pub struct RunResult {
+    /// Final state (unset variables are absent).
+    pub state: BTreeMap<String, String>,
+    /// `state["prediction"]`, or "" when unset.
+    pub prediction: String,
+    /// Agent calls in execution order.
+    pub calls: Vec<AgentCall>,
+    /// Sum of the calls' input tokens.
+    pub input_tokens: usize,
+    /// Sum of the calls' output tokens.
+    pub output_tokens: usize,
+    /// The run's tool environment, handed back for scoring (e.g. MBPP's last written code).
+    pub tools: Option<Box<dyn ToolEnv>>,
+    /// Why the run ended abnormally (step limit, rejected request), if it did.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Debug for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunResult")
+            .field("prediction", &self.prediction)
+            .field("state", &self.state)
+            .field("calls", &self.calls.len())
+            .field("input_tokens", &self.input_tokens)
+            .field("output_tokens", &self.output_tokens)
+            .field("tools", &self.tools.is_some())
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl RunResult {
+    /// Agent calls that had at least one missing output tag.
+    pub fn format_failures(&self) -> usize {
+        self.calls
+            .iter()
+            .filter(|c| !c.format_failures.is_empty())
+            .count()
+    }
+    /// The serializable trace of this run (index `run` in its batch).
+    pub fn trace(&self, run: usize) -> TraceRecord<'_> {
+        TraceRecord {
+            run,
+            prediction: &self.prediction,
+            error: self.error.as_deref(),
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            state: &self.state,
+            calls: &self.calls,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// One line of a trace file: a run with every agent call (rendered prompt,
+/// reply, parsed outputs, tokens, format failures, tool calls), plus
+/// caller-supplied fields (e.g. example id, score, configuration id).
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceRecord<'a> {
+    /// Index of the run in its batch.
+    pub run: usize,
+    /// Final prediction.
+    pub prediction: &'a str,
+    /// Error note, if the run ended abnormally.
+    pub error: Option<&'a str>,
+    /// Input tokens of the run.
+    pub input_tokens: usize,
+    /// Output tokens of the run.
+    pub output_tokens: usize,
+    /// Final state.
+    pub state: &'a BTreeMap<String, String>,
+    /// Agent calls.
+    pub calls: &'a [AgentCall],
+    /// Extra fields, flattened into the record.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Write one JSON line per run to `path` (created or truncated). `extra[i]`
+/// (if present) adds fields to run `i`'s record.
+pub fn write_trace_jsonl(
+    path: impl AsRef<Path>,
+    results: &[RunResult],
+    extra: &[serde_json::Map<String, serde_json::Value>],
+) -> Result<(), GraphError> {
+    let path = path.as_ref();
+    let err = |source| GraphError::Trace {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(err)?);
+    for (i, r) in results.iter().enumerate() {
+        let mut rec = r.trace(i);
+        if let Some(x) = extra.get(i) {
+            rec.extra = x.clone();
+        }
+        serde_json::to_writer(&mut w, &rec).map_err(|e| err(e.into()))?;
+        w.write_all(b"\n").map_err(err)?;
+    }
+    w.flush().map_err(err)
+}
+
+// ---------------------------------------------------------------------------
+// Graph preparation
+
+/// Routing data derived once from the setup.
+struct Graph<'s> {
+    setup: &'s Setup,
+    /// Out-edges per agent (indices into `setup.edges`).
+    out: Vec<Vec<usize>>,
+    /// Out-edges of `__start__`.
+    start_out: Vec<usize>,
+    /// Agents with two or more distinct predecessors.
+    join: Vec<bool>,
+    /// `reach[x][j]`: agent `j` is reachable from agent `x`.
+    reach: Vec<Vec<bool>>,
+    /// Every variable an agent reads or writes, plus `query`.
+    vars: BTreeSet<&'s str>,
+}
+
+/// A node index: an agent, or `__end__`.
+fn node(setup: &Setup, name: &str) -> Option<Option<usize>> {
+    if name == END {
+        Some(None)
+    } else {
+        setup.agents.iter().position(|a| a.name == name).map(Some)
+    }
+}
+
+impl<'s> Graph<'s> {
+    fn new(setup: &'s Setup) -> Result<Self, GraphError> {
+        let n = setup.agents.len();
+        let bad = |i: usize, field: &str, name: &str| GraphError::Invalid {
+            file: "<setup>".into(),
+            agent: None,
+            field: format!("edges[{i}].{field}"),
+            message: format!("unknown node `{name}`"),
+        };
+        let mut out = vec![Vec::new(); n];
+        let mut start_out = Vec::new();
+        let mut preds: Vec<BTreeSet<String>> = vec![BTreeSet::new(); n];
+        let mut succ: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, e) in setup.edges.iter().enumerate() {
+            let from = if e.from == START {
+                None
+            } else {
+                Some(
+                    node(setup, &e.from)
+                        .flatten()
+                        .ok_or_else(|| bad(i, "from", &e.from))?,
+                )
+            };
+            let mut targets = vec![node(setup, &e.to).ok_or_else(|| bad(i, "to", &e.to))?];
+            if e.is_conditional() {
+                let fb = e.fallback_target.as_deref().unwrap_or(END);
+                targets.push(node(setup, fb).ok_or_else(|| bad(i, "fallback_target", fb))?);
+            }
+            match from {
+                None => start_out.push(i),
+                Some(f) => out[f].push(i),
+            }
+            for t in targets.into_iter().flatten() {
+                preds[t].insert(e.from.clone());
+                if let Some(f) = from {
+                    succ[f].push(t);
+                }
+            }
+        }
+        let reach = (0..n)
+            .map(|x| {
+                let mut seen = vec![false; n];
+                let mut stack = succ[x].clone();
+                while let Some(y) = stack.pop() {
+                    if !seen[y] {
+                        seen[y] = true;
+                        stack.extend(&succ[y]);
+                    }
+                }
+                seen
+            })
+            .collect();
+        let vars = setup
+            .agents
+            .iter()
+            .flat_map(|a| {
+                a.input_vars
+                    .iter()
+                    .chain(&a.output_vars)
+                    .map(String::as_str)
+            })
+            .chain(["query"])
+            .collect();
+        Ok(Self {
+            setup,
+            out,
+            start_out,
+            join: preds.iter().map(|p| p.len() >= 2).collect(),
+            reach,
+            vars,
+        })
+    }
+
+    /// The scheduled agents that run this super-step (joins wait for branches
+    /// that can still reach them).
+    fn runnable(&self, frontier: &[usize]) -> Vec<usize> {
+        let ready: Vec<usize> = frontier
+            .iter()
+            .copied()
+            .filter(|&j| !(self.join[j] && frontier.iter().any(|&x| x != j && self.reach[x][j])))
+            .collect();
+        if ready.is_empty() {
+            frontier.to_vec()
+        } else {
+            ready
+        }
+    }
+}
+
+/// Whether a state value counts as true for a conditional edge.
+pub fn truthy(v: &str) -> bool {
+    let t = v
+        .trim()
+        .trim_matches(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '*' | '`'))
+        .trim_end_matches('.')
+        .to_lowercase();
+    matches!(t.as_str(), "true" | "y" | "1" | "yes")
+}
+
+// ---------------------------------------------------------------------------
+// Seeds
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Seed of turn `turn` of the `call_index`-th agent call of a run.
+pub fn request_seed(run_seed: u64, agent: &str, call_index: usize, turn: usize) -> u64 {
+    // FNV-1a over the agent name: stable across platforms and releases.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in agent.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    let mut s = splitmix(run_seed);
+    s = splitmix(s ^ h);
+    s = splitmix(s ^ call_index as u64);
+    splitmix(s ^ turn as u64)
+}
+
+// ---------------------------------------------------------------------------
+// Tool calls
+
+/// Parse the first `<tool_call>…</tool_call>` of a reply. `None`: no tool call.
+/// `Some(Err)`: a tool call whose JSON is unusable. `Some(Ok((name, args, end)))`:
+/// `end` is the byte offset just after the call (after the closing tag, or the
+/// end of the reply when it is missing). Lenient for small models: a missing
+/// closing tag, trailing text, raw newlines inside JSON strings, missing or
+/// JSON-string `arguments` are accepted.
+pub fn parse_tool_call(reply: &str) -> Option<Result<(String, serde_json::Value, usize), String>> {
+    let open = reply.find(TOOL_CALL_OPEN)?;
+    let body_start = open + TOOL_CALL_OPEN.len();
+    let (body, end) = match reply[body_start..].find(TOOL_CALL_CLOSE) {
+        Some(c) => (
+            &reply[body_start..body_start + c],
+            body_start + c + TOOL_CALL_CLOSE.len(),
+        ),
+        None => (&reply[body_start..], reply.len()),
+    };
+    let v = match first_json_value(body.trim()) {
+        Some(v) => v,
+        None => return Some(Err("tool call is not valid JSON".into())),
+    };
+    let Some(obj) = v.as_object() else {
+        return Some(Err("tool call is not a JSON object".into()));
+    };
+    let Some(name) = obj.get("name").and_then(|n| n.as_str()) else {
+        return Some(Err("tool call has no string `name`".into()));
+    };
+    let args = match obj.get("arguments") {
+        None | Some(serde_json::Value::Null) => serde_json::json!({}),
+        Some(a @ serde_json::Value::Object(_)) => a.clone(),
+        Some(serde_json::Value::String(s)) => match first_json_value(s.trim()) {
+            Some(a @ serde_json::Value::Object(_)) => a,
+            _ => return Some(Err("tool call `arguments` is not an object".into())),
+        },
+        Some(_) => return Some(Err("tool call `arguments` is not an object".into())),
+    };
+    Some(Ok((name.to_string(), args, end)))
+}
+
+/// The first JSON value at the start of `s` (trailing text ignored); retries
+/// with raw control characters inside strings escaped.
+fn first_json_value(s: &str) -> Option<serde_json::Value> {
+    let parse = |t: &str| {
+        serde_json::Deserializer::from_str(t)
+            .into_iter::<serde_json::Value>()
+            .next()?
+            .ok()
+    };
+    parse(s).or_else(|| parse(&escape_controls_in_strings(s)))
+}
+
+fn escape_controls_in_strings(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 16);
+    let (mut in_str, mut esc) = (false, false);
+    for c in s.chars() {
+        if in_str {
+            if esc {
+                esc = false;
+            } else if c == '\\' {
+                esc = true;
+            } else if c == '"' {
+                in_str = false;
+            } else if c == '\n' {
+                out.push_str("\\n");
+                continue;
+            } else if c == '\r' {
+                out.push_str("\\r");
+                continue;
+            } else if c == '\t' {
+                out.push_str("\\t");
+                continue;
+            }
+        } else if c == '"' {
+            in_str = true;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Execute one tool call for an agent allowed `allowed` tools.
+fn execute_tool(
+    env: Option<&mut (dyn ToolEnv + '_)>,
+    allowed: &[String],
+    name: &str,
+    args: &serde_json::Value,
+) -> (String, bool) {
+    if !allowed.iter().any(|t| t == name) {
+        let mut avail: Vec<&String> = allowed.iter().collect();
+        avail.sort();
+        let list: Vec<&str> = avail.iter().map(|s| s.as_str()).collect();
+        return (
+            format!(
+                "error: unknown tool `{name}`; available tools: {}",
+                list.join(", ")
+            ),
+            false,
+        );
+    }
+    let Some(env) = env else {
+        return (
+            format!("error: tool `{name}` is unavailable (this run has no tool environment)"),
+            true,
+        );
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| env.call(name, args))) {
+        Ok(r) => (r, true),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            (format!("Tool '{name}' failed with error: {msg}"), true)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Runs
+
+struct Run {
+    prompts: Arc<PromptSet>,
+    few_shots: Vec<String>,
+    tools: Option<Box<dyn ToolEnv>>,
+    seed: u64,
+    state: BTreeMap<String, String>,
+    /// Scheduled agents, ascending.
+    frontier: Vec<usize>,
+    steps: usize,
+    n_calls: usize,
+    /// Retry counter per conditional edge index.
+    retries: HashMap<usize, u32>,
+    calls: Vec<AgentCall>,
+    error: Option<String>,
+    done: bool,
+}
+
+/// An agent call in progress during a super-step.
+struct Pending {
+    run: usize,
+    agent: usize,
+    call_index: usize,
+    messages: Vec<Message>,
+    turn: usize,
+    tools_used: usize,
+    call: AgentCall,
+    finished: bool,
+    failed: Option<String>,
+}
+
+struct ToolJob {
+    pending: usize,
+    name: String,
+    args: serde_json::Value,
+    result: String,
+}
+
+/// Run every spec through the graph of `setup`, batching model calls across
+/// runs super-step by super-step (see the module docs for the semantics).
+/// `progress` is called with the number of finished runs whenever it grows.
+/// Results come back in spec order.
+pub fn run_batch(
+    llm: &dyn Llm,
+    setup: &Setup,
+    runs: Vec<RunSpec>,
+    opts: &RunOptions,
+    progress: Option<&(dyn Fn(usize) + Sync)>,
+) -> Result<Vec<RunResult>, GraphError> {
+    let g = Graph::new(setup)?;
+    for (i, r) in runs.iter().enumerate() {
+        if let Some(a) = setup
+            .agents
+            .iter()
+            .find(|a| !r.prompts.contains_key(&a.name))
+        {
+            return Err(GraphError::BadRun {
+                run: i,
+                message: format!("prompt set has no prompt for agent `{}`", a.name),
+            });
+        }
+    }
+    let mut runs: Vec<Run> = runs
+        .into_iter()
+        .map(|s| {
+            let mut state = s.init;
+            state.insert("query".into(), s.query);
+            Run {
+                prompts: s.prompts,
+                few_shots: s.few_shots,
+                tools: s.tools,
+                seed: s.seed,
+                state,
+                frontier: Vec::new(),
+                steps: 0,
+                n_calls: 0,
+                retries: HashMap::new(),
+                calls: Vec::new(),
+                error: None,
+                done: false,
+            }
+        })
+        .collect();
+    for r in &mut runs {
+        let mut next = BTreeSet::new();
+        route(&g, r, &g.start_out, &mut next);
+        r.frontier = next.into_iter().collect();
+        r.done = r.frontier.is_empty();
+    }
+    let mut finished = runs.iter().filter(|r| r.done).count();
+    if finished > 0 {
+        if let Some(p) = progress {
+            p(finished);
+        }
+    }
+    let mut step = 0;
+    while runs.iter().any(|r| !r.done) {
+        super_step(llm, &g, &mut runs, opts, step)?;
+        step += 1;
+        let now = runs.iter().filter(|r| r.done).count();
+        if now != finished {
+            finished = now;
+            if let Some(p) = progress {
+                p(finished);
+            }
+        }
+    }
+    Ok(runs
+        .into_iter()
+        .map(|r| {
+            let prediction = r.state.get("prediction").cloned().unwrap_or_default();
+            RunResult {
+                input_tokens: r.calls.iter().map(|c| c.input_tokens).sum(),
+                output_tokens: r.calls.iter().map(|c| c.output_tokens).sum(),
+                state: r.state,
+                prediction,
+                calls: r.calls,
+                tools: r.tools,
+                error: r.error,
+            }
+        })
+        .collect())
+}
+
+/// Follow the out-edges `edges` of a node that just ran, adding targets to `next`.
+fn route(g: &Graph<'_>, run: &mut Run, edges: &[usize], next: &mut BTreeSet<usize>) {
+    for &ei in edges {
+        let e = &g.setup.edges[ei];
+        let target = match &e.condition_fix {
+            None => e.to.as_str(),
+            Some(var) => {
+                let cond = run.state.get(var).is_some_and(|v| truthy(v));
+                let count = run.retries.entry(ei).or_insert(0);
+                if cond && *count < e.max_retries.unwrap_or(0) {
+                    *count += 1;
+                    e.to.as_str()
+                } else {
+                    *count = 0;
+                    e.fallback_target.as_deref().unwrap_or(END)
+                }
+            }
+        };
+        if let Some(Some(t)) = node(g.setup, target) {
+            next.insert(t);
+        }
+    }
+}
+
+/// Render the user prompt of `agent` for `run`.
+fn render_prompt(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    run: &Run,
+    agent: usize,
+    opts: &RunOptions,
+) -> String {
+    let name = &g.setup.agents[agent].name;
+    let template = run
+        .prompts
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_default();
+    let mut vars: BTreeMap<String, String> = g
+        .vars
+        .iter()
+        .map(|v| (v.to_string(), String::new()))
+        .collect();
+    vars.extend(run.state.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut p = prompt::render_with_llm(template, &vars, &run.few_shots, opts.field_token_cap, llm);
+    if let Some(cap) = opts.prompt_token_cap {
+        p = llm.truncate_tokens(&p, cap);
+    }
+    p
+}
+
+/// Generate a batch; a request the model rejects ([`LlmError::BadRequest`])
+/// gets an `Err` and the rest is resent. Other errors abort.
+fn generate_isolating(
+    llm: &dyn Llm,
+    mut reqs: Vec<Request>,
+) -> Result<Vec<Result<Generation, String>>, LlmError> {
+    let mut alive: Vec<usize> = (0..reqs.len()).collect();
+    let mut out: Vec<Option<Result<Generation, String>>> = (0..reqs.len()).map(|_| None).collect();
+    while !reqs.is_empty() {
+        match llm.generate(&reqs) {
+            Ok(gens) => {
+                if gens.len() != reqs.len() {
+                    return Err(LlmError::Other(format!(
+                        "model returned {} generations for {} requests",
+                        gens.len(),
+                        reqs.len()
+                    )));
+                }
+                for (i, g) in alive.iter().zip(gens) {
+                    out[*i] = Some(Ok(g));
+                }
+                break;
+            }
+            Err(LlmError::BadRequest { index, message }) if index < reqs.len() => {
+                out[alive[index]] = Some(Err(message));
+                alive.remove(index);
+                reqs.remove(index);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err("no generation".into())))
+        .collect())
+}
+
+fn super_step(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    runs: &mut [Run],
+    opts: &RunOptions,
+    step: usize,
+) -> Result<(), GraphError> {
+    // 1. Ready calls of every live run, rendered against the pre-step state.
+    let mut pend: Vec<Pending> = Vec::new();
+    let mut deferred: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
+    for (ri, run) in runs.iter_mut().enumerate() {
+        if run.done {
+            continue;
+        }
+        let ready = g.runnable(&run.frontier);
+        deferred[ri] = run
+            .frontier
+            .iter()
+            .copied()
+            .filter(|a| !ready.contains(a))
+            .collect();
+        for agent in ready {
+            let prompt = render_prompt(llm, g, run, agent, opts);
+            let mut messages = Vec::with_capacity(2);
+            if !opts.system_prompt.is_empty() {
+                messages.push(Message::system(opts.system_prompt.clone()));
+            }
+            messages.push(Message::user(prompt.clone()));
+            pend.push(Pending {
+                run: ri,
+                agent,
+                call_index: run.n_calls,
+                messages,
+                turn: 0,
+                tools_used: 0,
+                call: AgentCall {
+                    agent: g.setup.agents[agent].name.clone(),
+                    prompt,
+                    reply: String::new(),
+                    outputs: BTreeMap::new(),
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    format_failures: Vec::new(),
+                    tool_calls: Vec::new(),
+                },
+                finished: false,
+                failed: None,
+            });
+            run.n_calls += 1;
+        }
+    }
+
+    // 2. Turns: every unfinished call of every run is one batch.
+    loop {
+        let live: Vec<usize> = (0..pend.len()).filter(|&i| !pend[i].finished).collect();
+        if live.is_empty() {
+            break;
+        }
+        let tool_turn: Vec<bool> = live
+            .iter()
+            .map(|&i| {
+                let a = &g.setup.agents[pend[i].agent];
+                !a.tools.is_empty() && pend[i].tools_used < a.max_tool_calls as usize
+            })
+            .collect();
+        let reqs: Vec<Request> = live
+            .iter()
+            .zip(&tool_turn)
+            .map(|(&i, &tt)| {
+                let p = &pend[i];
+                let agent = &g.setup.agents[p.agent].name;
+                Request {
+                    messages: p.messages.clone(),
+                    max_new_tokens: opts.max_new_tokens,
+                    sampling: opts.sampling,
+                    seed: request_seed(runs[p.run].seed, agent, p.call_index, p.turn),
+                    stop: if tt {
+                        vec![TOOL_CALL_CLOSE.to_string()]
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        let gens =
+            generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
+        let mut jobs: Vec<Vec<ToolJob>> = (0..runs.len()).map(|_| Vec::new()).collect();
+        for ((&i, gen), tt) in live.iter().zip(gens).zip(tool_turn) {
+            let p = &mut pend[i];
+            let gen = match gen {
+                Ok(gen) => gen,
+                Err(msg) => {
+                    p.failed = Some(msg);
+                    p.finished = true;
+                    continue;
+                }
+            };
+            if p.turn == 0 {
+                p.call.input_tokens += gen.prompt_tokens;
+            }
+            p.call.output_tokens += gen.completion_tokens;
+            p.turn += 1;
+            let mut text = gen.text;
+            if tt && gen.stop_reason == StopReason::StopString {
+                text.push_str(TOOL_CALL_CLOSE);
+            }
+            match tt.then(|| parse_tool_call(&text)).flatten() {
+                Some(Ok((name, args, end))) => {
+                    p.messages.push(Message::assistant(text[..end].to_string()));
+                    jobs[p.run].push(ToolJob {
+                        pending: i,
+                        name,
+                        args,
+                        result: String::new(),
+                    });
+                }
+                // No tool call, invalid call JSON, or no tool budget: final reply.
+                _ => {
+                    p.call.reply = text;
+                    p.finished = true;
+                }
+            }
+        }
+        if jobs.iter().all(Vec::is_empty) {
+            continue;
+        }
+        // Tools: sequential within a run, parallel across runs.
+        let allowed: Vec<&[String]> = pend
+            .iter()
+            .map(|p| g.setup.agents[p.agent].tools.as_slice())
+            .collect();
+        runs.par_iter_mut()
+            .zip(jobs.par_iter_mut())
+            .for_each(|(run, js)| {
+                for j in js.iter_mut() {
+                    let (r, _) = execute_tool(
+                        run.tools.as_deref_mut(),
+                        allowed[j.pending],
+                        &j.name,
+                        &j.args,
+                    );
+                    j.result = r;
+                }
+            });
+        for j in jobs.into_iter().flatten() {
+            let p = &mut pend[j.pending];
+            let result = prompt::cap_field(&j.result, opts.field_token_cap, &|t, n| {
+                llm.truncate_tokens(t, n)
+            });
+            let mut keys: Vec<&String> = j
+                .args
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            keys.sort();
+            let payload =
+                serde_json::json!({ "name": j.name, "argument_keys": keys, "result": result });
+            let msg = format!("<tool_result>{payload}</tool_result>");
+            p.call.input_tokens += llm.count_tokens(&msg);
+            p.messages.push(Message::user(msg));
+            p.call.tool_calls.push(ToolCallRecord {
+                tool: j.name,
+                arguments: j.args,
+                result,
+            });
+            p.tools_used += 1;
+        }
+    }
+
+    // 3. Apply outputs (agent order within a run), then route.
+    let mut executed: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
+    for mut p in pend {
+        let run = &mut runs[p.run];
+        executed[p.run].push(p.agent);
+        if let Some(msg) = p.failed.take() {
+            if run.error.is_none() {
+                run.error = Some(format!(
+                    "agent `{}`: the model rejected the request: {msg}",
+                    p.call.agent
+                ));
+            }
+            run.done = true;
+        } else {
+            for var in &g.setup.agents[p.agent].output_vars {
+                match prompt::extract_tag(&p.call.reply, var) {
+                    Some(v) => {
+                        run.state.insert(var.clone(), v.clone());
+                        p.call.outputs.insert(var.clone(), v);
+                    }
+                    None => {
+                        run.state.remove(var);
+                        p.call.format_failures.push(var.clone());
+                    }
+                }
+            }
+        }
+        run.calls.push(p.call);
+    }
+    for (ri, run) in runs.iter_mut().enumerate() {
+        if run.done {
+            continue;
+        }
+        run.steps += 1;
+        let mut next: BTreeSet<usize> = deferred[ri].iter().copied().collect();
+        for &a in &executed[ri] {
+            let edges = g.out[a].clone();
+            route(g, run, &edges, &mut next);
+        }
+        run.frontier = next.into_iter().collect();
+        if run.frontier.is_empty() {
+            run.done = true;
+        } else if run.steps >= opts.step_limit {
+            let names: Vec<&str> = run
+                .frontier
+                .iter()
+                .map(|&a| g.setup.agents[a].name.as_str())
+                .collect();
+            run.error = Some(format!(
+                "step limit of {} super-steps reached (still scheduled: {})",
+                opts.step_limit,
+                names.join(", ")
+            ));
+            run.done = true;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truthiness() {
+        for t in [
+            "true", " True ", "YES", "y", "1", "**true**", "`true`", "\"yes\"", "true.",
+        ] {
+            assert!(truthy(t), "{t}");
+        }
+        for f in ["false", "no", "0", "", "maybe", "true because", "truee"] {
+            assert!(!truthy(f), "{f}");
+        }
+    }
+
+    #[test]
+    fn tool_call_parsing() {
+        let (n, a, end) =
+            parse_tool_call(r#"x <tool_call>{"name": "t", "arguments": {"k": 1}}</tool_call> y"#)
+                .unwrap()
+                .unwrap();
+        assert_eq!((n.as_str(), a["k"].as_i64(), end), ("t", Some(1), 61));
+        // Missing arguments, missing close tag, trailing text.
+        let (n, a, _) = parse_tool_call("<tool_call>\n{\"name\": \"t\"}\nthen")
+            .unwrap()
+            .unwrap();
+        assert_eq!((n.as_str(), a), ("t", serde_json::json!({})));
+        // Raw newlines inside strings (small models).
+        let (_, a, _) =
+            parse_tool_call("<tool_call>{\"name\": \"w\", \"arguments\": {\"code\": \"def f():\n\treturn 1\"}}</tool_call>")
+                .unwrap()
+                .unwrap();
+        assert_eq!(a["code"], "def f():\n\treturn 1");
+        // Arguments given as a JSON string.
+        let (_, a, _) = parse_tool_call(
+            r#"<tool_call>{"name": "w", "arguments": "{\"code\": \"x\"}"}</tool_call>"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(a["code"], "x");
+        assert!(parse_tool_call("no call").is_none());
+        assert!(parse_tool_call("<tool_call>{not json}</tool_call>")
+            .unwrap()
+            .is_err());
+        assert!(
+            parse_tool_call(r#"<tool_call>{"arguments": {}}</tool_call>"#)
+                .unwrap()
+                .is_err()
+        );
+        assert!(
+            parse_tool_call(r#"<tool_call>{"name": "t", "arguments": 3}</tool_call>"#)
+                .unwrap()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn seeds_are_stable_and_distinct() {
+        let a = request_seed(7, "coder_agent", 1, 0);
+        assert_eq!(a, request_seed(7, "coder_agent", 1, 0));
+        assert_ne!(a, request_seed(8, "coder_agent", 1, 0));
+        assert_ne!(a, request_seed(7, "planner_agent", 1, 0));
+        assert_ne!(a, request_seed(7, "coder_agent", 2, 0));
+        assert_ne!(a, request_seed(7, "coder_agent", 1, 1));
+    }
+}
