@@ -21,11 +21,13 @@ fn marker(name: &str) -> String {
 
 /// No process of the run's uid, and none whose command line has `marker`, survives.
 fn assert_no_leftovers(o: &SandboxOutcome, marker: &str) {
+    assert_no_leftovers_of(o.isolation.uid, marker)
+}
+
+fn assert_no_leftovers_of(uid: Option<u32>, marker: &str) {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        let by_uid = o
-            .isolation
-            .uid
+        let by_uid = uid
             .map(|u| {
                 Command::new("pgrep")
                     .args(["-U", &u.to_string()])
@@ -45,7 +47,7 @@ fn assert_no_leftovers(o: &SandboxOutcome, marker: &str) {
         assert!(
             Instant::now() < deadline,
             "leftover sandbox processes: uid {:?}: [{by_uid}] marker: [{by_marker}]",
-            o.isolation.uid
+            uid
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -92,13 +94,14 @@ fn fork_bomb_is_contained() {
     let m = marker("forkbomb");
     // Every child re-execs into a process whose argv carries the marker and keeps forking.
     let code = format!(
-        "import os, sys\nM = '{m}'\nif len(sys.argv) < 2:\n    pass\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n            os.execv(sys.executable, [sys.executable, '-c', 'import os\\nwhile True:\\n  try: os.fork()\\n  except OSError: pass', M])\n    except OSError:\n        pass\n"
+        "# {m}\nimport os\nn = 0\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n        else:\n            n += 1\n            if n == 3:\n                print('forked', flush=True)\n    except OSError:\n        pass\n"
     );
     let o = run_python(&code, &limits(2)).unwrap();
     assert!(
         matches!(o.status, Status::Timeout | Status::CpuLimit),
         "{o:?}"
     );
+    assert!(o.stdout.contains("forked"), "{o:?}");
     assert_no_leftovers(&o, &m);
     // The machine still runs programs.
     let ok = run_python("print('alive')", &limits(5)).unwrap();
@@ -220,10 +223,11 @@ fn environment_secrets_are_not_visible() {
 fn detached_children_die_with_the_run() {
     let m = marker("detached");
     let code = format!(
-        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', '{m}'])\nprint('parent exits')\n"
+        "# {m}\nimport os, sys, time\nc = os.fork()\nif c == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\ntime.sleep(0.3)\nos.kill(c, 0)\nprint('child alive', flush=True)\n"
     );
     let o = run_python(&code, &limits(5)).unwrap();
     assert_eq!(o.status, Status::Ok, "{o:?}");
+    assert!(o.stdout.contains("child alive"), "{o:?}");
     assert_no_leftovers(&o, &m);
 }
 
@@ -288,4 +292,52 @@ fn cli_reports_verdicts_and_exit_codes() {
         e.starts_with("error: cannot read --code /nonexistent/x.py"),
         "{e}"
     );
+}
+
+#[test]
+fn degraded_mode_without_namespaces_still_cleans_up() {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the degraded mode can only kill escaped children when run as root");
+        return;
+    }
+    let m = marker("degraded");
+    let d = tempfile::tempdir().unwrap();
+    let code = d.path().join("detach.py");
+    std::fs::write(
+        &code,
+        format!("# {m}\nimport os, sys, time\nc = os.fork()\nif c == 0:\n    os.setsid()\n    time.sleep(60)\n    os._exit(0)\ntime.sleep(0.3)\nos.kill(c, 0)\nprint('child alive', flush=True)\nprint('uid', os.getuid())\n"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_cantante");
+    let out = Command::new(bin)
+        .env("CANTANTE_SANDBOX_NAMESPACES", "0")
+        .args(["sandbox", "--timeout", "5", "--code"])
+        .arg(&code)
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{s}");
+    assert!(
+        s.contains("isolation: rlimits, uid ") && !s.contains("pid-ns"),
+        "{s}"
+    );
+    assert!(s.contains("child alive"), "{s}");
+    let uid: u32 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("uid "))
+        .and_then(|u| u.trim().parse().ok())
+        .expect("uid line");
+    assert!(uid >= 1_000_000, "{s}");
+    assert_no_leftovers_of(Some(uid), &m);
+    std::fs::write(&code, format!("# {m}\nwhile True:\n    pass\n")).unwrap();
+    let out = Command::new(bin)
+        .env("CANTANTE_SANDBOX_NAMESPACES", "0")
+        .args(["sandbox", "--timeout", "1", "--code"])
+        .arg(&code)
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{s}");
+    assert!(s.contains("status: timeout"), "{s}");
 }
