@@ -15,7 +15,10 @@
 //!   the whole process group killed on timeout, the temp dir deleted afterwards.
 //!
 //! Where namespaces are refused (or we are not root) the sandbox degrades to
-//! rlimits + process group + uid drop (when root), and says so once.
+//! rlimits + process group + uid drop (when root) + a network namespace if
+//! allowed, and says so once (a tracing warning). In that mode `/tmp` stays
+//! writable and shared. `CANTANTE_SANDBOX_NAMESPACES=0` forces it (for tests);
+//! `CANTANTE_PYTHON` picks the interpreter.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
