@@ -51,7 +51,8 @@ fn parse_file(dir: &Path, file: &super::DataFile, tag: &str) -> Result<Vec<Examp
         out.push(Example {
             id: format!("gsm8k-{tag}-{}", i + 1),
             query: rec.question,
-            target,
+            // Thousands separators removed, so the target is a bare number.
+            target: target.replace(',', ""),
             tests: Vec::new(),
             visible_tests: Vec::new(),
             setup_code: String::new(),

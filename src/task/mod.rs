@@ -79,7 +79,7 @@ pub struct Example {
     pub id: String,
     /// The task input shown to the MAS (`query` state variable).
     pub query: String,
-    /// Gold answer (GSM8K: the text after `####`; MBPP: the reference solution).
+    /// Gold answer (GSM8K: the text after `####`, commas removed; MBPP: the reference solution).
     pub target: String,
     /// Hidden tests used for scoring (MBPP `test_list`; empty for GSM8K).
     pub tests: Vec<String>,

@@ -15,7 +15,10 @@
 //!   the whole process group killed on timeout, the temp dir deleted afterwards.
 //!
 //! Where namespaces are refused (or we are not root) the sandbox degrades to
-//! rlimits + process group + uid drop (when root), and says so once.
+//! rlimits + process group + uid drop (when root) + a network namespace if
+//! allowed, and says so once (a tracing warning). In that mode `/tmp` stays
+//! writable and shared. `CANTANTE_SANDBOX_NAMESPACES=0` forces it (for tests);
+//! `CANTANTE_PYTHON` picks the interpreter.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -30,6 +33,9 @@ use std::time::{Duration, Instant};
 
 /// Environment variable naming the Python interpreter (default `python3`).
 pub const PYTHON_ENV: &str = "CANTANTE_PYTHON";
+
+/// Set to `0` to disable namespaces (testing the degraded mode).
+pub const NAMESPACES_ENV: &str = "CANTANTE_SANDBOX_NAMESPACES";
 
 /// Programs whose output exceeds `output_bytes` times this factor are killed.
 const DRAIN_FACTOR: usize = 16;
@@ -196,7 +202,9 @@ enum Mode {
     /// `unshare` with net/pid/mount namespaces, then `setpriv` to a fresh uid.
     Namespaces { unshare: PathBuf, setpriv: PathBuf },
     /// Direct spawn with rlimits; `net` = a network namespace could be entered.
-    Plain { net: bool },
+    /// `setpriv` (if found) drops to the run's uid while keeping root's right to
+    /// reach the interpreter (e.g. under a 0700 `/root`); else `setuid` in-process.
+    Plain { net: bool, setpriv: Option<PathBuf> },
 }
 
 /// Shell run as the namespace's first process: private mounts, then drop to the uid.
@@ -230,7 +238,15 @@ fn mode() -> &'static Mode {
     MODE.get_or_init(|| {
         let plain = || Mode::Plain {
             net: probe_plain_net(),
+            setpriv: find_tool("setpriv"),
         };
+        if matches!(
+            std::env::var(NAMESPACES_ENV).as_deref(),
+            Ok("0") | Ok("off") | Ok("false")
+        ) {
+            tracing::warn!("sandbox: namespaces disabled by {NAMESPACES_ENV}; only rlimits, a process group and (as root) a uid drop protect the host");
+            return plain();
+        }
         if !is_root() {
             tracing::warn!("sandbox: not running as root, so no namespaces and no uid drop; only rlimits and a process group protect the host");
             return plain();
@@ -379,11 +395,26 @@ fn build_command(
             cmd.args(args);
             cmd.current_dir("/");
         }
-        Mode::Plain { net } => {
-            cmd = Command::new(program);
+        Mode::Plain { net, setpriv } => {
+            match (setpriv, uid) {
+                (Some(sp), Some(u)) => {
+                    cmd = Command::new(sp);
+                    cmd.args([
+                        format!("--reuid={u}"),
+                        format!("--regid={u}"),
+                        "--clear-groups".into(),
+                        "--no-new-privs".into(),
+                        "--".into(),
+                    ]);
+                    cmd.arg(program);
+                }
+                _ => {
+                    cmd = Command::new(program);
+                    drop_uid = uid;
+                }
+            }
             cmd.args(args);
             cmd.current_dir(dir);
-            drop_uid = uid;
             enter_net = *net;
         }
     }
@@ -526,7 +557,7 @@ pub fn run_python(code: &str, limits: &SandboxLimits) -> Result<SandboxOutcome, 
                 rlimits: true,
             },
         ),
-        Mode::Plain { net } => (
+        Mode::Plain { net, .. } => (
             prog.clone(),
             Isolation {
                 net_namespace: *net,
