@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod common;
 pub mod eval;
 pub mod generate;
+pub mod optimize;
 pub mod sandbox;
 
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
@@ -27,6 +28,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Score a prompt set of a MAS setup on a benchmark split.
     Eval(eval::EvalArgs),
+    /// Optimize the prompts of a MAS with CANTANTE (checkpointed, resumable).
+    Optimize(optimize::OptimizeArgs),
+    /// Execute + attribute only: rank agents by credit on (failing) queries.
+    Attribute(optimize::AttributeArgs),
     /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
     Sandbox(sandbox::SandboxArgs),
 }
@@ -45,6 +50,8 @@ pub fn main() -> i32 {
         Command::Generate(a) => generate::run(a).map(|_| 0),
         Command::Sandbox(a) => sandbox::run(&a),
         Command::Eval(a) => eval::run(a).map(|_| 0),
+        Command::Optimize(a) => optimize::run(a).map(|_| 0),
+        Command::Attribute(a) => optimize::run_attribute(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,277 @@
+//! `cantante optimize` (the CANTANTE loop with checkpoints and resume) and
+//! `cantante attribute` (execute + attribute only: rank agents by blame).
+
+use super::common::{bar, load_llm, ModelArgs};
+use super::eval::{prompt_set, MasArgs};
+use crate::eval::EvalOptions;
+use crate::llm::Llm;
+use crate::optimize::mas::MasExecutor;
+use crate::optimize::{self, OptimizeConfig, OptimizerKind, ProgressEvent, RunHooks};
+use crate::task::Split;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+/// Arguments of `cantante optimize`.
+#[derive(clap::Args, Debug)]
+pub struct OptimizeArgs {
+    #[command(flatten)]
+    mas: MasArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Separate model for the meta-LLM and attributer (default: the task model).
+    #[arg(long)]
+    meta_model: Option<String>,
+    /// Optimizer config (YAML, fields of OptimizeConfig); flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of rounds.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Total token budget (task + meta).
+    #[arg(long)]
+    budget: Option<u64>,
+    /// Dev queries per round.
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Dev examples to draw blocks from.
+    #[arg(long, default_value_t = 100)]
+    dev_size: usize,
+    /// Validation examples for the combined best configuration.
+    #[arg(long, default_value_t = 20)]
+    val_size: usize,
+    /// Use the identity attributer (ablation).
+    #[arg(long)]
+    identity: bool,
+    /// Local optimizer.
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerArg>,
+    /// Run directory (created; must not hold a checkpoint unless --resume).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Print the projected tokens per round and exit.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Local optimizer choice.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum OptimizerArg {
+    /// CAPO racing.
+    Capo,
+    /// EvoPrompt-GA.
+    Evoprompt,
+}
+
+fn load_config(a: &OptimizeArgs) -> Result<OptimizeConfig> {
+    let mut c = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            serde_yaml::from_str(&text).with_context(|| format!("optimizer config {}", p.display()))?
+        }
+        None => OptimizeConfig::default(),
+    };
+    if let Some(s) = a.seed {
+        c.seed = s;
+    }
+    if let Some(r) = a.rounds {
+        c.rounds = r;
+    }
+    if let Some(b) = a.budget {
+        c.max_total_tokens = Some(b);
+    }
+    if let Some(b) = a.block_size {
+        c.block_size = b;
+    }
+    if a.identity {
+        c.identity_attribution = true;
+    }
+    if let Some(o) = a.optimizer {
+        c.optimizer = match o {
+            OptimizerArg::Capo => OptimizerKind::Capo,
+            OptimizerArg::Evoprompt => OptimizerKind::Evoprompt,
+        };
+    }
+    c.task_max_new_tokens_estimate = a.mas.max_tokens;
+    c.validation_size_estimate = a.val_size;
+    c.validate()?;
+    Ok(c)
+}
+
+/// Run `cantante optimize`.
+pub fn run(a: OptimizeArgs) -> Result<()> {
+    let (task, setup) = a.mas.load()?;
+    let mut config = load_config(&a)?;
+    if let Some(dir) = &a.resume {
+        // The checkpoint's config wins; it is read back by `resume`.
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot resume: {} missing", p.display()))?;
+        config = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
+    }
+    let llm = load_llm(&a.model)?;
+    let meta_holder;
+    let meta: &dyn Llm = match &a.meta_model {
+        Some(m) => {
+            meta_holder = load_llm(&ModelArgs { model: Some(m.clone()), ..a.model.clone() })?;
+            &meta_holder
+        }
+        None => &llm,
+    };
+    if a.dry_run {
+        let d = optimize::dry_run(&setup, &config, &llm);
+        println!("configurations per round: {}", d.configs_per_round);
+        println!("rollouts per round: {}", d.rollouts_per_round);
+        println!("task tokens per round: {}", d.task_tokens_per_round);
+        println!("rewrite calls per round: {}, attribution calls per round: {}", d.rewrite_calls_per_round, d.attribution_calls_per_round);
+        println!("meta tokens per round: {}", d.meta_tokens_per_round);
+        println!("total tokens per round: {}", d.total_tokens_per_round);
+        if let Some(r) = d.rounds_within_budget {
+            println!("rounds within budget: {r}");
+        }
+        return Ok(());
+    }
+    let dev = task.load(Split::Dev, Some(a.dev_size), config.seed)?;
+    let val = task.load(Split::Validation, Some(a.val_size), config.seed)?;
+    let opts = EvalOptions { run: a.mas.run_options(), seed: config.seed, ..Default::default() };
+    let runs_bar = bar(0, "rollouts");
+    let progress = |done: usize, total: usize| {
+        runs_bar.set_length(total as u64);
+        runs_bar.set_position(done as u64);
+    };
+    let exec = MasExecutor::new(&llm, setup, task.as_ref(), dev, val, opts).with_progress(&progress);
+    let rounds_bar = bar(config.rounds as u64, "round");
+    let on_event = |e: &ProgressEvent| match e {
+        ProgressEvent::RoundStarted { round, rounds } => {
+            rounds_bar.set_length(*rounds as u64);
+            rounds_bar.set_message(format!("round {}", round + 1));
+        }
+        ProgressEvent::Phase { round, phase } => {
+            rounds_bar.set_message(format!("round {} {phase}", round + 1));
+            runs_bar.set_position(0);
+        }
+        ProgressEvent::RoundFinished { round, validation_score, best_score, tokens } => {
+            rounds_bar.inc(1);
+            rounds_bar.println(format!(
+                "round {}: validation {:.3}, best {:.3}, tokens task {} meta {}",
+                round + 1,
+                validation_score,
+                best_score,
+                tokens.task(),
+                tokens.meta()
+            ));
+        }
+        ProgressEvent::Stopped { reason } => rounds_bar.println(format!("stopped: {reason:?}")),
+    };
+    let hooks = RunHooks { progress: Some(&on_event), stop_after_rounds: None };
+    let result = match (&a.resume, &a.out) {
+        (Some(dir), _) => optimize::resume(&exec, meta, meta, dir, hooks)?,
+        (None, Some(dir)) => optimize::optimize(&exec, meta, meta, &config, dir, hooks)?,
+        (None, None) => bail!("give --out DIR for a new run or --resume DIR"),
+    };
+    rounds_bar.finish_and_clear();
+    runs_bar.finish_and_clear();
+    let dir = a.resume.as_ref().or(a.out.as_ref()).cloned().unwrap_or_default();
+    println!("run dir: {}", dir.display());
+    println!("rounds completed: {} (stop: {:?})", result.rounds_completed, result.stop_reason);
+    println!("validation score: initial {:.3} -> best {:.3} (round {})", result.initial_score, result.best_score, result.best_round);
+    println!("tokens: task {} meta {}", result.tokens.task(), result.tokens.meta());
+    for (agent, s) in optimize::rank_agents(&result.agent_credits) {
+        println!("credit {agent}: mean {:+.3} std {:.3} n {}", s.mean, s.std, s.n);
+    }
+    println!("best prompts: {}", dir.join("best_prompts.yaml").display());
+    Ok(())
+}
+
+/// Arguments of `cantante attribute`.
+#[derive(clap::Args, Debug)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    mas: MasArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt sets to contrast (YAML agent → prompt; repeatable). Default: the
+    /// first three configurations of the pool.
+    #[arg(long)]
+    prompts: Vec<PathBuf>,
+    /// Queries: `failing` (dev items the first prompt set gets wrong) or a JSONL
+    /// file of {"query": …} / {"question": …} lines.
+    #[arg(long, default_value = "failing")]
+    queries: String,
+    /// Dev examples to scan (for `failing`) or to take.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Run `cantante attribute`.
+pub fn run_attribute(a: AttributeArgs) -> Result<()> {
+    let (task, setup) = a.mas.load()?;
+    let configs: Vec<_> = if a.prompts.is_empty() {
+        (0..3).map(|i| setup.pool_config(i)).collect()
+    } else {
+        a.prompts.iter().map(|p| prompt_set(Some(p), &setup)).collect::<Result<_>>()?
+    };
+    if configs.len() < 2 {
+        bail!("attribution contrasts rollouts: give at least two --prompts (or none for the pool's first three)");
+    }
+    let llm = load_llm(&a.model)?;
+    let opts = EvalOptions { run: a.mas.run_options(), seed: a.seed, ..Default::default() };
+    let mut examples = if a.queries == "failing" {
+        task.load(Split::Dev, Some(a.limit), a.seed)?
+    } else {
+        let path = PathBuf::from(&a.queries);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut v = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let j: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+            let q = j["query"].as_str().or(j["question"].as_str()).with_context(|| {
+                format!("{} line {}: needs a `query` or `question` string", path.display(), i + 1)
+            })?;
+            v.push(crate::task::Example {
+                id: format!("file-{}", i + 1),
+                query: q.to_string(),
+                target: j["answer"].as_str().map(|s| s.rsplit("####").next().unwrap_or(s).trim().to_string()).unwrap_or_default(),
+                tests: vec![],
+                visible_tests: vec![],
+                setup_code: String::new(),
+            });
+        }
+        v
+    };
+    let b = bar(0, "rollouts");
+    let progress = |done: usize, total: usize| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    };
+    if a.queries == "failing" {
+        let exec = MasExecutor::new(&llm, setup.clone(), task.as_ref(), examples.clone(), vec![], opts.clone())
+            .with_progress(&progress);
+        let idx: Vec<usize> = (0..examples.len()).collect();
+        let first = crate::optimize::Executor::execute(&exec, &configs[..1], &idx, a.seed)?;
+        let failing: Vec<usize> = first[0].iter().enumerate().filter(|(_, r)| r.score < 1.0).map(|(i, _)| i).collect();
+        println!("{} of {} dev queries fail with the first prompt set", failing.len(), examples.len());
+        if failing.is_empty() {
+            return Ok(());
+        }
+        examples = failing.iter().map(|&i| examples[i].clone()).collect();
+    }
+    let exec = MasExecutor::new(&llm, setup, task.as_ref(), examples.clone(), vec![], opts).with_progress(&progress);
+    let idx: Vec<usize> = (0..examples.len()).collect();
+    let stats = optimize::attribute_only(&exec, &llm, &configs, &idx, a.seed, &OptimizeConfig::default())?;
+    b.finish_and_clear();
+    println!("agents ranked by mean credit (lowest = weakest link) on {} queries:", examples.len());
+    let mut ranked = optimize::rank_agents(&stats);
+    ranked.sort_by(|x, y| x.1.mean.total_cmp(&y.1.mean));
+    for (agent, s) in ranked {
+        println!("  {agent:<24} mean {:+.3}  std {:.3}  n {}", s.mean, s.std, s.n);
+    }
+    Ok(())
+}
