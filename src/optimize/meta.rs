@@ -130,6 +130,9 @@ pub struct MetaOutcome {
     pub input_tokens: usize,
     /// Completion tokens spent.
     pub output_tokens: usize,
+    /// Set when the budget check refused a batch: the jobs are incomplete,
+    /// and the token counts above are what was spent before the refusal.
+    pub stopped: Option<StopReason>,
 }
 
 /// Seed of the regeneration of a rejected meta job.
@@ -141,7 +144,7 @@ pub fn regen_seed(seed: u64) -> u64 {
 /// batch; rejected outputs are regenerated once, in a second batch, with
 /// another seed. Before each batch, `check` is called with the batch's
 /// projected tokens plus the tokens already spent by this call; an `Err`
-/// stops before dispatching.
+/// stops before dispatching and is returned in [`MetaOutcome::stopped`].
 pub fn run_meta_jobs(
     llm: &dyn Llm,
     jobs: &[MetaJob],
@@ -149,7 +152,7 @@ pub fn run_meta_jobs(
     max_new_tokens: usize,
     temperature: f64,
     check: &mut dyn FnMut(u64) -> Result<(), StopReason>,
-) -> Result<MetaOutcome, Interrupt> {
+) -> Result<MetaOutcome, OptimizeError> {
     let mut out = MetaOutcome {
         prompts: vec![None; jobs.len()],
         rejections: vec![0; jobs.len()],
@@ -202,14 +205,28 @@ pub fn run_meta_jobs(
     };
     let all: Vec<usize> = (0..jobs.len()).collect();
     let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
-    send(&all, &seeds, &mut out)?;
+    let stop = |r: Result<(), Interrupt>, out: &mut MetaOutcome| -> Result<bool, OptimizeError> {
+        match r {
+            Ok(()) => Ok(false),
+            Err(Interrupt::Stop(reason)) => {
+                out.stopped = Some(reason);
+                Ok(true)
+            }
+            Err(Interrupt::Error(e)) => Err(e),
+        }
+    };
+    let r = send(&all, &seeds, &mut out);
+    if stop(r, &mut out)? {
+        return Ok(out);
+    }
     let again: Vec<usize> = all
         .into_iter()
         .filter(|&i| out.prompts[i].is_none())
         .collect();
     if !again.is_empty() {
         let seeds2: Vec<u64> = again.iter().map(|&i| regen_seed(jobs[i].seed)).collect();
-        send(&again, &seeds2, &mut out)?;
+        let r = send(&again, &seeds2, &mut out);
+        stop(r, &mut out)?;
     }
     Ok(out)
 }
@@ -319,7 +336,9 @@ mod tests {
                 Ok(())
             }
         });
-        assert!(matches!(r, Err(Interrupt::Stop(StopReason::Interrupted))));
+        let r = r.unwrap();
+        assert_eq!(r.stopped, Some(StopReason::Interrupted));
+        assert!(r.input_tokens > 0, "tokens of the first batch are reported");
         assert_eq!(seen.len(), 2);
         assert!(seen[1] > 0);
     }

@@ -26,8 +26,8 @@ pub mod run;
 pub use crate::attribution::Rollout;
 pub use budget::{dry_run, DryRun, StopReason, TokenCounters};
 pub use run::{
-    attribute_only, optimize, rank_agents, resume, OptimizeResult, ProgressEvent, RoundRecord,
-    RunHooks,
+    attribute_only, optimize, rank_agents, resume, resume_with_config, OptimizeResult,
+    ProgressEvent, RoundRecord, RunHooks,
 };
 
 use crate::graph::{AgentSpec, PromptSet};

@@ -616,3 +616,80 @@ fn attribute_only_ranks_the_weak_link() {
     let ranked = rank_agents(&stats);
     assert_eq!(ranked[0].0, "solver");
 }
+
+#[test]
+fn resume_can_extend_rounds_and_budget_but_not_the_algorithm() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        max_meta_tokens: Some(0),
+        ..config(2)
+    };
+    let stopped = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(stopped.rounds_completed, 0);
+    // Plain resume hits the same cap again.
+    let again = resume(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert!(matches!(again.stop_reason, StopReason::Budget { .. }));
+    // Changing the seed is refused, naming the field.
+    let bad = OptimizeConfig {
+        seed: 99,
+        ..config(2)
+    };
+    match cantante::optimize::resume_with_config(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        &bad,
+        RunHooks::default(),
+    ) {
+        Err(cantante::optimize::OptimizeError::Config { field, .. }) => assert_eq!(field, "seed"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    // Lifting the cap and asking for 3 rounds continues to the end; a STOP file is cleared.
+    std::fs::write(dir.path().join("STOP"), "").unwrap();
+    let more = OptimizeConfig {
+        max_meta_tokens: None,
+        ..config(3)
+    };
+    let res = cantante::optimize::resume_with_config(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        &more,
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 3);
+    assert_eq!(res.stop_reason, StopReason::Completed);
+    assert_eq!(read_records(dir.path()).len(), 3);
+    // Same outcome as a run that never had the cap.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(3),
+        fresh_dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.best_prompts, fresh.best_prompts);
+    assert_eq!(res.validations, fresh.validations);
+}
