@@ -322,6 +322,17 @@ pub enum AgentOptimizer {
     Evoprompt(evoprompt::EvoPrompt),
 }
 
+impl AgentOptimizer {
+    /// Check internal consistency (after loading a checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            AgentOptimizer::Capo(o) => o.check(),
+            AgentOptimizer::Evoprompt(o) if o.members.is_empty() => Err("empty population".into()),
+            AgentOptimizer::Evoprompt(_) => Ok(()),
+        }
+    }
+}
+
 impl LocalOptimizer for AgentOptimizer {
     fn propose_phase(
         &mut self,

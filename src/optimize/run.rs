@@ -325,6 +325,18 @@ fn resume_inner(
             st.agents, names
         )));
     }
+    for a in &st.agents {
+        let problem = match st.optimizers.get(a) {
+            None => Some("no optimizer state".to_string()),
+            Some(o) => o.check().err(),
+        };
+        if let Some(message) = problem {
+            return Err(OptimizeError::Format {
+                path: run_dir.join(checkpoint::CHECKPOINT).display().to_string(),
+                message: format!("agent `{a}`: {message}"),
+            });
+        }
+    }
     if let Some(c) = new_config {
         c.validate()?;
         let mut allowed = st.config.clone();

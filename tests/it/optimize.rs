@@ -16,6 +16,7 @@ const MAGIC: &str = "CAREFULLY";
 
 struct FakeExecutor {
     setup: Setup,
+    dev: usize,
     execute_calls: AtomicUsize,
     rollouts: AtomicUsize,
     validate_calls: AtomicUsize,
@@ -58,6 +59,7 @@ impl FakeExecutor {
         };
         Self {
             setup,
+            dev: 40,
             execute_calls: AtomicUsize::new(0),
             rollouts: AtomicUsize::new(0),
             validate_calls: AtomicUsize::new(0),
@@ -104,7 +106,7 @@ impl Executor for FakeExecutor {
         &self.setup
     }
     fn num_dev(&self) -> usize {
-        40
+        self.dev
     }
     fn query_text(&self, idx: usize) -> String {
         format!("What is question number {idx}?")
@@ -692,4 +694,46 @@ fn resume_can_extend_rounds_and_budget_but_not_the_algorithm() {
     .unwrap();
     assert_eq!(res.best_prompts, fresh.best_prompts);
     assert_eq!(res.validations, fresh.validations);
+}
+
+#[test]
+fn cached_rollouts_are_never_rerun() {
+    // Every block is the whole dev set, so configurations that come back are fully cached.
+    let exec = FakeExecutor {
+        dev: 6,
+        ..FakeExecutor::new()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(4),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let recs = read_records(dir.path());
+    let mut cells = std::collections::BTreeSet::new();
+    let mut shown = 0;
+    for rec in &recs {
+        for h in &rec.config_hashes {
+            for q in &rec.block {
+                cells.insert((h.clone(), *q));
+                shown += 1;
+            }
+        }
+    }
+    let run = exec.rollouts.load(Ordering::SeqCst);
+    assert_eq!(
+        run,
+        cells.len(),
+        "each distinct (configuration, query) ran exactly once"
+    );
+    assert!(
+        shown > run,
+        "some configurations were re-evaluated from the cache"
+    );
+    assert_eq!(res.tokens.rollouts as usize, run);
+    assert_eq!(exec.execute_calls.load(Ordering::SeqCst), recs.len());
 }
