@@ -19,6 +19,7 @@ fn var_lists(agent: &AgentSpec) -> (String, String) {
     let ins = agent
         .input_vars
         .iter()
+        .filter(|v| v.as_str() != OPTIONAL_INPUT)
         .map(|v| format!("{{{v}}}"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -33,11 +34,16 @@ fn var_lists(agent: &AgentSpec) -> (String, String) {
 
 fn contract(agent: &AgentSpec) -> String {
     let (ins, outs) = var_lists(agent);
+    let shots = if agent.input_vars.iter().any(|v| v == OPTIONAL_INPUT) {
+        format!("- The placeholder {{{OPTIONAL_INPUT}}} (worked examples, possibly empty) may be kept or left out.\n")
+    } else {
+        String::new()
+    };
     format!(
         "Rules for the new template:\n\
 - It must contain each of these input placeholders, written exactly like this, with single curly braces: {ins}. \
 You may move them, but do not rename, remove or add placeholders.\n\
-- It must tell the model to write each of these outputs inside its own pair of XML tags: {outs} \
+{shots}- It must tell the model to write each of these outputs inside its own pair of XML tags: {outs} \
 (for example <{first}>...</{first}>).\n\
 - Keep any tool-call syntax and doubled braces {{{{ }}}} exactly as they are.\n\
 Reply with the new template only, between <prompt> and </prompt>.",
@@ -287,7 +293,8 @@ mod tests {
         let a = agent();
         let m = mutation_prompt(&a, "Solve {query} into <answer></answer>");
         assert!(m.contains("Solve the math problem."));
-        assert!(m.contains("{query}, {few_shots}"));
+        assert!(m.contains("curly braces: {query}."));
+        assert!(m.contains("{few_shots} (worked examples"));
         assert!(m.contains("<answer>"));
         assert!(m.contains("<prompt>"));
         let c = crossover_prompt(&a, "AAA", "BBB");

@@ -16,6 +16,7 @@
 //! with scripted models. Budget accounting is in [`budget`], checkpoints and
 //! resume in [`checkpoint`] and [`run`].
 
+pub mod analysis;
 pub mod budget;
 pub mod capo;
 pub mod checkpoint;

@@ -256,6 +256,10 @@ fn optimize_finds_the_magic_word_and_credits_the_solver() {
     assert!(!careful.is_empty() && !careless.is_empty());
     assert!(careful.iter().all(|&x| x == 0.9) && careless.iter().all(|&x| x == -0.5));
     assert!(res.agent_credits["solver"].std > 0.1);
+    // Credit correlation (spec §9.5): the solver's credit tracks the system score, the checker's is constant.
+    let corr = cantante::optimize::analysis::credit_correlation(&recs);
+    assert!(corr["solver"].0.unwrap() > 0.5, "{corr:?}");
+    assert_eq!(corr["checker"].0, None);
     assert_eq!(res.agent_credits["checker"].std, 0.0);
     assert!(res.tokens.task() > 0 && res.tokens.meta() > 0);
     assert_eq!(recs[1].tokens, res.tokens);
