@@ -651,8 +651,12 @@ fn propose(
 type Executed = (Vec<PromptSet>, Vec<usize>, Vec<Vec<Rollout>>);
 
 /// Execute: joint configurations (the incumbent first, then candidate i of
-/// every agent with the others fixed to their incumbents) run on one seeded
-/// block in one executor call; cached rollouts are never rerun.
+/// every agent with the others fixed to their incumbents; each agent's list
+/// is shuffled per round so pairings vary) run on one seeded block in one
+/// executor call. Fully cached configurations are not sent; the others run on
+/// the union of their missing queries (so a partly cached configuration may
+/// recompute a cached cell, whose cached value is kept: rollouts are
+/// deterministic in (configuration, query, seed)).
 fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Interrupt> {
     let seed = st.config.seed;
     let incumbent = incumbent_config(st);
