@@ -48,6 +48,16 @@ pub enum AttributionError {
     /// The attributer LLM failed as a whole.
     #[error("attributer LLM: {0}")]
     Llm(#[from] LlmError),
+    /// The caller's budget check refused to dispatch a batch.
+    #[error("budget refused an attribution batch of {projected} projected tokens")]
+    BudgetRefused {
+        /// Projected tokens of the refused batch (plus tokens already spent by this call).
+        projected: u64,
+        /// Prompt tokens already spent by this call (an earlier batch).
+        input_tokens: usize,
+        /// Completion tokens already spent by this call.
+        output_tokens: usize,
+    },
     /// The LLM returned a different number of generations than requests.
     #[error("attributer LLM returned {got} generations for {expected} requests")]
     BatchSize {
@@ -90,13 +100,20 @@ pub struct AttributionOutcome {
     pub raw_replies: Vec<String>,
 }
 
+/// Budget gate called before each LLM batch with its projected tokens (plus
+/// the tokens this call has already spent); `false` refuses the batch.
+pub type BudgetGate<'a> = &'a mut dyn FnMut(u64) -> bool;
+
 /// Assigns per-agent credits to the rollouts of each group.
 pub trait Attributer: Sync {
-    /// Attribute every group; all LLM calls of the batch go out together.
+    /// Attribute every group; all first attempts go out as one LLM batch, the
+    /// retries of unparseable answers as a second one. `allow` is asked before
+    /// each batch; a refusal returns [`AttributionError::BudgetRefused`].
     fn attribute(
         &self,
         agents: &[String],
         groups: &[AttributionGroup],
+        allow: BudgetGate,
     ) -> Result<AttributionOutcome, AttributionError>;
     /// Upper estimate of the tokens `attribute` would spend (for the budget).
     fn project_tokens(&self, agents: &[String], groups: &[AttributionGroup]) -> usize;
@@ -116,6 +133,7 @@ impl Attributer for IdentityAttributer {
         &self,
         agents: &[String],
         groups: &[AttributionGroup],
+        _allow: BudgetGate,
     ) -> Result<AttributionOutcome, AttributionError> {
         let credits = groups
             .iter()
@@ -237,6 +255,7 @@ impl Attributer for LlmAttributer<'_> {
         &self,
         agents: &[String],
         groups: &[AttributionGroup],
+        allow: BudgetGate,
     ) -> Result<AttributionOutcome, AttributionError> {
         let mut out = AttributionOutcome::default();
         if groups.is_empty() {
@@ -246,6 +265,19 @@ impl Attributer for LlmAttributer<'_> {
             .iter()
             .map(|g| self.build_prompt(agents, g))
             .collect();
+        let project = |ps: &[String]| -> u64 {
+            ps.iter()
+                .map(|p| (self.llm.count_tokens(p) + self.max_new_tokens) as u64)
+                .sum()
+        };
+        let projected = project(&prompts);
+        if !allow(projected) {
+            return Err(AttributionError::BudgetRefused {
+                projected,
+                input_tokens: 0,
+                output_tokens: 0,
+            });
+        }
         let seeds: Vec<u64> = groups.iter().map(|g| g.seed).collect();
         let gens = self.llm.generate(&self.requests(&prompts, &seeds))?;
         if gens.len() != prompts.len() {
@@ -269,6 +301,14 @@ impl Attributer for LlmAttributer<'_> {
             out.retries = failed.len();
             tracing::debug!(failed = failed.len(), "retrying unparseable attributions");
             let p2: Vec<String> = failed.iter().map(|&i| prompts[i].clone()).collect();
+            let projected = project(&p2) + (out.input_tokens + out.output_tokens) as u64;
+            if !allow(projected) {
+                return Err(AttributionError::BudgetRefused {
+                    projected,
+                    input_tokens: out.input_tokens,
+                    output_tokens: out.output_tokens,
+                });
+            }
             let s2: Vec<u64> = failed.iter().map(|&i| retry_seed(groups[i].seed)).collect();
             let gens2 = self.llm.generate(&self.requests(&p2, &s2))?;
             if gens2.len() != p2.len() {
@@ -646,7 +686,7 @@ mod tests {
         ];
         // retry seeds are large (splitmix output), first seeds are < 1000
         assert!(retry_seed(1) >= 1000 && retry_seed(2) >= 1000);
-        let out = att.attribute(&agents(), &groups).unwrap();
+        let out = att.attribute(&agents(), &groups, &mut |_| true).unwrap();
         assert_eq!(out.calls, 4);
         assert_eq!(out.retries, 2);
         assert_eq!(out.failures, 1);
@@ -659,6 +699,14 @@ mod tests {
             "first attempts in one batch, retries in another"
         );
         assert!(out.input_tokens > 0);
+        // A gate that refuses the retry batch stops before dispatching it.
+        let mut asked = 0;
+        let r = att.attribute(&agents(), &groups, &mut |_| {
+            asked += 1;
+            asked == 1
+        });
+        assert!(matches!(r, Err(AttributionError::BudgetRefused { .. })));
+        assert_eq!(llm.batches(), 3);
     }
 
     #[test]
@@ -685,7 +733,9 @@ mod tests {
             rollouts: vec![rollout(1.0, "x"), rollout(0.0, "y")],
             seed: 0,
         };
-        let out = IdentityAttributer.attribute(&agents(), &[g]).unwrap();
+        let out = IdentityAttributer
+            .attribute(&agents(), &[g], &mut |_| false)
+            .unwrap();
         assert_eq!(out.credits[0][0]["planner"], Some(1.0));
         assert_eq!(out.credits[0][1]["solver"], Some(-1.0));
     }

@@ -118,6 +118,18 @@ impl Capo {
         }
     }
 
+    /// Check internal consistency (e.g. after loading a checkpoint): every
+    /// population and race member refers to an existing candidate.
+    pub fn check(&self) -> Result<(), String> {
+        let n = self.candidates.len();
+        let race = self.race.iter().flat_map(|r| r.members.iter());
+        match self.population.iter().chain(race).find(|&&i| i >= n) {
+            Some(i) => Err(format!("candidate index {i} out of range ({n} candidates)")),
+            None if self.population.is_empty() => Err("empty population".into()),
+            None => Ok(()),
+        }
+    }
+
     fn penalty(&self, id: usize, weight: f64) -> f64 {
         weight * self.candidates[id].tokens as f64 / self.max_len as f64
     }

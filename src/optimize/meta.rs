@@ -19,6 +19,7 @@ fn var_lists(agent: &AgentSpec) -> (String, String) {
     let ins = agent
         .input_vars
         .iter()
+        .filter(|v| v.as_str() != OPTIONAL_INPUT)
         .map(|v| format!("{{{v}}}"))
         .collect::<Vec<_>>()
         .join(", ");
@@ -33,11 +34,16 @@ fn var_lists(agent: &AgentSpec) -> (String, String) {
 
 fn contract(agent: &AgentSpec) -> String {
     let (ins, outs) = var_lists(agent);
+    let shots = if agent.input_vars.iter().any(|v| v == OPTIONAL_INPUT) {
+        format!("- The placeholder {{{OPTIONAL_INPUT}}} (worked examples, possibly empty) may be kept or left out.\n")
+    } else {
+        String::new()
+    };
     format!(
         "Rules for the new template:\n\
 - It must contain each of these input placeholders, written exactly like this, with single curly braces: {ins}. \
 You may move them, but do not rename, remove or add placeholders.\n\
-- It must tell the model to write each of these outputs inside its own pair of XML tags: {outs} \
+{shots}- It must tell the model to write each of these outputs inside its own pair of XML tags: {outs} \
 (for example <{first}>...</{first}>).\n\
 - Keep any tool-call syntax and doubled braces {{{{ }}}} exactly as they are.\n\
 Reply with the new template only, between <prompt> and </prompt>.",
@@ -130,6 +136,9 @@ pub struct MetaOutcome {
     pub input_tokens: usize,
     /// Completion tokens spent.
     pub output_tokens: usize,
+    /// Set when the budget check refused a batch: the jobs are incomplete,
+    /// and the token counts above are what was spent before the refusal.
+    pub stopped: Option<StopReason>,
 }
 
 /// Seed of the regeneration of a rejected meta job.
@@ -141,7 +150,7 @@ pub fn regen_seed(seed: u64) -> u64 {
 /// batch; rejected outputs are regenerated once, in a second batch, with
 /// another seed. Before each batch, `check` is called with the batch's
 /// projected tokens plus the tokens already spent by this call; an `Err`
-/// stops before dispatching.
+/// stops before dispatching and is returned in [`MetaOutcome::stopped`].
 pub fn run_meta_jobs(
     llm: &dyn Llm,
     jobs: &[MetaJob],
@@ -149,7 +158,7 @@ pub fn run_meta_jobs(
     max_new_tokens: usize,
     temperature: f64,
     check: &mut dyn FnMut(u64) -> Result<(), StopReason>,
-) -> Result<MetaOutcome, Interrupt> {
+) -> Result<MetaOutcome, OptimizeError> {
     let mut out = MetaOutcome {
         prompts: vec![None; jobs.len()],
         rejections: vec![0; jobs.len()],
@@ -202,14 +211,28 @@ pub fn run_meta_jobs(
     };
     let all: Vec<usize> = (0..jobs.len()).collect();
     let seeds: Vec<u64> = jobs.iter().map(|j| j.seed).collect();
-    send(&all, &seeds, &mut out)?;
+    let stop = |r: Result<(), Interrupt>, out: &mut MetaOutcome| -> Result<bool, OptimizeError> {
+        match r {
+            Ok(()) => Ok(false),
+            Err(Interrupt::Stop(reason)) => {
+                out.stopped = Some(reason);
+                Ok(true)
+            }
+            Err(Interrupt::Error(e)) => Err(e),
+        }
+    };
+    let r = send(&all, &seeds, &mut out);
+    if stop(r, &mut out)? {
+        return Ok(out);
+    }
     let again: Vec<usize> = all
         .into_iter()
         .filter(|&i| out.prompts[i].is_none())
         .collect();
     if !again.is_empty() {
         let seeds2: Vec<u64> = again.iter().map(|&i| regen_seed(jobs[i].seed)).collect();
-        send(&again, &seeds2, &mut out)?;
+        let r = send(&again, &seeds2, &mut out);
+        stop(r, &mut out)?;
     }
     Ok(out)
 }
@@ -270,7 +293,8 @@ mod tests {
         let a = agent();
         let m = mutation_prompt(&a, "Solve {query} into <answer></answer>");
         assert!(m.contains("Solve the math problem."));
-        assert!(m.contains("{query}, {few_shots}"));
+        assert!(m.contains("curly braces: {query}."));
+        assert!(m.contains("{few_shots} (worked examples"));
         assert!(m.contains("<answer>"));
         assert!(m.contains("<prompt>"));
         let c = crossover_prompt(&a, "AAA", "BBB");
@@ -319,7 +343,9 @@ mod tests {
                 Ok(())
             }
         });
-        assert!(matches!(r, Err(Interrupt::Stop(StopReason::Interrupted))));
+        let r = r.unwrap();
+        assert_eq!(r.stopped, Some(StopReason::Interrupted));
+        assert!(r.input_tokens > 0, "tokens of the first batch are reported");
         assert_eq!(seen.len(), 2);
         assert!(seen[1] > 0);
     }

@@ -16,6 +16,7 @@
 //! with scripted models. Budget accounting is in [`budget`], checkpoints and
 //! resume in [`checkpoint`] and [`run`].
 
+pub mod analysis;
 pub mod budget;
 pub mod capo;
 pub mod checkpoint;
@@ -27,8 +28,8 @@ pub mod run;
 pub use crate::attribution::Rollout;
 pub use budget::{dry_run, DryRun, StopReason, TokenCounters};
 pub use run::{
-    attribute_only, optimize, rank_agents, resume, OptimizeResult, ProgressEvent, RoundRecord,
-    RunHooks,
+    attribute_only, optimize, rank_agents, resume, resume_with_config, OptimizeResult,
+    ProgressEvent, RoundRecord, RunHooks,
 };
 
 use crate::graph::{AgentSpec, PromptSet};
@@ -321,6 +322,17 @@ pub enum AgentOptimizer {
     Capo(capo::Capo),
     /// EvoPrompt-GA.
     Evoprompt(evoprompt::EvoPrompt),
+}
+
+impl AgentOptimizer {
+    /// Check internal consistency (after loading a checkpoint).
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            AgentOptimizer::Capo(o) => o.check(),
+            AgentOptimizer::Evoprompt(o) if o.members.is_empty() => Err("empty population".into()),
+            AgentOptimizer::Evoprompt(_) => Ok(()),
+        }
+    }
 }
 
 impl LocalOptimizer for AgentOptimizer {

@@ -275,11 +275,45 @@ pub fn optimize(
 
 /// Continue the run checkpointed in `run_dir` (same executor and models).
 /// The result equals the one of an uninterrupted run with the same seed.
+/// A `STOP` file left in the run directory is removed (resuming is the
+/// explicit wish to continue).
 pub fn resume(
     executor: &dyn Executor,
     meta_llm: &dyn Llm,
     attributer_llm: &dyn Llm,
     run_dir: &Path,
+    hooks: RunHooks,
+) -> Result<OptimizeResult, OptimizeError> {
+    resume_inner(executor, meta_llm, attributer_llm, run_dir, None, hooks)
+}
+
+/// Like [`resume`], with a new configuration that may change only `rounds`
+/// and the token caps (e.g. to extend a finished run or raise its budget);
+/// any other difference is an error naming the field.
+pub fn resume_with_config(
+    executor: &dyn Executor,
+    meta_llm: &dyn Llm,
+    attributer_llm: &dyn Llm,
+    run_dir: &Path,
+    config: &OptimizeConfig,
+    hooks: RunHooks,
+) -> Result<OptimizeResult, OptimizeError> {
+    resume_inner(
+        executor,
+        meta_llm,
+        attributer_llm,
+        run_dir,
+        Some(config),
+        hooks,
+    )
+}
+
+fn resume_inner(
+    executor: &dyn Executor,
+    meta_llm: &dyn Llm,
+    attributer_llm: &dyn Llm,
+    run_dir: &Path,
+    new_config: Option<&OptimizeConfig>,
     hooks: RunHooks,
 ) -> Result<OptimizeResult, OptimizeError> {
     let mut st = checkpoint::load(run_dir)?;
@@ -291,11 +325,51 @@ pub fn resume(
             st.agents, names
         )));
     }
-    if st.validations.is_empty() {
-        return Err(OptimizeError::Format {
-            path: run_dir.join(checkpoint::CHECKPOINT).display().to_string(),
-            message: "no initial validation recorded".into(),
-        });
+    for a in &st.agents {
+        let problem = match st.optimizers.get(a) {
+            None => Some("no optimizer state".to_string()),
+            Some(o) => o.check().err(),
+        };
+        if let Some(message) = problem {
+            return Err(OptimizeError::Format {
+                path: run_dir.join(checkpoint::CHECKPOINT).display().to_string(),
+                message: format!("agent `{a}`: {message}"),
+            });
+        }
+    }
+    if let Some(c) = new_config {
+        c.validate()?;
+        let mut allowed = st.config.clone();
+        allowed.rounds = c.rounds;
+        allowed.max_total_tokens = c.max_total_tokens;
+        allowed.max_task_tokens = c.max_task_tokens;
+        allowed.max_meta_tokens = c.max_meta_tokens;
+        if &allowed != c {
+            let (a, b) = (
+                serde_json::to_value(&allowed).unwrap_or_default(),
+                serde_json::to_value(c).unwrap_or_default(),
+            );
+            let field = a
+                .as_object()
+                .and_then(|m| {
+                    m.iter()
+                        .find(|(k, v)| b.get(k.as_str()) != Some(v))
+                        .map(|(k, _)| k.clone())
+                })
+                .unwrap_or_else(|| "?".into());
+            return Err(OptimizeError::Config {
+                field,
+                message: "only rounds and token caps may change when resuming".into(),
+            });
+        }
+        st.config = allowed;
+        let cfg_path = run_dir.join("config.json");
+        checkpoint::write_atomic(&cfg_path, &json(&cfg_path, &st.config)?)?;
+    }
+    let stop = run_dir.join("STOP");
+    if stop.exists() {
+        tracing::info!(path = %stop.display(), "removing STOP file on resume");
+        std::fs::remove_file(&stop).map_err(io(&stop))?;
     }
     checkpoint::truncate_lines(&run_dir.join("rounds.jsonl"), st.rounds_done)?;
     st.stop_reason = None;
@@ -308,6 +382,15 @@ pub fn resume(
         hooks,
         specs,
     };
+    if st.validations.is_empty() {
+        let initial = incumbent_config(&st);
+        match validate(&ctx, &mut st, &initial, 0) {
+            Ok(p) => st.validations.push(p),
+            Err(Interrupt::Stop(reason)) => return finish(&ctx, st, reason),
+            Err(Interrupt::Error(e)) => return Err(e),
+        }
+        checkpoint::save(run_dir, &st)?;
+    }
     drive(&ctx, st)
 }
 
@@ -547,12 +630,12 @@ fn propose(
             config.meta_temperature,
             &mut |projected| budget::check(&config, &spent, Spend::Meta, projected, "rewrite"),
         );
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => return Err(e),
-        };
+        let out = out?;
         st.tokens.rewrite_input += out.input_tokens as u64;
         st.tokens.rewrite_output += out.output_tokens as u64;
+        if let Some(reason) = out.stopped {
+            return Err(Interrupt::Stop(reason));
+        }
         for o in outputs.iter_mut() {
             o.clear();
         }
@@ -568,8 +651,12 @@ fn propose(
 type Executed = (Vec<PromptSet>, Vec<usize>, Vec<Vec<Rollout>>);
 
 /// Execute: joint configurations (the incumbent first, then candidate i of
-/// every agent with the others fixed to their incumbents) run on one seeded
-/// block in one executor call; cached rollouts are never rerun.
+/// every agent with the others fixed to their incumbents; each agent's list
+/// is shuffled per round so pairings vary) run on one seeded block in one
+/// executor call. Fully cached configurations are not sent; the others run on
+/// the union of their missing queries (so a partly cached configuration may
+/// recompute a cached cell, whose cached value is kept: rollouts are
+/// deterministic in (configuration, query, seed)).
 fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Interrupt> {
     let seed = st.config.seed;
     let incumbent = incumbent_config(st);
@@ -699,21 +786,39 @@ fn attribute(
             members.push((qi, g));
         }
     }
-    let projected = ctx.attributer.project_tokens(&st.agents, &groups) as u64;
-    if ctx.attributer.uses_llm() {
-        budget::check(
-            &st.config,
-            &st.tokens,
-            Spend::Meta,
-            projected,
-            "attribution",
-        )
-        .map_err(Interrupt::Stop)?;
-    }
-    let out = ctx
-        .attributer
-        .attribute(&st.agents, &groups)
-        .map_err(|e| Interrupt::Error(OptimizeError::Attribution(e)))?;
+    let mut refused = None;
+    let (config, spent) = (st.config.clone(), st.tokens);
+    let result =
+        ctx.attributer
+            .attribute(&st.agents, &groups, &mut |projected| match budget::check(
+                &config,
+                &spent,
+                Spend::Meta,
+                projected,
+                "attribution",
+            ) {
+                Ok(()) => true,
+                Err(reason) => {
+                    refused = Some(reason);
+                    false
+                }
+            });
+    let out = match (result, refused) {
+        (Ok(out), _) => out,
+        (Err(e), Some(reason)) => {
+            if let crate::attribution::AttributionError::BudgetRefused {
+                input_tokens,
+                output_tokens,
+                ..
+            } = e
+            {
+                st.tokens.attribution_input += input_tokens as u64;
+                st.tokens.attribution_output += output_tokens as u64;
+            }
+            return Err(Interrupt::Stop(reason));
+        }
+        (Err(e), None) => return Err(Interrupt::Error(OptimizeError::Attribution(e))),
+    };
     st.tokens.attribution_input += out.input_tokens as u64;
     st.tokens.attribution_output += out.output_tokens as u64;
     let (nc, nq) = (rollouts.len(), block.len());
@@ -913,7 +1018,7 @@ pub fn attribute_only(
         }
     }
     let attributer = make_attributer(config, attributer_llm);
-    let out = attributer.attribute(&agents, &groups)?;
+    let out = attributer.attribute(&agents, &groups, &mut |_| true)?;
     let mut values: BTreeMap<String, Vec<f64>> =
         agents.iter().map(|a| (a.clone(), vec![])).collect();
     for credits in out.credits.iter().flatten() {

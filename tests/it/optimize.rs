@@ -16,6 +16,7 @@ const MAGIC: &str = "CAREFULLY";
 
 struct FakeExecutor {
     setup: Setup,
+    dev: usize,
     execute_calls: AtomicUsize,
     rollouts: AtomicUsize,
     validate_calls: AtomicUsize,
@@ -58,6 +59,7 @@ impl FakeExecutor {
         };
         Self {
             setup,
+            dev: 40,
             execute_calls: AtomicUsize::new(0),
             rollouts: AtomicUsize::new(0),
             validate_calls: AtomicUsize::new(0),
@@ -104,7 +106,7 @@ impl Executor for FakeExecutor {
         &self.setup
     }
     fn num_dev(&self) -> usize {
-        40
+        self.dev
     }
     fn query_text(&self, idx: usize) -> String {
         format!("What is question number {idx}?")
@@ -254,6 +256,10 @@ fn optimize_finds_the_magic_word_and_credits_the_solver() {
     assert!(!careful.is_empty() && !careless.is_empty());
     assert!(careful.iter().all(|&x| x == 0.9) && careless.iter().all(|&x| x == -0.5));
     assert!(res.agent_credits["solver"].std > 0.1);
+    // Credit correlation (spec §9.5): the solver's credit tracks the system score, the checker's is constant.
+    let corr = cantante::optimize::analysis::credit_correlation(&recs);
+    assert!(corr["solver"].0.unwrap() > 0.5, "{corr:?}");
+    assert_eq!(corr["checker"].0, None);
     assert_eq!(res.agent_credits["checker"].std, 0.0);
     assert!(res.tokens.task() > 0 && res.tokens.meta() > 0);
     assert_eq!(recs[1].tokens, res.tokens);
@@ -615,4 +621,123 @@ fn attribute_only_ranks_the_weak_link() {
     assert!(stats["checker"].std < 1e-9);
     let ranked = rank_agents(&stats);
     assert_eq!(ranked[0].0, "solver");
+}
+
+#[test]
+fn resume_can_extend_rounds_and_budget_but_not_the_algorithm() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        max_meta_tokens: Some(0),
+        ..config(2)
+    };
+    let stopped = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(stopped.rounds_completed, 0);
+    // Plain resume hits the same cap again.
+    let again = resume(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert!(matches!(again.stop_reason, StopReason::Budget { .. }));
+    // Changing the seed is refused, naming the field.
+    let bad = OptimizeConfig {
+        seed: 99,
+        ..config(2)
+    };
+    match cantante::optimize::resume_with_config(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        &bad,
+        RunHooks::default(),
+    ) {
+        Err(cantante::optimize::OptimizeError::Config { field, .. }) => assert_eq!(field, "seed"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+    // Lifting the cap and asking for 3 rounds continues to the end; a STOP file is cleared.
+    std::fs::write(dir.path().join("STOP"), "").unwrap();
+    let more = OptimizeConfig {
+        max_meta_tokens: None,
+        ..config(3)
+    };
+    let res = cantante::optimize::resume_with_config(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        &more,
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 3);
+    assert_eq!(res.stop_reason, StopReason::Completed);
+    assert_eq!(read_records(dir.path()).len(), 3);
+    // Same outcome as a run that never had the cap.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(3),
+        fresh_dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.best_prompts, fresh.best_prompts);
+    assert_eq!(res.validations, fresh.validations);
+}
+
+#[test]
+fn cached_rollouts_are_never_rerun() {
+    // Every block is the whole dev set, so configurations that come back are fully cached.
+    let exec = FakeExecutor {
+        dev: 6,
+        ..FakeExecutor::new()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(4),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let recs = read_records(dir.path());
+    let mut cells = std::collections::BTreeSet::new();
+    let mut shown = 0;
+    for rec in &recs {
+        for h in &rec.config_hashes {
+            for q in &rec.block {
+                cells.insert((h.clone(), *q));
+                shown += 1;
+            }
+        }
+    }
+    let run = exec.rollouts.load(Ordering::SeqCst);
+    assert_eq!(
+        run,
+        cells.len(),
+        "each distinct (configuration, query) ran exactly once"
+    );
+    assert!(
+        shown > run,
+        "some configurations were re-evaluated from the cache"
+    );
+    assert_eq!(res.tokens.rollouts as usize, run);
+    assert_eq!(exec.execute_calls.load(Ordering::SeqCst), recs.len());
 }

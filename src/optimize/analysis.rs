@@ -1,0 +1,109 @@
+//! Credit-correlation analysis (spec §9.5): per agent, Spearman's ρ between
+//! the agent's mean credit in an evaluated joint configuration and that
+//! configuration's block-mean system score, over the records of
+//! `rounds.jsonl`. Unlike the reference's figure, it uses every evaluated
+//! configuration with its own per-query credits (no population look-up).
+//! A moderate, agent-specific ρ indicates credits that are not just an echo of
+//! the system score; it does not show that credits are correct.
+
+use super::RoundRecord;
+use std::collections::BTreeMap;
+
+/// Ranks with ties averaged (1-based).
+pub fn ranks(values: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| {
+        values[a]
+            .partial_cmp(&values[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut r = vec![0.0; values.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && values[idx[j + 1]] == values[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            r[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman's ρ (Pearson correlation of tie-averaged ranks); `None` with
+/// fewer than 3 pairs or a constant variable.
+pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    let n = x.len().min(y.len());
+    if n < 3 {
+        return None;
+    }
+    let (rx, ry) = (ranks(&x[..n]), ranks(&y[..n]));
+    let mx = rx.iter().sum::<f64>() / n as f64;
+    let my = ry.iter().sum::<f64>() / n as f64;
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for i in 0..n {
+        let (dx, dy) = (rx[i] - mx, ry[i] - my);
+        sxy += dx * dy;
+        sxx += dx * dx;
+        syy += dy * dy;
+    }
+    if sxx <= 0.0 || syy <= 0.0 {
+        None
+    } else {
+        Some(sxy / (sxx * syy).sqrt())
+    }
+}
+
+/// Per agent: (ρ, number of configurations used). Configurations where the
+/// agent has no non-missing credit are skipped.
+pub fn credit_correlation(records: &[RoundRecord]) -> BTreeMap<String, (Option<f64>, usize)> {
+    let mut points: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for rec in records {
+        for (agent, per_config) in &rec.credits {
+            for (c, row) in per_config.iter().enumerate() {
+                let vals: Vec<f64> = row.iter().flatten().copied().collect();
+                let (Some(score), false) = (rec.block_scores.get(c), vals.is_empty()) else {
+                    continue;
+                };
+                let e = points.entry(agent.clone()).or_default();
+                e.0.push(vals.iter().sum::<f64>() / vals.len() as f64);
+                e.1.push(*score);
+            }
+        }
+    }
+    points
+        .into_iter()
+        .map(|(a, (x, y))| {
+            let n = x.len();
+            (a, (spearman(&x, &y), n))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_average_ties() {
+        assert_eq!(ranks(&[10.0, 20.0, 10.0, 30.0]), vec![1.5, 3.0, 1.5, 4.0]);
+    }
+
+    #[test]
+    fn spearman_known_values() {
+        // Monotone -> 1; reversed -> -1.
+        assert_eq!(
+            spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 35.0, 90.0]),
+            Some(1.0)
+        );
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        // x = 1..5, y = [2,1,4,3,5]: d^2 = 1+1+1+1+0 = 4, rho = 1 - 6*4/(5*24) = 0.8
+        let r = spearman(&[1.0, 2.0, 3.0, 4.0, 5.0], &[2.0, 1.0, 4.0, 3.0, 5.0]).unwrap();
+        assert!((r - 0.8).abs() < 1e-12);
+        assert_eq!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
+        assert_eq!(spearman(&[1.0, 2.0], &[1.0, 2.0]), None);
+    }
+}
