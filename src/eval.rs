@@ -65,7 +65,11 @@ pub fn config_id(config: &PromptSet) -> String {
 /// Seed of one rollout: depends only on the run seed, the configuration's
 /// content and the example id — never on batch composition or position.
 pub fn rollout_seed(seed: u64, config: &PromptSet, example_id: &str) -> u64 {
-    fnv64(&[&seed.to_le_bytes(), config_id(config).as_bytes(), example_id.as_bytes()])
+    fnv64(&[
+        &seed.to_le_bytes(),
+        config_id(config).as_bytes(),
+        example_id.as_bytes(),
+    ])
 }
 
 /// One scored run.
@@ -94,7 +98,11 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { run: RunOptions::default(), seed: 0, chunk_runs: 256 }
+        Self {
+            run: RunOptions::default(),
+            seed: 0,
+            chunk_runs: 256,
+        }
     }
 }
 
@@ -116,7 +124,11 @@ pub fn execute(
         }
     }
     let arcs: Vec<Arc<PromptSet>> = configs.iter().map(|c| Arc::new(c.clone())).collect();
-    let chunk = if opts.chunk_runs == 0 { jobs.len().max(1) } else { opts.chunk_runs };
+    let chunk = if opts.chunk_runs == 0 {
+        jobs.len().max(1)
+    } else {
+        opts.chunk_runs
+    };
     let mut scored: Vec<ScoredRun> = Vec::with_capacity(jobs.len());
     for part in jobs.chunks(chunk) {
         let specs: Vec<RunSpec> = part
@@ -145,12 +157,19 @@ pub fn execute(
             .zip(part.par_iter())
             .map(|(result, &(c, e))| {
                 let score = task.score(&examples[e], &result.prediction, result.tools.as_deref());
-                ScoredRun { config: c, example: e, score, result }
+                ScoredRun {
+                    config: c,
+                    example: e,
+                    score,
+                    result,
+                }
             })
             .collect();
         scored.append(&mut part_scored);
     }
-    let mut out: Vec<Vec<ScoredRun>> = (0..configs.len()).map(|_| Vec::with_capacity(examples.len())).collect();
+    let mut out: Vec<Vec<ScoredRun>> = (0..configs.len())
+        .map(|_| Vec::with_capacity(examples.len()))
+        .collect();
     for s in scored {
         out[s.config].push(s);
     }
@@ -193,9 +212,20 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
     EvalSummary {
         n,
         accuracy: runs.iter().map(|r| r.score).sum::<f64>() / nf,
-        mean_input_tokens: runs.iter().map(|r| r.result.input_tokens as f64).sum::<f64>() / nf,
-        mean_output_tokens: runs.iter().map(|r| r.result.output_tokens as f64).sum::<f64>() / nf,
-        format_failure_rate: calls.into_iter().map(|(k, (t, f))| (k, f as f64 / t.max(1) as f64)).collect(),
+        mean_input_tokens: runs
+            .iter()
+            .map(|r| r.result.input_tokens as f64)
+            .sum::<f64>()
+            / nf,
+        mean_output_tokens: runs
+            .iter()
+            .map(|r| r.result.output_tokens as f64)
+            .sum::<f64>()
+            / nf,
+        format_failure_rate: calls
+            .into_iter()
+            .map(|(k, (t, f))| (k, f as f64 / t.max(1) as f64))
+            .collect(),
         run_errors: runs.iter().filter(|r| r.result.error.is_some()).count(),
         wall_secs: 0.0,
     }
@@ -226,24 +256,37 @@ pub fn write_traces(
 /// Load a prompt set (YAML map agent → prompt) and check it covers the setup's agents.
 pub fn load_prompt_set(path: &Path, setup: &Setup) -> Result<PromptSet, EvalError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EvalError::PromptSet { path: p.clone(), message: e.to_string() })?;
-    let set: PromptSet =
-        serde_yaml::from_str(&text).map_err(|e| EvalError::PromptSet { path: p.clone(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::PromptSet {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    let set: PromptSet = serde_yaml::from_str(&text).map_err(|e| EvalError::PromptSet {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
     for a in &setup.agents {
         let Some(t) = set.get(&a.name) else {
-            return Err(EvalError::PromptSet { path: p, message: format!("no prompt for agent `{}`", a.name) });
+            return Err(EvalError::PromptSet {
+                path: p,
+                message: format!("no prompt for agent `{}`", a.name),
+            });
         };
         let missing = crate::prompt::missing_placeholders(t, &a.input_vars);
         if !missing.is_empty() {
             return Err(EvalError::PromptSet {
                 path: p,
-                message: format!("prompt of agent `{}` lacks placeholders {missing:?}", a.name),
+                message: format!(
+                    "prompt of agent `{}` lacks placeholders {missing:?}",
+                    a.name
+                ),
             });
         }
     }
     if let Some(k) = set.keys().find(|k| setup.agent(k).is_none()) {
-        return Err(EvalError::PromptSet { path: p, message: format!("agent `{k}` is not in the setup") });
+        return Err(EvalError::PromptSet {
+            path: p,
+            message: format!("agent `{k}` is not in the setup"),
+        });
     }
     Ok(set)
 }

@@ -52,7 +52,10 @@ impl MasArgs {
     /// Task name: explicit, else the setup file stem.
     pub fn task_name(&self) -> String {
         self.task.clone().unwrap_or_else(|| {
-            self.setup.file_stem().map(|s| s.to_string_lossy().to_lowercase()).unwrap_or_default()
+            self.setup
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_lowercase())
+                .unwrap_or_default()
         })
     }
 
@@ -106,18 +109,45 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let config = prompt_set(a.prompts.as_deref(), &setup)?;
     let examples = task.load(a.split, Some(a.limit), a.seed)?;
     let llm = load_llm(&a.model)?;
-    let opts = EvalOptions { run: a.mas.run_options(), seed: a.seed, ..Default::default() };
+    let opts = EvalOptions {
+        run: a.mas.run_options(),
+        seed: a.seed,
+        ..Default::default()
+    };
     let bar = super::common::bar(examples.len() as u64, "runs");
     let t0 = Instant::now();
     let cb = |n: usize| bar.set_position(n as u64);
-    let mut runs = eval::execute(&llm, &setup, task.as_ref(), std::slice::from_ref(&config), &examples, &opts, Some(&cb))?;
+    let mut runs = eval::execute(
+        &llm,
+        &setup,
+        task.as_ref(),
+        std::slice::from_ref(&config),
+        &examples,
+        &opts,
+        Some(&cb),
+    )?;
     bar.finish_and_clear();
     let runs = runs.remove(0);
     let mut summary = eval::summarize(&runs);
     summary.wall_secs = t0.elapsed().as_secs_f64();
-    println!("task {} split {} n {} seed {} model {}", task.name(), a.split, summary.n, a.seed, llm_id(&llm));
-    println!("accuracy: {:.3} ({} / {})", summary.accuracy, runs.iter().filter(|r| r.score >= 1.0).count(), summary.n);
-    println!("tokens per query: {:.0} input, {:.0} output", summary.mean_input_tokens, summary.mean_output_tokens);
+    println!(
+        "task {} split {} n {} seed {} model {}",
+        task.name(),
+        a.split,
+        summary.n,
+        a.seed,
+        llm_id(&llm)
+    );
+    println!(
+        "accuracy: {:.3} ({} / {})",
+        summary.accuracy,
+        runs.iter().filter(|r| r.score >= 1.0).count(),
+        summary.n
+    );
+    println!(
+        "tokens per query: {:.0} input, {:.0} output",
+        summary.mean_input_tokens, summary.mean_output_tokens
+    );
     for (agent, rate) in &summary.format_failure_rate {
         println!("format failures {agent}: {:.1}%", 100.0 * rate);
     }
@@ -132,9 +162,19 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "model": llm_id(&llm), "config_id": eval::config_id(&config), "prompts": config, "summary": summary,
         });
         let sp = out.join("summary.json");
-        std::fs::write(&sp, serde_json::to_string_pretty(&j)?).with_context(|| format!("cannot write {}", sp.display()))?;
-        eval::write_traces(&out.join("traces.jsonl"), runs, &examples, std::slice::from_ref(&config))?;
-        println!("wrote {} and {}", sp.display(), out.join("traces.jsonl").display());
+        std::fs::write(&sp, serde_json::to_string_pretty(&j)?)
+            .with_context(|| format!("cannot write {}", sp.display()))?;
+        eval::write_traces(
+            &out.join("traces.jsonl"),
+            runs,
+            &examples,
+            std::slice::from_ref(&config),
+        )?;
+        println!(
+            "wrote {} and {}",
+            sp.display(),
+            out.join("traces.jsonl").display()
+        );
     }
     Ok(())
 }

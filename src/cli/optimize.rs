@@ -71,8 +71,10 @@ pub enum OptimizerArg {
 fn load_config(a: &OptimizeArgs) -> Result<OptimizeConfig> {
     let mut c = match &a.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            serde_yaml::from_str(&text).with_context(|| format!("optimizer config {}", p.display()))?
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            serde_yaml::from_str(&text)
+                .with_context(|| format!("optimizer config {}", p.display()))?
         }
         None => OptimizeConfig::default(),
     };
@@ -110,14 +112,18 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
     if let Some(dir) = &a.resume {
         // The checkpoint's config wins; it is read back by `resume`.
         let p = dir.join("config.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot resume: {} missing", p.display()))?;
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot resume: {} missing", p.display()))?;
         config = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
     }
     let llm = load_llm(&a.model)?;
     let meta_holder;
     let meta: &dyn Llm = match &a.meta_model {
         Some(m) => {
-            meta_holder = load_llm(&ModelArgs { model: Some(m.clone()), ..a.model.clone() })?;
+            meta_holder = load_llm(&ModelArgs {
+                model: Some(m.clone()),
+                ..a.model.clone()
+            })?;
             &meta_holder
         }
         None => &llm,
@@ -127,7 +133,10 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         println!("configurations per round: {}", d.configs_per_round);
         println!("rollouts per round: {}", d.rollouts_per_round);
         println!("task tokens per round: {}", d.task_tokens_per_round);
-        println!("rewrite calls per round: {}, attribution calls per round: {}", d.rewrite_calls_per_round, d.attribution_calls_per_round);
+        println!(
+            "rewrite calls per round: {}, attribution calls per round: {}",
+            d.rewrite_calls_per_round, d.attribution_calls_per_round
+        );
         println!("meta tokens per round: {}", d.meta_tokens_per_round);
         println!("total tokens per round: {}", d.total_tokens_per_round);
         if let Some(r) = d.rounds_within_budget {
@@ -137,13 +146,18 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
     }
     let dev = task.load(Split::Dev, Some(a.dev_size), config.seed)?;
     let val = task.load(Split::Validation, Some(a.val_size), config.seed)?;
-    let opts = EvalOptions { run: a.mas.run_options(), seed: config.seed, ..Default::default() };
+    let opts = EvalOptions {
+        run: a.mas.run_options(),
+        seed: config.seed,
+        ..Default::default()
+    };
     let runs_bar = bar(0, "rollouts");
     let progress = |done: usize, total: usize| {
         runs_bar.set_length(total as u64);
         runs_bar.set_position(done as u64);
     };
-    let exec = MasExecutor::new(&llm, setup, task.as_ref(), dev, val, opts).with_progress(&progress);
+    let exec =
+        MasExecutor::new(&llm, setup, task.as_ref(), dev, val, opts).with_progress(&progress);
     let rounds_bar = bar(config.rounds as u64, "round");
     let on_event = |e: &ProgressEvent| match e {
         ProgressEvent::RoundStarted { round, rounds } => {
@@ -154,7 +168,12 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
             rounds_bar.set_message(format!("round {} {phase}", round + 1));
             runs_bar.set_position(0);
         }
-        ProgressEvent::RoundFinished { round, validation_score, best_score, tokens } => {
+        ProgressEvent::RoundFinished {
+            round,
+            validation_score,
+            best_score,
+            tokens,
+        } => {
             rounds_bar.inc(1);
             rounds_bar.println(format!(
                 "round {}: validation {:.3}, best {:.3}, tokens task {} meta {}",
@@ -167,7 +186,10 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         }
         ProgressEvent::Stopped { reason } => rounds_bar.println(format!("stopped: {reason:?}")),
     };
-    let hooks = RunHooks { progress: Some(&on_event), stop_after_rounds: None };
+    let hooks = RunHooks {
+        progress: Some(&on_event),
+        stop_after_rounds: None,
+    };
     let result = match (&a.resume, &a.out) {
         (Some(dir), _) => optimize::resume(&exec, meta, meta, dir, hooks)?,
         (None, Some(dir)) => optimize::optimize(&exec, meta, meta, &config, dir, hooks)?,
@@ -175,13 +197,31 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
     };
     rounds_bar.finish_and_clear();
     runs_bar.finish_and_clear();
-    let dir = a.resume.as_ref().or(a.out.as_ref()).cloned().unwrap_or_default();
+    let dir = a
+        .resume
+        .as_ref()
+        .or(a.out.as_ref())
+        .cloned()
+        .unwrap_or_default();
     println!("run dir: {}", dir.display());
-    println!("rounds completed: {} (stop: {:?})", result.rounds_completed, result.stop_reason);
-    println!("validation score: initial {:.3} -> best {:.3} (round {})", result.initial_score, result.best_score, result.best_round);
-    println!("tokens: task {} meta {}", result.tokens.task(), result.tokens.meta());
+    println!(
+        "rounds completed: {} (stop: {:?})",
+        result.rounds_completed, result.stop_reason
+    );
+    println!(
+        "validation score: initial {:.3} -> best {:.3} (round {})",
+        result.initial_score, result.best_score, result.best_round
+    );
+    println!(
+        "tokens: task {} meta {}",
+        result.tokens.task(),
+        result.tokens.meta()
+    );
     for (agent, s) in optimize::rank_agents(&result.agent_credits) {
-        println!("credit {agent}: mean {:+.3} std {:.3} n {}", s.mean, s.std, s.n);
+        println!(
+            "credit {agent}: mean {:+.3} std {:.3} n {}",
+            s.mean, s.std, s.n
+        );
     }
     println!("best prompts: {}", dir.join("best_prompts.yaml").display());
     Ok(())
@@ -216,29 +256,51 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
     let configs: Vec<_> = if a.prompts.is_empty() {
         (0..3).map(|i| setup.pool_config(i)).collect()
     } else {
-        a.prompts.iter().map(|p| prompt_set(Some(p), &setup)).collect::<Result<_>>()?
+        a.prompts
+            .iter()
+            .map(|p| prompt_set(Some(p), &setup))
+            .collect::<Result<_>>()?
     };
     if configs.len() < 2 {
         bail!("attribution contrasts rollouts: give at least two --prompts (or none for the pool's first three)");
     }
     let llm = load_llm(&a.model)?;
-    let opts = EvalOptions { run: a.mas.run_options(), seed: a.seed, ..Default::default() };
+    let opts = EvalOptions {
+        run: a.mas.run_options(),
+        seed: a.seed,
+        ..Default::default()
+    };
     let mut examples = if a.queries == "failing" {
         task.load(Split::Dev, Some(a.limit), a.seed)?
     } else {
         let path = PathBuf::from(&a.queries);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         let mut v = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let j: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-            let q = j["query"].as_str().or(j["question"].as_str()).with_context(|| {
-                format!("{} line {}: needs a `query` or `question` string", path.display(), i + 1)
-            })?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let j: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+            let q = j["query"]
+                .as_str()
+                .or(j["question"].as_str())
+                .with_context(|| {
+                    format!(
+                        "{} line {}: needs a `query` or `question` string",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
             v.push(crate::task::Example {
                 id: format!("file-{}", i + 1),
                 query: q.to_string(),
-                target: j["answer"].as_str().map(|s| s.rsplit("####").next().unwrap_or(s).trim().to_string()).unwrap_or_default(),
+                target: j["answer"]
+                    .as_str()
+                    .map(|s| s.rsplit("####").next().unwrap_or(s).trim().to_string())
+                    .unwrap_or_default(),
                 tests: vec![],
                 visible_tests: vec![],
                 setup_code: String::new(),
@@ -252,26 +314,56 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         b.set_position(done as u64);
     };
     if a.queries == "failing" {
-        let exec = MasExecutor::new(&llm, setup.clone(), task.as_ref(), examples.clone(), vec![], opts.clone())
-            .with_progress(&progress);
+        let exec = MasExecutor::new(
+            &llm,
+            setup.clone(),
+            task.as_ref(),
+            examples.clone(),
+            vec![],
+            opts.clone(),
+        )
+        .with_progress(&progress);
         let idx: Vec<usize> = (0..examples.len()).collect();
         let first = crate::optimize::Executor::execute(&exec, &configs[..1], &idx, a.seed)?;
-        let failing: Vec<usize> = first[0].iter().enumerate().filter(|(_, r)| r.score < 1.0).map(|(i, _)| i).collect();
-        println!("{} of {} dev queries fail with the first prompt set", failing.len(), examples.len());
+        let failing: Vec<usize> = first[0]
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.score < 1.0)
+            .map(|(i, _)| i)
+            .collect();
+        println!(
+            "{} of {} dev queries fail with the first prompt set",
+            failing.len(),
+            examples.len()
+        );
         if failing.is_empty() {
             return Ok(());
         }
         examples = failing.iter().map(|&i| examples[i].clone()).collect();
     }
-    let exec = MasExecutor::new(&llm, setup, task.as_ref(), examples.clone(), vec![], opts).with_progress(&progress);
+    let exec = MasExecutor::new(&llm, setup, task.as_ref(), examples.clone(), vec![], opts)
+        .with_progress(&progress);
     let idx: Vec<usize> = (0..examples.len()).collect();
-    let stats = optimize::attribute_only(&exec, &llm, &configs, &idx, a.seed, &OptimizeConfig::default())?;
+    let stats = optimize::attribute_only(
+        &exec,
+        &llm,
+        &configs,
+        &idx,
+        a.seed,
+        &OptimizeConfig::default(),
+    )?;
     b.finish_and_clear();
-    println!("agents ranked by mean credit (lowest = weakest link) on {} queries:", examples.len());
+    println!(
+        "agents ranked by mean credit (lowest = weakest link) on {} queries:",
+        examples.len()
+    );
     let mut ranked = optimize::rank_agents(&stats);
     ranked.sort_by(|x, y| x.1.mean.total_cmp(&y.1.mean));
     for (agent, s) in ranked {
-        println!("  {agent:<24} mean {:+.3}  std {:.3}  n {}", s.mean, s.std, s.n);
+        println!(
+            "  {agent:<24} mean {:+.3}  std {:.3}  n {}",
+            s.mean, s.std, s.n
+        );
     }
     Ok(())
 }

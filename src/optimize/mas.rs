@@ -31,7 +31,15 @@ impl<'a> MasExecutor<'a> {
         validation: Vec<Example>,
         opts: EvalOptions,
     ) -> Self {
-        Self { llm, setup, task, dev, validation, opts, progress: None }
+        Self {
+            llm,
+            setup,
+            task,
+            dev,
+            validation,
+            opts,
+            progress: None,
+        }
     }
 
     /// Report (runs done, runs total) during each execute/validate call.
@@ -45,15 +53,31 @@ impl<'a> MasExecutor<'a> {
         &self.dev
     }
 
-    fn run(&self, configs: &[PromptSet], examples: &[Example], seed: u64) -> anyhow::Result<Vec<Vec<ScoredRun>>> {
-        let opts = EvalOptions { seed, ..self.opts.clone() };
+    fn run(
+        &self,
+        configs: &[PromptSet],
+        examples: &[Example],
+        seed: u64,
+    ) -> anyhow::Result<Vec<Vec<ScoredRun>>> {
+        let opts = EvalOptions {
+            seed,
+            ..self.opts.clone()
+        };
         let total = configs.len() * examples.len();
         let cb = |n: usize| {
             if let Some(p) = self.progress {
                 p(n, total)
             }
         };
-        Ok(eval::execute(self.llm, &self.setup, self.task, configs, examples, &opts, Some(&cb))?)
+        Ok(eval::execute(
+            self.llm,
+            &self.setup,
+            self.task,
+            configs,
+            examples,
+            &opts,
+            Some(&cb),
+        )?)
     }
 }
 
@@ -88,16 +112,32 @@ impl Executor for MasExecutor<'_> {
     }
 
     fn query_text(&self, idx: usize) -> String {
-        self.dev.get(idx).map(|e| e.query.clone()).unwrap_or_default()
+        self.dev
+            .get(idx)
+            .map(|e| e.query.clone())
+            .unwrap_or_default()
     }
 
-    fn execute(&self, configs: &[PromptSet], queries: &[usize], seed: u64) -> anyhow::Result<Vec<Vec<Rollout>>> {
+    fn execute(
+        &self,
+        configs: &[PromptSet],
+        queries: &[usize],
+        seed: u64,
+    ) -> anyhow::Result<Vec<Vec<Rollout>>> {
         let examples: Vec<Example> = queries
             .iter()
-            .map(|&i| self.dev.get(i).cloned().ok_or_else(|| anyhow::anyhow!("dev query index {i} out of range")))
+            .map(|&i| {
+                self.dev
+                    .get(i)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("dev query index {i} out of range"))
+            })
             .collect::<anyhow::Result<_>>()?;
         let runs = self.run(configs, &examples, seed)?;
-        Ok(runs.iter().map(|per_cfg| per_cfg.iter().map(to_rollout).collect()).collect())
+        Ok(runs
+            .iter()
+            .map(|per_cfg| per_cfg.iter().map(to_rollout).collect())
+            .collect())
     }
 
     fn validate(&self, config: &PromptSet, seed: u64) -> anyhow::Result<(f64, usize)> {
@@ -106,7 +146,10 @@ impl Executor for MasExecutor<'_> {
         }
         let runs = self.run(std::slice::from_ref(config), &self.validation, seed)?;
         let s = eval::summarize(&runs[0]);
-        let tokens = runs[0].iter().map(|r| r.result.input_tokens + r.result.output_tokens).sum();
+        let tokens = runs[0]
+            .iter()
+            .map(|r| r.result.input_tokens + r.result.output_tokens)
+            .sum();
         Ok((s.accuracy, tokens))
     }
 }

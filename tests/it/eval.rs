@@ -17,7 +17,13 @@ fn data() -> PathBuf {
 
 fn setup_for(task: &dyn cantante::task::Task, name: &str) -> Setup {
     let rules = Validation::new(&task.provided_vars(), &task.tool_names());
-    Setup::load_validated(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs").join(name), &rules).unwrap()
+    Setup::load_validated(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(name),
+        &rules,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -29,23 +35,51 @@ fn gsm8k_eval_on_scripted_llm_has_known_accuracy() {
     let answers: HashMap<String, String> = examples
         .iter()
         .enumerate()
-        .map(|(i, e)| (e.query.clone(), if i % 2 == 0 { e.target.clone() } else { format!("{}1", e.target) }))
+        .map(|(i, e)| {
+            (
+                e.query.clone(),
+                if i % 2 == 0 {
+                    e.target.clone()
+                } else {
+                    format!("{}1", e.target)
+                },
+            )
+        })
         .collect();
     let llm = ScriptedLlm::new(move |r| {
         let text: String = r.messages.iter().map(|m| m.content.as_str()).collect();
-        let ans = answers.iter().find(|(q, _)| text.contains(q.as_str())).map(|(_, a)| a.clone()).unwrap_or_default();
+        let ans = answers
+            .iter()
+            .find(|(q, _)| text.contains(q.as_str()))
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default();
         let mut s = String::new();
         for k in 1..=3 {
-            s += &format!("<proposal_{k}>{ans}</proposal_{k}><justification_{k}>because</justification_{k}>");
+            s += &format!(
+                "<proposal_{k}>{ans}</proposal_{k}><justification_{k}>because</justification_{k}>"
+            );
         }
         s + &format!("<prediction>{ans}</prediction>")
     });
     let config = setup.pool_config(0);
-    let runs = execute(&llm, &setup, task.as_ref(), &[config], &examples, &EvalOptions::default(), None).unwrap();
+    let runs = execute(
+        &llm,
+        &setup,
+        task.as_ref(),
+        &[config],
+        &examples,
+        &EvalOptions::default(),
+        None,
+    )
+    .unwrap();
     let s = summarize(&runs[0]);
     assert_eq!(s.n, 10);
     assert!((s.accuracy - 0.5).abs() < 1e-9, "accuracy {}", s.accuracy);
-    assert!(s.format_failure_rate.values().all(|&r| r == 0.0), "{:?}", s.format_failure_rate);
+    assert!(
+        s.format_failure_rate.values().all(|&r| r == 0.0),
+        "{:?}",
+        s.format_failure_rate
+    );
     assert!(s.mean_input_tokens > 0.0 && s.mean_output_tokens > 0.0);
     // 4 agents per run, all runs batched per super-step: 2 batches in total.
     assert_eq!(llm.batches(), 2);
@@ -63,7 +97,16 @@ fn gsm8k_eval_on_tiny_model_runs_end_to_end() {
     let examples = task.load(Split::Test, Some(3), 1).unwrap();
     let mut opts = EvalOptions::default();
     opts.run.max_new_tokens = 8;
-    let runs = execute(&llm, &setup, task.as_ref(), &[setup.pool_config(0), setup.pool_config(1)], &examples, &opts, None).unwrap();
+    let runs = execute(
+        &llm,
+        &setup,
+        task.as_ref(),
+        &[setup.pool_config(0), setup.pool_config(1)],
+        &examples,
+        &opts,
+        None,
+    )
+    .unwrap();
     assert_eq!(runs.len(), 2);
     for r in runs.iter().flatten() {
         assert_eq!(r.result.calls.len(), 4);
