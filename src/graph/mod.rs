@@ -193,6 +193,10 @@ pub trait ToolEnv: Send {
     fn describe(&self, name: &str) -> Option<String>;
     /// Execute a tool; the result (or error text) is returned to the agent.
     fn call(&mut self, name: &str, args: &serde_json::Value) -> String;
+    /// Called with every output variable an agent produced in this run, so an
+    /// environment can track state written through tags rather than tools
+    /// (e.g. MBPP stores a `code` output as the current program). Default: ignore.
+    fn observe(&mut self, _var: &str, _value: &str) {}
     /// The environment's final artifact, if any (e.g. MBPP's last written code).
     fn artifact(&self) -> Option<String> {
         None

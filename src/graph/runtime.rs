@@ -957,6 +957,9 @@ fn super_step(
             for var in &g.setup.agents[p.agent].output_vars {
                 match prompt::extract_tag(&p.call.reply, var) {
                     Some(v) => {
+                        if let Some(t) = run.tools.as_mut() {
+                            t.observe(var, &v);
+                        }
                         run.state.insert(var.clone(), v.clone());
                         p.call.outputs.insert(var.clone(), v);
                     }

@@ -111,17 +111,16 @@ pub fn extract_prompt(reply: &str) -> Option<String> {
 /// Problems of a generated prompt for `agent` (empty = valid): missing input
 /// placeholders (`few_shots` is optional) and output tags never mentioned.
 pub fn prompt_problems(prompt: &str, agent: &AgentSpec) -> Vec<String> {
-    let mut problems = Vec::new();
-    for v in &agent.input_vars {
-        if v != OPTIONAL_INPUT && !prompt.contains(&format!("{{{v}}}")) {
-            problems.push(format!("missing placeholder {{{v}}}"));
-        }
-    }
-    for v in &agent.output_vars {
-        if !prompt.contains(&format!("<{v}>")) {
-            problems.push(format!("missing output tag <{v}>"));
-        }
-    }
+    // The runtime's own placeholder parser, so an escaped `{{var}}` does not count.
+    let mut problems: Vec<String> = crate::prompt::missing_placeholders(prompt, &agent.input_vars)
+        .into_iter()
+        .map(|v| format!("missing placeholder {{{v}}}"))
+        .collect();
+    problems.extend(
+        crate::prompt::missing_output_tags(prompt, &agent.output_vars)
+            .into_iter()
+            .map(|v| format!("missing output tag <{v}>")),
+    );
     problems
 }
 
@@ -246,6 +245,24 @@ pub fn project_meta_tokens(llm: &dyn Llm, jobs: &[MetaJob], max_new_tokens: usiz
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn escaped_braces_do_not_count_as_placeholders() {
+        let agent = crate::graph::AgentSpec {
+            name: "a".into(),
+            task_description: String::new(),
+            input_vars: vec!["query".into(), "few_shots".into()],
+            output_vars: vec!["answer".into()],
+            tools: vec![],
+            max_tool_calls: 0,
+        };
+        assert!(prompt_problems("Solve {query}. Put it in <answer></answer>.", &agent).is_empty());
+        let p = prompt_problems("Solve {{query}}. Put it in <answer></answer>.", &agent);
+        assert_eq!(p, vec!["missing placeholder {query}".to_string()]);
+        let p = prompt_problems("Solve {query}.", &agent);
+        assert_eq!(p, vec!["missing output tag <answer>".to_string()]);
+    }
+
     use super::*;
     use crate::llm::ScriptedLlm;
 

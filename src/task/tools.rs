@@ -149,6 +149,17 @@ impl ToolEnv for McodeEnv {
         shorten(&out, MAX_RESULT_CHARS)
     }
 
+    fn observe(&mut self, var: &str, value: &str) {
+        // A coder that answers with a <code> tag instead of calling write_code
+        // still gets its program tested by check_tests and scored.
+        if var == "code" {
+            let code = strip_code_fences(value);
+            if !code.trim().is_empty() {
+                self.code = code;
+            }
+        }
+    }
+
     fn artifact(&self) -> Option<String> {
         (!self.code.is_empty()).then(|| self.code.clone())
     }
@@ -173,6 +184,18 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    #[test]
+    fn code_tag_output_becomes_the_program() {
+        let mut e = env();
+        e.observe("plan", "def square(x): pass");
+        assert_eq!(e.artifact(), None);
+        e.observe("code", "```python\ndef square(x):\n    return x * x\n```");
+        assert_eq!(e.artifact().as_deref(), Some("def square(x):\n    return x * x"));
+        assert!(e.call("check_tests", &json!({})).starts_with("Passed 2/2"));
+        e.observe("code", "   ");
+        assert!(e.artifact().is_some(), "an empty code tag must not erase the program");
     }
 
     #[test]
