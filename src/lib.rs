@@ -3,10 +3,12 @@
 //! every model call in-process through Candle.
 //!
 //! Modules follow the data flow: [`llm`] → [`prompt`] → [`graph`] → [`task`] →
-//! [`eval`] → [`attribution`] → [`optimize`] → `report`; `cli` sits on top.
+//! [`eval`] → [`attribution`] → [`optimize`] → [`benchrun`] → `report`; `cli` sits
+//! on top.
 #![warn(missing_docs)]
 
 pub mod attribution;
+pub mod benchrun;
 pub mod cli;
 pub mod eval;
 pub mod graph;

@@ -103,6 +103,36 @@ pub fn prompt_set(path: Option<&Path>, setup: &Setup) -> Result<PromptSet> {
     }
 }
 
+/// Evaluate one prompt set on `examples` with a progress bar on stderr;
+/// returns the scored runs and their summary (wall time filled in).
+pub fn evaluate_config(
+    llm: &dyn crate::llm::Llm,
+    setup: &Setup,
+    task: &dyn crate::task::Task,
+    config: &PromptSet,
+    examples: &[crate::task::Example],
+    opts: &EvalOptions,
+    label: &str,
+) -> Result<(Vec<eval::ScoredRun>, eval::EvalSummary)> {
+    let bar = super::common::bar(examples.len() as u64, label);
+    let t0 = Instant::now();
+    let cb = |n: usize| bar.set_position(n as u64);
+    let mut runs = eval::execute(
+        llm,
+        setup,
+        task,
+        std::slice::from_ref(config),
+        examples,
+        opts,
+        Some(&cb),
+    )?;
+    bar.finish_and_clear();
+    let runs = runs.remove(0);
+    let mut summary = eval::summarize(&runs);
+    summary.wall_secs = t0.elapsed().as_secs_f64();
+    Ok((runs, summary))
+}
+
 /// Run the command.
 pub fn run(a: EvalArgs) -> Result<()> {
     let (task, setup) = a.mas.load()?;
@@ -114,22 +144,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let bar = super::common::bar(examples.len() as u64, "runs");
-    let t0 = Instant::now();
-    let cb = |n: usize| bar.set_position(n as u64);
-    let mut runs = eval::execute(
+    let (runs, summary) = evaluate_config(
         &llm,
         &setup,
         task.as_ref(),
-        std::slice::from_ref(&config),
+        &config,
         &examples,
         &opts,
-        Some(&cb),
+        "runs",
     )?;
-    bar.finish_and_clear();
-    let runs = runs.remove(0);
-    let mut summary = eval::summarize(&runs);
-    summary.wall_secs = t0.elapsed().as_secs_f64();
     println!(
         "task {} split {} n {} seed {} model {}",
         task.name(),

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench_run;
 pub mod common;
 pub mod eval;
 pub mod generate;
@@ -32,6 +33,9 @@ pub enum Command {
     Optimize(optimize::OptimizeArgs),
     /// Execute + attribute only: rank agents by credit on (failing) queries.
     Attribute(optimize::AttributeArgs),
+    /// Reproducible benchmark run: initial eval, CANTANTE and the identity
+    /// ablation per seed, test evals, and a results table (resumable).
+    BenchRun(bench_run::BenchRunArgs),
     /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
     Sandbox(sandbox::SandboxArgs),
 }
@@ -55,6 +59,7 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval::run(a).map(|_| 0),
         Command::Optimize(a) => optimize::run(a).map(|_| 0),
         Command::Attribute(a) => optimize::run_attribute(a).map(|_| 0),
+        Command::BenchRun(a) => bench_run::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

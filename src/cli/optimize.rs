@@ -105,6 +105,65 @@ fn load_config(a: &OptimizeArgs) -> Result<OptimizeConfig> {
     Ok(c)
 }
 
+/// Progress bars of an optimize run on stderr: one for rounds (with a line
+/// per finished round) and one for the rollouts of the current phase.
+pub struct OptimizeBars {
+    rounds: indicatif::ProgressBar,
+    runs: indicatif::ProgressBar,
+}
+
+impl OptimizeBars {
+    /// Bars for a run of `rounds` rounds.
+    pub fn new(rounds: usize) -> Self {
+        Self {
+            rounds: bar(rounds as u64, "round"),
+            runs: bar(0, "rollouts"),
+        }
+    }
+
+    /// Rollout progress (for [`MasExecutor::with_progress`]).
+    pub fn runs(&self, done: usize, total: usize) {
+        self.runs.set_length(total as u64);
+        self.runs.set_position(done as u64);
+    }
+
+    /// Optimizer progress events (for [`RunHooks::progress`]).
+    pub fn event(&self, e: &ProgressEvent) {
+        match e {
+            ProgressEvent::RoundStarted { round, rounds } => {
+                self.rounds.set_length(*rounds as u64);
+                self.rounds.set_message(format!("round {round}"));
+            }
+            ProgressEvent::Phase { round, phase } => {
+                self.rounds.set_message(format!("round {round} {phase}"));
+                self.runs.set_position(0);
+            }
+            ProgressEvent::RoundFinished {
+                round,
+                validation_score,
+                best_score,
+                tokens,
+            } => {
+                self.rounds.set_position(*round as u64);
+                self.rounds.println(format!(
+                    "round {round}: validation {validation_score:.3}, best {best_score:.3}, tokens task {} meta {}",
+                    tokens.task(),
+                    tokens.meta()
+                ));
+            }
+            ProgressEvent::Stopped { reason } => {
+                self.rounds.println(format!("stopped: {reason:?}"))
+            }
+        }
+    }
+
+    /// Remove the bars.
+    pub fn finish(&self) {
+        self.rounds.finish_and_clear();
+        self.runs.finish_and_clear();
+    }
+}
+
 /// Run `cantante optimize`.
 pub fn run(a: OptimizeArgs) -> Result<()> {
     let (task, setup) = a.mas.load()?;
@@ -151,41 +210,11 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         seed: config.seed,
         ..Default::default()
     };
-    let runs_bar = bar(0, "rollouts");
-    let progress = |done: usize, total: usize| {
-        runs_bar.set_length(total as u64);
-        runs_bar.set_position(done as u64);
-    };
+    let bars = OptimizeBars::new(config.rounds);
+    let progress = |done: usize, total: usize| bars.runs(done, total);
     let exec =
         MasExecutor::new(&llm, setup, task.as_ref(), dev, val, opts).with_progress(&progress);
-    let rounds_bar = bar(config.rounds as u64, "round");
-    let on_event = |e: &ProgressEvent| match e {
-        ProgressEvent::RoundStarted { round, rounds } => {
-            rounds_bar.set_length(*rounds as u64);
-            rounds_bar.set_message(format!("round {}", round + 1));
-        }
-        ProgressEvent::Phase { round, phase } => {
-            rounds_bar.set_message(format!("round {} {phase}", round + 1));
-            runs_bar.set_position(0);
-        }
-        ProgressEvent::RoundFinished {
-            round,
-            validation_score,
-            best_score,
-            tokens,
-        } => {
-            rounds_bar.inc(1);
-            rounds_bar.println(format!(
-                "round {}: validation {:.3}, best {:.3}, tokens task {} meta {}",
-                round + 1,
-                validation_score,
-                best_score,
-                tokens.task(),
-                tokens.meta()
-            ));
-        }
-        ProgressEvent::Stopped { reason } => rounds_bar.println(format!("stopped: {reason:?}")),
-    };
+    let on_event = |e: &ProgressEvent| bars.event(e);
     let hooks = RunHooks {
         progress: Some(&on_event),
         stop_after_rounds: None,
@@ -195,8 +224,7 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         (None, Some(dir)) => optimize::optimize(&exec, meta, meta, &config, dir, hooks)?,
         (None, None) => bail!("give --out DIR for a new run or --resume DIR"),
     };
-    rounds_bar.finish_and_clear();
-    runs_bar.finish_and_clear();
+    bars.finish();
     let dir = a
         .resume
         .as_ref()

@@ -1,0 +1,1231 @@
+//! Reproducible benchmark runs (reference spec §3.3 test protocol, §8 grid,
+//! §9 results): the [`Protocol`] files of `configs/protocols/`, the part
+//! records a `cantante bench-run` directory holds per (task, seed), and the
+//! results table built from whatever parts are finished — initial
+//! configuration, CANTANTE and the identity-attribution ablation (spec §9.4),
+//! each as mean ± std (ddof = 1) over seeds, with test tokens per query,
+//! optimization tokens, wall time, rounds and the credit-correlation check
+//! (spec §9.5), next to the paper's reference numbers.
+//!
+//! Directory layout (`DIR/<task>/seed<S>/`): `initial_test.json`,
+//! `cantante/` (an optimize run directory plus `timing.json`),
+//! `cantante_test.json`, `identity/`, `identity_test.json`. The table logic
+//! ([`build_table`], [`render_markdown`]) is pure; [`load_seed`] reads one
+//! seed directory and reports unreadable parts instead of failing.
+
+use crate::eval::EvalSummary;
+use crate::graph::PromptSet;
+use crate::optimize::analysis::credit_correlation;
+use crate::optimize::{OptimizeConfig, OptimizeResult, RoundRecord, StopReason};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// The `paper` protocol file, embedded.
+pub const PAPER_YAML: &str = include_str!("../configs/protocols/paper.yaml");
+/// The `cpu-small` protocol file, embedded.
+pub const CPU_SMALL_YAML: &str = include_str!("../configs/protocols/cpu-small.yaml");
+
+/// Errors of benchmark runs; each names the file or field.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A file could not be parsed.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: String,
+        /// What failed.
+        message: String,
+    },
+    /// A protocol value is out of range.
+    #[error("protocol {name}: field `{field}`: {message}")]
+    Protocol {
+        /// Protocol name or file.
+        name: String,
+        /// The offending field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
+    move |source| BenchError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Per-task overrides of a protocol (e.g. MBPP's longer code turns).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskOverride {
+    /// Maximum new tokens per agent turn.
+    pub max_new_tokens: Option<usize>,
+    /// Token cap on each state field filled into a prompt.
+    pub field_cap: Option<usize>,
+    /// Token cap of each field shown to the attributer.
+    pub attribution_field_cap: Option<usize>,
+}
+
+/// A benchmark protocol (`configs/protocols/*.yaml`): data sizes, agent
+/// sampling and the optimizer's hyper-parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protocol {
+    /// One-line description.
+    #[serde(default)]
+    pub description: String,
+    /// Dev examples blocks are drawn from.
+    pub dev_size: usize,
+    /// Validation examples for the combined best configuration.
+    pub val_size: usize,
+    /// Test examples (seeded sample per seed, shared by all methods).
+    pub test_size: usize,
+    /// Maximum new tokens per agent turn.
+    pub max_new_tokens: usize,
+    /// Token cap on each state field filled into a prompt.
+    pub field_cap: usize,
+    /// Agent sampling temperature.
+    pub temperature: f64,
+    /// System prompt of every agent call.
+    #[serde(default = "default_system")]
+    pub system: String,
+    /// Maximum rounds of the identity ablation, which stops at the CANTANTE
+    /// run's total token spend; default: 3 × `optimizer.rounds`.
+    #[serde(default)]
+    pub identity_rounds: Option<usize>,
+    /// Per-task overrides, keyed by task name.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskOverride>,
+    /// Optimizer settings (fields of [`OptimizeConfig`]; `seed` is replaced
+    /// by each run seed).
+    #[serde(default)]
+    pub optimizer: OptimizeConfig,
+}
+
+fn default_system() -> String {
+    "You are a helpful assistant.".into()
+}
+
+impl Protocol {
+    /// Parse a protocol from YAML text; `name` is used in errors.
+    pub fn from_yaml(text: &str, name: &str) -> Result<Self, BenchError> {
+        let p: Protocol = serde_yaml::from_str(text).map_err(|e| BenchError::Format {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        p.validate(name)?;
+        Ok(p)
+    }
+
+    /// A built-in protocol by name (`paper`, `cpu-small`), else a YAML file path.
+    pub fn resolve(spec: &str) -> Result<(String, Self), BenchError> {
+        match spec {
+            "paper" => Ok(("paper".into(), Self::from_yaml(PAPER_YAML, "paper")?)),
+            "cpu-small" => Ok((
+                "cpu-small".into(),
+                Self::from_yaml(CPU_SMALL_YAML, "cpu-small")?,
+            )),
+            path => {
+                let p = Path::new(path);
+                let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| path.to_string());
+                Ok((name, Self::from_yaml(&text, path)?))
+            }
+        }
+    }
+
+    /// Check value ranges; the error names the field.
+    pub fn validate(&self, name: &str) -> Result<(), BenchError> {
+        let bad = |field: &str, message: &str| {
+            Err(BenchError::Protocol {
+                name: name.into(),
+                field: field.into(),
+                message: message.into(),
+            })
+        };
+        for (field, v) in [
+            ("dev_size", self.dev_size),
+            ("val_size", self.val_size),
+            ("test_size", self.test_size),
+            ("max_new_tokens", self.max_new_tokens),
+            ("field_cap", self.field_cap),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if self.identity_rounds == Some(0) {
+            return bad("identity_rounds", "must be at least 1");
+        }
+        if self.dev_size < self.optimizer.block_size {
+            return bad("dev_size", "must be at least optimizer.block_size");
+        }
+        self.optimizer.validate().map_err(|e| BenchError::Protocol {
+            name: name.into(),
+            field: "optimizer".into(),
+            message: e.to_string(),
+        })
+    }
+
+    fn over(&self, task: &str) -> TaskOverride {
+        self.tasks.get(task).cloned().unwrap_or_default()
+    }
+
+    /// Maximum new tokens per agent turn for `task`.
+    pub fn max_new_tokens(&self, task: &str) -> usize {
+        self.over(task)
+            .max_new_tokens
+            .unwrap_or(self.max_new_tokens)
+    }
+
+    /// Field token cap for `task`.
+    pub fn field_cap(&self, task: &str) -> usize {
+        self.over(task).field_cap.unwrap_or(self.field_cap)
+    }
+
+    /// The CANTANTE run's optimizer configuration for `task` and `seed`.
+    pub fn optimizer_config(&self, task: &str, seed: u64) -> OptimizeConfig {
+        let mut c = self.optimizer.clone();
+        c.seed = seed;
+        c.task_max_new_tokens_estimate = self.max_new_tokens(task);
+        c.validation_size_estimate = self.val_size;
+        if let Some(f) = self.over(task).attribution_field_cap {
+            c.attribution_field_cap = f;
+        }
+        c
+    }
+
+    /// The identity ablation's configuration: the CANTANTE configuration with
+    /// the identity attributer, capped at `cantante_total_tokens` (equal
+    /// budget) and at most [`Protocol::identity_rounds`] rounds.
+    pub fn identity_config(
+        &self,
+        task: &str,
+        seed: u64,
+        cantante_total_tokens: u64,
+    ) -> OptimizeConfig {
+        let mut c = self.optimizer_config(task, seed);
+        c.identity_attribution = true;
+        c.rounds = self
+            .identity_rounds
+            .unwrap_or(3 * self.optimizer.rounds)
+            .max(1);
+        c.max_total_tokens = Some(
+            c.max_total_tokens
+                .map_or(cantante_total_tokens, |m| m.min(cantante_total_tokens)),
+        );
+        c
+    }
+}
+
+/// The machine a part ran on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Machine {
+    /// CPU model (from /proc/cpuinfo).
+    pub cpu: String,
+    /// Logical cores available to the process.
+    pub cores: usize,
+    /// Total RAM in GiB (from /proc/meminfo).
+    pub ram_gib: u64,
+    /// Accelerator (`cuda`) or `cpu`.
+    pub device: String,
+    /// Model id of the task (and meta) model.
+    pub model: String,
+}
+
+impl Machine {
+    /// Describe this machine; unreadable /proc files give `unknown`/0.
+    pub fn detect(model: &str, device: &str) -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let ram_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .map(|kib| (kib + (1 << 19)) >> 20)
+            .unwrap_or(0);
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            ram_gib,
+            device: device.into(),
+            model: model.into(),
+        }
+    }
+
+    /// One-line description.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} cores, {} GiB RAM, {}), model {}",
+            self.cpu, self.cores, self.ram_gib, self.device, self.model
+        )
+    }
+}
+
+/// The three compared methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The first prompt of each agent's pool.
+    Initial,
+    /// CANTANTE (LLM attribution).
+    Cantante,
+    /// CANTANTE with the identity attributer at equal token budget.
+    Identity,
+}
+
+impl Method {
+    /// All methods, in table order.
+    pub const ALL: [Method; 3] = [Method::Initial, Method::Cantante, Method::Identity];
+
+    /// Short name (file prefixes).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Initial => "initial",
+            Method::Cantante => "cantante",
+            Method::Identity => "identity",
+        }
+    }
+
+    /// Label in the table.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Method::Initial => "Initial",
+            Method::Cantante => "CANTANTE",
+            Method::Identity => "Identity attribution (equal budget)",
+        }
+    }
+
+    /// File of the method's test evaluation in a seed directory.
+    pub fn test_file(&self) -> String {
+        format!("{}_test.json", self.as_str())
+    }
+}
+
+/// A finished test evaluation (`<method>_test.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TestRecord {
+    /// Method evaluated.
+    pub method: Method,
+    /// Task name.
+    pub task: String,
+    /// Seed (test sample and rollouts).
+    pub seed: u64,
+    /// Content id of the evaluated prompt set.
+    pub config_id: String,
+    /// The evaluated prompt set.
+    pub prompts: PromptSet,
+    /// Accuracy, tokens and wall time.
+    pub summary: EvalSummary,
+    /// Where it ran.
+    pub machine: Machine,
+}
+
+/// Wall time of an optimize run (`timing.json` in its run directory),
+/// accumulated over resumed sessions and updated after every round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// Seconds spent so far (a round cut short by a crash is not counted).
+    pub wall_secs: f64,
+    /// Where the last session ran.
+    pub machine: Machine,
+}
+
+/// A finished (or partial) optimize run of one seed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptPart {
+    /// `summary.json`, when the run is finished.
+    pub summary: Option<OptimizeResult>,
+    /// Records of `rounds.jsonl` (also of unfinished runs).
+    pub rounds: Vec<RoundRecord>,
+    /// `timing.json`, when present.
+    pub timing: Option<Timing>,
+}
+
+/// Everything found for one (task, seed).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct SeedParts {
+    /// Task name.
+    pub task: String,
+    /// Seed.
+    pub seed: u64,
+    /// Test evaluations by method.
+    pub tests: BTreeMap<Method, TestRecord>,
+    /// Optimize runs by method (cantante, identity).
+    pub runs: BTreeMap<Method, OptPart>,
+}
+
+/// Whether an optimize summary marks a finished run (all rounds, or the
+/// budget); a run stopped by a `STOP` file or interrupted is continued.
+pub fn is_finished(s: &OptimizeResult) -> bool {
+    matches!(
+        s.stop_reason,
+        StopReason::Completed | StopReason::Budget { .. }
+    )
+}
+
+/// Directory of one seed: `DIR/<task>/seed<S>`.
+pub fn seed_dir(out: &Path, task: &str, seed: u64) -> PathBuf {
+    out.join(task).join(format!("seed{seed}"))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, BenchError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| BenchError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// Read the `rounds.jsonl` of a run directory (missing file = no rounds).
+pub fn read_rounds(run_dir: &Path) -> Result<Vec<RoundRecord>, BenchError> {
+    let path = run_dir.join("rounds.jsonl");
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| BenchError::Format {
+                path: format!("{} line {}", path.display(), i + 1),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Load a finished test record (None when absent).
+pub fn load_test(path: &Path) -> Result<Option<TestRecord>, BenchError> {
+    read_json(path)
+}
+
+/// Load a run's `summary.json` only when it marks a finished run.
+pub fn load_finished_summary(run_dir: &Path) -> Result<Option<OptimizeResult>, BenchError> {
+    Ok(read_json::<OptimizeResult>(&run_dir.join("summary.json"))?.filter(is_finished))
+}
+
+/// Load a run's `timing.json` (None when absent).
+pub fn load_timing(run_dir: &Path) -> Result<Option<Timing>, BenchError> {
+    read_json(&run_dir.join("timing.json"))
+}
+
+/// Read one seed directory. Unreadable parts are left out and returned as
+/// errors beside the parts that could be read.
+pub fn load_seed(out: &Path, task: &str, seed: u64) -> (SeedParts, Vec<BenchError>) {
+    let dir = seed_dir(out, task, seed);
+    let mut parts = SeedParts {
+        task: task.into(),
+        seed,
+        ..Default::default()
+    };
+    let mut errors = Vec::new();
+    for m in Method::ALL {
+        match load_test(&dir.join(m.test_file())) {
+            Ok(Some(t)) => {
+                parts.tests.insert(m, t);
+            }
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+        if m == Method::Initial {
+            continue;
+        }
+        let run_dir = dir.join(m.as_str());
+        if !run_dir.is_dir() {
+            continue;
+        }
+        let summary = load_finished_summary(&run_dir).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+        let timing = load_timing(&run_dir).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
+        let rounds = read_rounds(&run_dir).unwrap_or_else(|e| {
+            errors.push(e);
+            vec![]
+        });
+        parts.runs.insert(
+            m,
+            OptPart {
+                summary,
+                rounds,
+                timing,
+            },
+        );
+    }
+    (parts, errors)
+}
+
+/// Mean, sample standard deviation (ddof = 1; None for one value) and count.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MeanStd {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation; None with fewer than two values.
+    pub std: Option<f64>,
+    /// Number of values.
+    pub n: usize,
+}
+
+impl MeanStd {
+    /// Statistics of `values`; None when empty. Non-finite values are skipped.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        let n = v.len();
+        let mean = v.iter().sum::<f64>() / n as f64;
+        let std = (n > 1)
+            .then(|| (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt());
+        Some(MeanStd { mean, std, n })
+    }
+
+    /// `mean ± std` with `digits` decimals after scaling by `scale`; `–` for a missing std.
+    pub fn fmt(&self, scale: f64, digits: usize) -> String {
+        let std = self
+            .std
+            .map(|s| format!("{:.*}", digits, s * scale))
+            .unwrap_or_else(|| "–".into());
+        format!("{:.*} ± {}", digits, self.mean * scale, std)
+    }
+}
+
+/// One (task, method) row of the results table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MethodRow {
+    /// Task.
+    pub task: String,
+    /// Method.
+    pub method: Method,
+    /// Seeds with a finished test evaluation.
+    pub seeds: Vec<u64>,
+    /// Per-seed test accuracy (in [0, 1]), by seed.
+    pub per_seed_accuracy: BTreeMap<u64, f64>,
+    /// Test accuracy over seeds (in [0, 1]).
+    pub accuracy: Option<MeanStd>,
+    /// Test tokens per query (input + output).
+    pub tokens_per_query: Option<MeanStd>,
+    /// Optimization task tokens (finished runs).
+    pub opt_task_tokens: Option<MeanStd>,
+    /// Optimization meta tokens (finished runs).
+    pub opt_meta_tokens: Option<MeanStd>,
+    /// Share of optimization tokens spent on meta calls (in [0, 1]).
+    pub meta_share: Option<MeanStd>,
+    /// Optimization wall time in seconds.
+    pub opt_wall_secs: Option<MeanStd>,
+    /// Test evaluation wall time in seconds.
+    pub test_wall_secs: Option<MeanStd>,
+    /// Completed rounds (finished runs).
+    pub rounds: Option<MeanStd>,
+}
+
+/// Credit correlation of one agent (spec §9.5) over the CANTANTE runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreditRow {
+    /// Task.
+    pub task: String,
+    /// Agent.
+    pub agent: String,
+    /// Per seed: (Spearman ρ, configurations used).
+    pub per_seed: BTreeMap<u64, (Option<f64>, usize)>,
+    /// ρ over the seeds where it is defined.
+    pub rho: Option<MeanStd>,
+}
+
+/// A number reported by the paper (spec §9).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reference {
+    /// Task.
+    pub task: String,
+    /// Method.
+    pub method: Method,
+    /// Test accuracy in %.
+    pub accuracy_pct: f64,
+    /// Its std over seeds (None for one run).
+    pub std_pct: Option<f64>,
+    /// Test tokens per query in thousands.
+    pub tokens_k: f64,
+    /// Seeds.
+    pub seeds: String,
+}
+
+/// The paper's reference numbers (spec §9.1, §9.2, §9.4), with much larger
+/// API models (Qwen3-30B-A3B task model, gpt-oss-120b meta model).
+pub fn paper_reference() -> Vec<Reference> {
+    let r = |task: &str, method, acc, std, tok, seeds: &str| Reference {
+        task: task.into(),
+        method,
+        accuracy_pct: acc,
+        std_pct: std,
+        tokens_k: tok,
+        seeds: seeds.into(),
+    };
+    vec![
+        r(
+            "gsm8k",
+            Method::Initial,
+            59.20,
+            Some(10.73),
+            1.81,
+            "7, 42, 47",
+        ),
+        r(
+            "gsm8k",
+            Method::Cantante,
+            82.33,
+            Some(4.35),
+            1.74,
+            "7, 42, 47",
+        ),
+        r(
+            "gsm8k",
+            Method::Identity,
+            79.6,
+            None,
+            1.66,
+            "42 (vs 84.0 CANTANTE)",
+        ),
+        r("mbpp", Method::Initial, 5.54, Some(1.62), 2.11, "7, 42, 47"),
+        r(
+            "mbpp",
+            Method::Cantante,
+            41.89,
+            Some(7.56),
+            1.99,
+            "7, 42, 47",
+        ),
+    ]
+}
+
+/// The paper's credit correlations per agent (spec §9.5; seeds 7 / 42 / 47).
+pub fn paper_credit_reference() -> Vec<(&'static str, &'static str, [f64; 3])> {
+    vec![
+        ("gsm8k", "executor_1", [0.03, 0.01, -0.08]),
+        ("gsm8k", "executor_2", [0.13, 0.32, 0.41]),
+        ("gsm8k", "executor_3", [0.55, 0.37, 0.22]),
+        ("gsm8k", "consensus", [0.13, 0.26, 0.28]),
+        ("mbpp", "planner", [0.10, 0.00, 0.09]),
+        ("mbpp", "coder", [-0.09, 0.18, 0.14]),
+        ("mbpp", "validator", [0.29, 0.33, 0.35]),
+    ]
+}
+
+/// The results table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultsTable {
+    /// Protocol name.
+    pub protocol: String,
+    /// Distinct machines the parts ran on.
+    pub machines: Vec<Machine>,
+    /// One row per (task, method), tasks in input order.
+    pub rows: Vec<MethodRow>,
+    /// Credit correlation per (task, agent).
+    pub credit: Vec<CreditRow>,
+    /// The paper's numbers.
+    pub reference: Vec<Reference>,
+}
+
+/// Build the results table from the loaded parts (pure).
+pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
+    let mut tasks: Vec<String> = Vec::new();
+    for p in parts {
+        if !tasks.contains(&p.task) {
+            tasks.push(p.task.clone());
+        }
+    }
+    let mut machines = BTreeSet::new();
+    let mut rows = Vec::new();
+    let mut credit = Vec::new();
+    for task in &tasks {
+        let seeds: Vec<&SeedParts> = parts.iter().filter(|p| &p.task == task).collect();
+        for m in Method::ALL {
+            let tests: Vec<(u64, &TestRecord)> = seeds
+                .iter()
+                .filter_map(|p| p.tests.get(&m).map(|t| (p.seed, t)))
+                .collect();
+            machines.extend(tests.iter().map(|(_, t)| t.machine.clone()));
+            let runs: Vec<&OptPart> = seeds.iter().filter_map(|p| p.runs.get(&m)).collect();
+            machines.extend(
+                runs.iter()
+                    .filter_map(|r| r.timing.as_ref().map(|t| t.machine.clone())),
+            );
+            let finished: Vec<&OptimizeResult> =
+                runs.iter().filter_map(|r| r.summary.as_ref()).collect();
+            let col = |f: &dyn Fn(&OptimizeResult) -> f64| {
+                MeanStd::of(&finished.iter().map(|s| f(s)).collect::<Vec<_>>())
+            };
+            rows.push(MethodRow {
+                task: task.clone(),
+                method: m,
+                seeds: tests.iter().map(|(s, _)| *s).collect(),
+                per_seed_accuracy: tests
+                    .iter()
+                    .map(|(s, t)| (*s, t.summary.accuracy))
+                    .collect(),
+                accuracy: MeanStd::of(
+                    &tests
+                        .iter()
+                        .map(|(_, t)| t.summary.accuracy)
+                        .collect::<Vec<_>>(),
+                ),
+                tokens_per_query: MeanStd::of(
+                    &tests
+                        .iter()
+                        .map(|(_, t)| t.summary.mean_input_tokens + t.summary.mean_output_tokens)
+                        .collect::<Vec<_>>(),
+                ),
+                opt_task_tokens: col(&|s| s.tokens.task() as f64),
+                opt_meta_tokens: col(&|s| s.tokens.meta() as f64),
+                meta_share: col(&|s| {
+                    let t = s.tokens.total();
+                    if t == 0 {
+                        f64::NAN
+                    } else {
+                        s.tokens.meta() as f64 / t as f64
+                    }
+                }),
+                opt_wall_secs: MeanStd::of(
+                    &runs
+                        .iter()
+                        .filter(|r| r.summary.is_some())
+                        .filter_map(|r| r.timing.as_ref().map(|t| t.wall_secs))
+                        .collect::<Vec<_>>(),
+                ),
+                test_wall_secs: MeanStd::of(
+                    &tests
+                        .iter()
+                        .map(|(_, t)| t.summary.wall_secs)
+                        .collect::<Vec<_>>(),
+                ),
+                rounds: col(&|s| s.rounds_completed as f64),
+            });
+        }
+        let mut per_agent: BTreeMap<String, BTreeMap<u64, (Option<f64>, usize)>> = BTreeMap::new();
+        for p in &seeds {
+            let Some(run) = p.runs.get(&Method::Cantante) else {
+                continue;
+            };
+            if run.rounds.is_empty() {
+                continue;
+            }
+            for (agent, v) in credit_correlation(&run.rounds) {
+                per_agent.entry(agent).or_default().insert(p.seed, v);
+            }
+        }
+        for (agent, per_seed) in per_agent {
+            let rhos: Vec<f64> = per_seed.values().filter_map(|(r, _)| *r).collect();
+            credit.push(CreditRow {
+                task: task.clone(),
+                agent,
+                rho: MeanStd::of(&rhos),
+                per_seed,
+            });
+        }
+    }
+    ResultsTable {
+        protocol: protocol.into(),
+        machines: machines.into_iter().collect(),
+        rows,
+        credit,
+        reference: paper_reference()
+            .into_iter()
+            .filter(|r| tasks.is_empty() || tasks.contains(&r.task))
+            .collect(),
+    }
+}
+
+fn opt(v: &Option<MeanStd>, scale: f64, digits: usize) -> String {
+    v.as_ref()
+        .map(|m| m.fmt(scale, digits))
+        .unwrap_or_else(|| "–".into())
+}
+
+/// Render the table as Markdown (`results.md`).
+pub fn render_markdown(t: &ResultsTable) -> String {
+    let mut s = String::new();
+    s.push_str("# cantante bench-run results\n\n");
+    s.push_str(&format!("Protocol: `{}`.\n\n", t.protocol));
+    if t.machines.is_empty() {
+        s.push_str("Machine: no finished part yet.\n\n");
+    } else {
+        s.push_str("Machine(s):\n\n");
+        for m in &t.machines {
+            s.push_str(&format!("- {}\n", m.describe()));
+        }
+        s.push('\n');
+    }
+    s.push_str(
+        "Mean ± std (ddof = 1) over the seeds listed; `–` = not available (std: one seed). \
+         Accuracy and tokens per query on the held-out test sample of each seed; \
+         optimization tokens, wall time and rounds over finished runs.\n\n",
+    );
+    s.push_str("| task | method | n seeds | seeds | test acc (%) | tokens / test query | opt tokens task | opt tokens meta | meta share (%) | opt wall (s) | test wall (s) | rounds |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in &t.rows {
+        let seeds = r
+            .seeds
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.task,
+            r.method.label(),
+            r.seeds.len(),
+            if seeds.is_empty() {
+                "–".into()
+            } else {
+                seeds
+            },
+            opt(&r.accuracy, 100.0, 2),
+            opt(&r.tokens_per_query, 1.0, 0),
+            opt(&r.opt_task_tokens, 1.0, 0),
+            opt(&r.opt_meta_tokens, 1.0, 0),
+            opt(&r.meta_share, 100.0, 1),
+            opt(&r.opt_wall_secs, 1.0, 0),
+            opt(&r.test_wall_secs, 1.0, 0),
+            opt(&r.rounds, 1.0, 1),
+        ));
+    }
+    s.push_str("\n## Credit check (spec §9.5)\n\n");
+    s.push_str(
+        "Spearman ρ between an agent's mean credit in an evaluated joint configuration and \
+         that configuration's block score, over the CANTANTE run's rounds.jsonl. Moderate, \
+         agent-specific values mean credits are not an echo of the system score; they do not \
+         show that credits are correct.\n\n",
+    );
+    if t.credit.is_empty() {
+        s.push_str("No CANTANTE rounds yet.\n");
+    } else {
+        s.push_str(
+            "| task | agent | ρ mean ± std | per seed: ρ (configurations) |\n|---|---|---|---|\n",
+        );
+        for c in &t.credit {
+            let per = c
+                .per_seed
+                .iter()
+                .map(|(seed, (r, n))| {
+                    let r = r.map(|r| format!("{r:+.2}")).unwrap_or_else(|| "–".into());
+                    format!("seed {seed}: {r} ({n})")
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                c.task,
+                c.agent,
+                opt(&c.rho, 1.0, 2),
+                per
+            ));
+        }
+    }
+    s.push_str("\n## Paper reference (spec §9)\n\n");
+    s.push_str(
+        "Reference implementation with API models (task: Qwen3-30B-A3B, meta/attribution: \
+         gpt-oss-120b), 300 dev and 500 test items per seed, 10M-token budget. Not directly \
+         comparable with small local models.\n\n",
+    );
+    s.push_str("| task | method | test acc (%) | tokens / test query (k) | seeds |\n|---|---|---|---|---|\n");
+    for r in &t.reference {
+        let std = r.std_pct.map(|x| format!(" ± {x:.2}")).unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {} | {:.2}{} | {:.2} | {} |\n",
+            r.task,
+            r.method.label(),
+            r.accuracy_pct,
+            std,
+            r.tokens_k,
+            r.seeds
+        ));
+    }
+    let tasks: BTreeSet<&str> = t.reference.iter().map(|r| r.task.as_str()).collect();
+    let refs: Vec<_> = paper_credit_reference()
+        .into_iter()
+        .filter(|(task, _, _)| tasks.contains(task))
+        .collect();
+    if !refs.is_empty() {
+        s.push_str("\nPaper credit correlations (ρ, seeds 7 / 42 / 47):\n\n");
+        for (task, agent, v) in refs {
+            s.push_str(&format!(
+                "- {task} {agent}: {:+.2} / {:+.2} / {:+.2}\n",
+                v[0], v[1], v[2]
+            ));
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optimize::TokenCounters;
+
+    fn machine() -> Machine {
+        Machine {
+            cpu: "Test CPU".into(),
+            cores: 2,
+            ram_gib: 24,
+            device: "cpu".into(),
+            model: "tiny".into(),
+        }
+    }
+
+    fn test_rec(method: Method, seed: u64, acc: f64, tokens: f64) -> TestRecord {
+        TestRecord {
+            method,
+            task: "gsm8k".into(),
+            seed,
+            config_id: "x".into(),
+            prompts: PromptSet::new(),
+            summary: EvalSummary {
+                n: 10,
+                accuracy: acc,
+                mean_input_tokens: tokens - 100.0,
+                mean_output_tokens: 100.0,
+                format_failure_rate: BTreeMap::new(),
+                run_errors: 0,
+                wall_secs: 5.0,
+            },
+            machine: machine(),
+        }
+    }
+
+    fn summary(task_tokens: u64, meta: u64, rounds: usize) -> OptimizeResult {
+        OptimizeResult {
+            best_prompts: PromptSet::new(),
+            best_score: 0.5,
+            best_round: 1,
+            initial_score: 0.2,
+            rounds_completed: rounds,
+            stop_reason: StopReason::Completed,
+            tokens: TokenCounters {
+                task_input: task_tokens,
+                attribution_input: meta,
+                ..Default::default()
+            },
+            validations: vec![],
+            rejections: BTreeMap::new(),
+            agent_credits: BTreeMap::new(),
+            populations: BTreeMap::new(),
+        }
+    }
+
+    fn record(block_scores: Vec<f64>, credits_a: Vec<f64>, credits_b: Vec<f64>) -> RoundRecord {
+        let n = block_scores.len();
+        let mut credits = BTreeMap::new();
+        credits.insert(
+            "a".to_string(),
+            credits_a.into_iter().map(|c| vec![Some(c)]).collect(),
+        );
+        credits.insert(
+            "b".to_string(),
+            credits_b.into_iter().map(|c| vec![Some(c)]).collect(),
+        );
+        let j = serde_json::json!({
+            "round": 1, "configs": vec![PromptSet::new(); n], "config_hashes": vec!["h"; n],
+            "block": [0], "scores": block_scores.iter().map(|s| vec![*s]).collect::<Vec<_>>(),
+            "block_scores": block_scores, "credits": credits, "attribution_failures": 0,
+            "rejections": {}, "task_tokens": 0, "meta_tokens": 0, "tokens": TokenCounters::default(),
+            "incumbent": {}, "validation_score": 0.0,
+        });
+        serde_json::from_value(j).expect("a RoundRecord")
+    }
+
+    #[test]
+    fn mean_std_uses_ddof_1_and_dash_for_one_value() {
+        let m = MeanStd::of(&[0.6, 0.7, 0.8]).unwrap();
+        assert!((m.mean - 0.7).abs() < 1e-12);
+        assert!((m.std.unwrap() - 0.1).abs() < 1e-12);
+        assert_eq!(m.fmt(100.0, 2), "70.00 ± 10.00");
+        let one = MeanStd::of(&[0.5]).unwrap();
+        assert_eq!(one.std, None);
+        assert_eq!(one.fmt(100.0, 1), "50.0 ± –");
+        assert_eq!(MeanStd::of(&[]), None);
+        assert_eq!(MeanStd::of(&[f64::NAN, 1.0]).unwrap().n, 1);
+    }
+
+    #[test]
+    fn partial_runs_give_a_table_with_seed_counts() {
+        // Seed 7: everything finished; seed 42: only the initial evaluation.
+        let mut s7 = SeedParts {
+            task: "gsm8k".into(),
+            seed: 7,
+            ..Default::default()
+        };
+        s7.tests
+            .insert(Method::Initial, test_rec(Method::Initial, 7, 0.5, 1000.0));
+        s7.tests
+            .insert(Method::Cantante, test_rec(Method::Cantante, 7, 0.8, 900.0));
+        s7.tests
+            .insert(Method::Identity, test_rec(Method::Identity, 7, 0.6, 950.0));
+        s7.runs.insert(
+            Method::Cantante,
+            OptPart {
+                summary: Some(summary(3000, 1000, 2)),
+                rounds: vec![],
+                timing: Some(Timing {
+                    wall_secs: 60.0,
+                    machine: machine(),
+                }),
+            },
+        );
+        // An unfinished identity run: no summary, so no token/round columns.
+        s7.runs.insert(
+            Method::Identity,
+            OptPart {
+                summary: None,
+                rounds: vec![],
+                timing: None,
+            },
+        );
+        let mut s42 = SeedParts {
+            task: "gsm8k".into(),
+            seed: 42,
+            ..Default::default()
+        };
+        s42.tests
+            .insert(Method::Initial, test_rec(Method::Initial, 42, 0.7, 1200.0));
+        let t = build_table("cpu-small", &[s7, s42]);
+        assert_eq!(t.rows.len(), 3);
+        let init = &t.rows[0];
+        assert_eq!(init.method, Method::Initial);
+        assert_eq!(init.seeds, vec![7, 42]);
+        let acc = init.accuracy.unwrap();
+        assert!((acc.mean - 0.6).abs() < 1e-12);
+        assert!((acc.std.unwrap() - (0.02f64).sqrt()).abs() < 1e-12);
+        assert!((init.tokens_per_query.unwrap().mean - 1100.0).abs() < 1e-9);
+        assert_eq!(init.opt_task_tokens, None);
+        let c = &t.rows[1];
+        assert_eq!(c.seeds, vec![7]);
+        assert_eq!(c.accuracy.unwrap().std, None);
+        assert_eq!(c.opt_task_tokens.unwrap().mean, 3000.0);
+        assert_eq!(c.opt_meta_tokens.unwrap().mean, 1000.0);
+        assert!((c.meta_share.unwrap().mean - 0.25).abs() < 1e-12);
+        assert_eq!(c.opt_wall_secs.unwrap().mean, 60.0);
+        assert_eq!(c.rounds.unwrap().mean, 2.0);
+        let id = &t.rows[2];
+        assert_eq!(id.seeds, vec![7]);
+        assert_eq!(id.rounds, None);
+        assert_eq!(t.machines, vec![machine()]);
+        let md = render_markdown(&t);
+        assert!(
+            md.contains("| gsm8k | Initial | 2 | 7, 42 | 60.00 ± 14.14 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| gsm8k | CANTANTE | 1 | 7 | 80.00 ± – |"),
+            "{md}"
+        );
+        assert!(md.contains("Identity attribution (equal budget)"), "{md}");
+        assert!(
+            md.contains("Test CPU (2 cores, 24 GiB RAM, cpu), model tiny"),
+            "{md}"
+        );
+        assert!(md.contains("82.33 ± 4.35"), "{md}");
+        // MBPP reference rows are left out of a GSM8K-only table.
+        assert!(!md.contains("41.89"), "{md}");
+    }
+
+    #[test]
+    fn empty_input_gives_an_empty_table() {
+        let t = build_table("paper", &[]);
+        assert!(t.rows.is_empty() && t.credit.is_empty());
+        let md = render_markdown(&t);
+        assert!(md.contains("no finished part yet"));
+    }
+
+    #[test]
+    fn credit_columns_from_rounds() {
+        // Agent a's credit rises with the block score (ρ = 1), b's falls (ρ = -1).
+        let rec = record(
+            vec![0.1, 0.5, 0.9],
+            vec![0.0, 0.4, 1.0],
+            vec![1.0, 0.5, 0.2],
+        );
+        let mk = |seed| {
+            let mut p = SeedParts {
+                task: "gsm8k".into(),
+                seed,
+                ..Default::default()
+            };
+            p.runs.insert(
+                Method::Cantante,
+                OptPart {
+                    summary: None,
+                    rounds: vec![rec.clone()],
+                    timing: None,
+                },
+            );
+            p
+        };
+        let t = build_table("x", &[mk(7), mk(42)]);
+        assert_eq!(t.credit.len(), 2);
+        let a = &t.credit[0];
+        assert_eq!(a.agent, "a");
+        assert_eq!(a.per_seed[&7], (Some(1.0), 3));
+        let rho = a.rho.unwrap();
+        assert_eq!((rho.mean, rho.std, rho.n), (1.0, Some(0.0), 2));
+        assert_eq!(t.credit[1].rho.unwrap().mean, -1.0);
+        let md = render_markdown(&t);
+        assert!(
+            md.contains("| gsm8k | a | 1.00 ± 0.00 | seed 7: +1.00 (3); seed 42: +1.00 (3) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn both_protocol_files_parse_and_cpu_small_is_smaller() {
+        let (_, paper) = Protocol::resolve("paper").unwrap();
+        let (name, small) = Protocol::resolve("cpu-small").unwrap();
+        assert_eq!(name, "cpu-small");
+        // paper = the reference's settings (spec §5).
+        assert_eq!(
+            (paper.dev_size, paper.test_size, paper.max_new_tokens),
+            (300, 500, 512)
+        );
+        let o = &paper.optimizer;
+        assert_eq!(
+            (
+                o.block_size,
+                o.group_size,
+                o.crossovers_per_round,
+                o.max_blocks
+            ),
+            (10, 3, 3, 5)
+        );
+        assert_eq!((o.alpha, o.length_penalty), (0.2, 0.05));
+        assert_eq!(o.max_total_tokens, Some(10_000_000));
+        assert_eq!(o.population, None);
+        assert_eq!(paper.max_new_tokens("mbpp"), 1024);
+        assert_eq!(paper.optimizer_config("mbpp", 7).attribution_field_cap, 512);
+        assert_eq!(
+            paper.optimizer_config("gsm8k", 7).attribution_field_cap,
+            128
+        );
+        // cpu-small: the differences its header lists.
+        assert_eq!(
+            (small.dev_size, small.val_size, small.test_size),
+            (30, 6, 30)
+        );
+        assert_eq!(small.max_new_tokens("gsm8k"), 128);
+        assert_eq!(small.max_new_tokens("mbpp"), 256);
+        let s = &small.optimizer;
+        assert_eq!(
+            (s.rounds, s.block_size, s.crossovers_per_round, s.max_blocks),
+            (2, 3, 1, 2)
+        );
+        assert_eq!(
+            (s.meta_max_new_tokens, s.attribution_max_new_tokens),
+            (384, 384)
+        );
+        // ... and the same where it says so.
+        assert_eq!(
+            (s.group_size, s.alpha, s.length_penalty),
+            (o.group_size, o.alpha, o.length_penalty)
+        );
+        assert_eq!(small.temperature, paper.temperature);
+        for field in [
+            "dev_size 30",
+            "val_size 6",
+            "test_size 30",
+            "optimizer.rounds 2",
+            "optimizer.block_size 3",
+            "optimizer.crossovers_per_round 1",
+            "max_new_tokens 128",
+        ] {
+            assert!(
+                CPU_SMALL_YAML.contains(field),
+                "cpu-small.yaml header lacks `{field}`"
+            );
+        }
+    }
+
+    #[test]
+    fn protocol_configs_set_seed_and_identity_budget() {
+        let (_, p) = Protocol::resolve("cpu-small").unwrap();
+        let c = p.optimizer_config("gsm8k", 47);
+        assert_eq!(c.seed, 47);
+        assert!(!c.identity_attribution);
+        assert_eq!(c.task_max_new_tokens_estimate, 128);
+        let i = p.identity_config("gsm8k", 47, 12345);
+        assert!(i.identity_attribution);
+        assert_eq!(i.max_total_tokens, Some(12345));
+        assert_eq!(i.rounds, 4);
+        // Everything else equals the CANTANTE configuration.
+        let mut same = i.clone();
+        same.identity_attribution = false;
+        same.max_total_tokens = c.max_total_tokens;
+        same.rounds = c.rounds;
+        assert_eq!(same, c);
+    }
+
+    #[test]
+    fn bad_protocols_name_the_field() {
+        let e = Protocol::from_yaml("dev_size: 0\nval_size: 1\ntest_size: 1\nmax_new_tokens: 1\nfield_cap: 1\ntemperature: 0.7\n", "p.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("p.yaml") && e.contains("dev_size"), "{e}");
+        let e = Protocol::from_yaml("dev_size: 4\nval_size: 1\ntest_size: 1\nmax_new_tokens: 1\nfield_cap: 1\ntemperature: 0.7\noptimizer:\n  group_size: 1\n  block_size: 2\n", "q.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("q.yaml") && e.contains("group_size"), "{e}");
+        let e = Protocol::from_yaml("dev_size: 4\nbogus: 1\n", "r.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("r.yaml") && e.contains("bogus"), "{e}");
+        let e = Protocol::resolve("/no/such/protocol.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/no/such/protocol.yaml"), "{e}");
+    }
+
+    #[test]
+    fn finished_means_completed_or_budget() {
+        let mut s = summary(1, 1, 1);
+        assert!(is_finished(&s));
+        s.stop_reason = StopReason::Interrupted;
+        assert!(!is_finished(&s));
+        s.stop_reason = StopReason::StopFile;
+        assert!(!is_finished(&s));
+    }
+}
