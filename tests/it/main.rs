@@ -1,5 +1,6 @@
 //! One integration-test binary (ripgrep style): each module tests one area.
 
+mod benchrun;
 mod cli;
 mod engine;
 mod eval;
