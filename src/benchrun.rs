@@ -952,7 +952,7 @@ mod tests {
 
     fn record(block_scores: Vec<f64>, credits_a: Vec<f64>, credits_b: Vec<f64>) -> RoundRecord {
         let n = block_scores.len();
-        let mut credits = BTreeMap::new();
+        let mut credits: BTreeMap<String, Vec<Vec<Option<f64>>>> = BTreeMap::new();
         credits.insert(
             "a".to_string(),
             credits_a.into_iter().map(|c| vec![Some(c)]).collect(),
