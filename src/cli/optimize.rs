@@ -165,6 +165,7 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
             rounds_bar.set_message(format!("round {}", round + 1));
         }
         ProgressEvent::Phase { round, phase } => {
+            tracing::info!("round {} {phase}", round + 1);
             rounds_bar.set_message(format!("round {} {phase}", round + 1));
             runs_bar.set_position(0);
         }
@@ -175,16 +176,20 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
             tokens,
         } => {
             rounds_bar.inc(1);
-            rounds_bar.println(format!(
+            let line = format!(
                 "round {}: validation {:.3}, best {:.3}, tokens task {} meta {}",
                 round + 1,
                 validation_score,
                 best_score,
                 tokens.task(),
                 tokens.meta()
-            ));
+            );
+            // Visible with or without a terminal (bars are hidden when piped).
+            rounds_bar.suspend(|| eprintln!("{line}"));
         }
-        ProgressEvent::Stopped { reason } => rounds_bar.println(format!("stopped: {reason:?}")),
+        ProgressEvent::Stopped { reason } => {
+            rounds_bar.suspend(|| eprintln!("stopped: {reason:?}"))
+        }
     };
     let hooks = RunHooks {
         progress: Some(&on_event),
