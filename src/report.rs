@@ -262,7 +262,7 @@ pub fn write_report(run_dir: &Path, out_dir: Option<&Path>) -> Result<ReportPath
     };
     write(&paths.scores_svg, &scores_chart(&data.summary, &rows))?;
     write(&paths.credits_svg, &credit_heatmap(&agents, &rows))?;
-    write(&paths.tokens_svg, &tokens_chart(&rows))?;
+    write(&paths.tokens_svg, &tokens_chart(&data.summary, &rows))?;
     write(
         &paths.markdown,
         &markdown(run_dir, &data, &rows, &agents, &paths),
@@ -496,12 +496,14 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
         .map(|m| m * mag)
         .find(|s| *s >= raw)
         .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() * step;
+    let first = (lo / step).ceil();
     let mut ticks = Vec::new();
-    let mut v = first;
-    while v <= hi + step * 1e-9 && ticks.len() < 100 {
-        ticks.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
-        v += step;
+    for k in 0..100 {
+        let v = (first + k as f64) * step;
+        if v > hi + step * 1e-6 {
+            break;
+        }
+        ticks.push(if v.abs() < step * 1e-6 { 0.0 } else { v });
     }
     ticks
 }
@@ -510,7 +512,7 @@ fn fmt_tick(v: f64) -> String {
     let a = v.abs();
     if a >= 1e6 {
         format!("{}M", trim_num(v / 1e6))
-    } else if a >= 1e4 {
+    } else if a >= 1e3 {
         format!("{}k", trim_num(v / 1e3))
     } else {
         trim_num(v)
@@ -579,11 +581,17 @@ fn line_chart(
     series: &[Series],
     y_zero: bool,
 ) -> String {
+    let longest = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let right = (longest as f64 * 7.0 + 60.0).max(120.0);
     let f = Frame {
-        w: 760.0,
+        w: 560.0 + right,
         h: 420.0,
         left: 72.0,
-        right: 190.0,
+        right,
         top: 44.0,
         bottom: 56.0,
     };
@@ -608,10 +616,10 @@ fn line_chart(
     if y_zero {
         y0 = y0.min(0.0);
     }
-    if x1 - x0 < 1.0 {
-        x0 -= 0.5;
-        x1 += 0.5;
-    }
+    // Rounds are integers: pad a quarter round on each side (half with one point).
+    let xpad = if x1 - x0 < 1.0 { 0.5 } else { 0.25 };
+    x0 -= xpad;
+    x1 += xpad;
     if y1 - y0 < 1e-9 {
         y0 -= 0.5;
         y1 += 0.5;
@@ -644,9 +652,15 @@ fn line_chart(
         );
     }
     // X ticks: integers only.
-    let xt: Vec<f64> = nice_ticks(x0, x1, 10)
-        .into_iter()
-        .filter(|t| t.fract() == 0.0)
+    let xstep = nice_ticks(0.0, x1 - x0, 10)
+        .get(1)
+        .copied()
+        .unwrap_or(1.0)
+        .ceil()
+        .max(1.0);
+    let xt: Vec<f64> = (0..200)
+        .map(|k| (x0 / xstep).ceil() * xstep + k as f64 * xstep)
+        .take_while(|t| *t <= x1)
         .collect();
     for t in xt {
         let x = sx(t);
@@ -783,7 +797,23 @@ fn scores_chart(summary: &OptimizeResult, rows: &[RoundRow]) -> String {
     )
 }
 
-fn tokens_chart(rows: &[RoundRow]) -> String {
+fn tokens_chart(summary: &OptimizeResult, rows: &[RoundRow]) -> String {
+    // Before round 1 only the initial validation has been paid (task tokens).
+    let initial = summary
+        .validations
+        .iter()
+        .find(|v| v.round == 0)
+        .map_or(0.0, |v| v.tokens as f64);
+    let mut task = vec![(0.0, initial)];
+    task.extend(
+        rows.iter()
+            .map(|r| (r.round as f64, r.cum_task_tokens as f64)),
+    );
+    let mut meta = vec![(0.0, 0.0)];
+    meta.extend(
+        rows.iter()
+            .map(|r| (r.round as f64, r.cum_meta_tokens as f64)),
+    );
     line_chart(
         "Cumulative tokens",
         "round",
@@ -793,19 +823,13 @@ fn tokens_chart(rows: &[RoundRow]) -> String {
                 name: "task (rollouts, validation)",
                 color: "#2166ac",
                 dashed: false,
-                points: rows
-                    .iter()
-                    .map(|r| (r.round as f64, r.cum_task_tokens as f64))
-                    .collect(),
+                points: task,
             },
             Series {
                 name: "meta (attribution, rewriting)",
                 color: "#b2182b",
                 dashed: false,
-                points: rows
-                    .iter()
-                    .map(|r| (r.round as f64, r.cum_meta_tokens as f64))
-                    .collect(),
+                points: meta,
             },
         ],
         true,
@@ -837,14 +861,17 @@ fn credit_heatmap(agents: &[String], rows: &[RoundRow]) -> String {
     let (top, right, bottom) = (44.0, 130.0, 56.0);
     let plot_w = cell_w * n;
     let plot_h = cell_h * agents.len().max(1) as f64;
-    let w = (left + plot_w + right).max(420.0);
-    let h = (top + plot_h + bottom).max(260.0);
+    let bar_h = plot_h.clamp(120.0, 200.0);
+    let w = (left + plot_w + right).max(380.0);
+    let h = top + plot_h.max(bar_h + 30.0) + bottom;
     let mut o = String::new();
     svg_open(&mut o, w, h, "Mean credit per agent and round");
     let label_every = ((n / 20.0).ceil() as usize).max(1);
     for (j, r) in rows.iter().enumerate() {
         let x = left + j as f64 * cell_w;
-        if j % label_every == 0 || j + 1 == rows.len() {
+        // Every `label_every`-th round, and the last one where it does not crowd its neighbour.
+        let last = j + 1 == rows.len() && (j % label_every) as f64 * cell_w >= 24.0;
+        if j % label_every == 0 || last {
             let _ = writeln!(
                 o,
                 "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"12\" {FONT}>{}</text>",
@@ -905,7 +932,6 @@ fn credit_heatmap(agents: &[String], rows: &[RoundRow]) -> String {
     );
     // Legend: vertical gradient bar from +1 (top) to -1 (bottom), and the n/a swatch.
     let lx = left + plot_w + 30.0;
-    let bar_h = (plot_h).clamp(120.0, 200.0);
     let _ = writeln!(
         o,
         "<defs><linearGradient id=\"credit-scale\" x1=\"0\" y1=\"0\" x2=\"0\" y2=\"1\">\
@@ -967,7 +993,7 @@ mod tests {
         assert!(t.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-9));
         let t = nice_ticks(0.0, 12_345.0, 6);
         assert_eq!(t.first(), Some(&0.0));
-        assert!(t.windows(2).all(|w| (w[1] - w[0] - 2000.0).abs() < 1e-9));
+        assert!(t.windows(2).all(|w| (w[1] - w[0] - 2500.0).abs() < 1e-9));
         assert!(*t.last().unwrap() <= 12_345.0);
     }
 
@@ -975,6 +1001,8 @@ mod tests {
     fn tick_labels_are_short() {
         assert_eq!(fmt_tick(0.6000000000000001), "0.6");
         assert_eq!(fmt_tick(25_000.0), "25k");
+        assert_eq!(fmt_tick(5_000.0), "5k");
+        assert_eq!(fmt_tick(500.0), "500");
         assert_eq!(fmt_tick(1_500_000.0), "1.5M");
         assert_eq!(fmt_tick(-0.0), "0");
     }
@@ -997,5 +1025,77 @@ mod tests {
     fn escaping_and_markdown_cells() {
         assert_eq!(esc("a<b & \"c\""), "a&lt;b &amp; &quot;c&quot;");
         assert_eq!(md_cell("a|b\nc"), "a\\|b c");
+    }
+
+    fn row(round: usize, credits: &[(&str, Option<f64>)]) -> RoundRow {
+        RoundRow {
+            round,
+            validation: 0.5,
+            incumbent_block: Some(0.4),
+            best_candidate_block: None,
+            configs: 1,
+            task_tokens: 10,
+            meta_tokens: 20,
+            cum_task_tokens: 10 * round as u64,
+            cum_meta_tokens: 20 * round as u64,
+            attribution_failures: 0,
+            rejections: 0,
+            mean_credit: credits
+                .iter()
+                .map(|(a, m)| (a.to_string(), (*m, usize::from(m.is_some()))))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn heatmap_has_one_cell_per_agent_and_round_and_marks_missing() {
+        let agents: Vec<String> = ["planner", "a_very_long_agent_name_for_layout", "x&y"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let rows: Vec<RoundRow> = (1..=30)
+            .map(|r| {
+                let v = (r as f64 / 15.0) - 1.0;
+                row(
+                    r,
+                    &[
+                        ("planner", Some(v)),
+                        ("a_very_long_agent_name_for_layout", Some(-v)),
+                        ("x&y", if r % 7 == 0 { None } else { Some(0.1) }),
+                    ],
+                )
+            })
+            .collect();
+        let svg = credit_heatmap(&agents, &rows);
+        if let Ok(p) = std::env::var("CANTANTE_REPORT_DUMP") {
+            let _ = std::fs::write(p, &svg);
+        }
+        assert_eq!(svg.matches("class=\"cell\"").count(), 90);
+        assert_eq!(svg.matches("no credits</title>").count(), 4);
+        assert!(svg.contains(">x&amp;y<") && !svg.contains(">x&y<"));
+        assert!(svg.contains("round 30: mean credit 1.000"));
+        // Round labels are thinned out (every 2nd of 30 rounds); the last one
+        // is left out here because it would touch the label of round 29.
+        assert!(svg.contains(">29</text>") && !svg.contains(">28</text>"));
+        assert!(!svg.contains(">30</text>"));
+    }
+
+    #[test]
+    fn line_chart_handles_single_points_and_nan() {
+        let svg = line_chart(
+            "t",
+            "round",
+            "score",
+            &[Series {
+                name: "s",
+                color: "black",
+                dashed: false,
+                points: vec![(1.0, f64::NAN), (2.0, 0.5)],
+            }],
+            true,
+        );
+        assert_eq!(svg.matches("class=\"point\"").count(), 1);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        assert!(!svg.contains("class=\"series\""), "one point draws no line");
     }
 }

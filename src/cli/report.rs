@@ -1,7 +1,7 @@
 //! `cantante report DIR`: write a Markdown report with SVG charts for an
 //! optimization run directory (see [`crate::report`]).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
 /// Arguments of `cantante report`.
@@ -16,8 +16,8 @@ pub struct ReportArgs {
 
 /// Write the report and print the paths written.
 pub fn run(a: ReportArgs) -> Result<()> {
-    let paths = crate::report::write_report(&a.dir, a.out.as_deref())
-        .with_context(|| format!("report for {}", a.dir.display()))?;
+    // The error already names the file concerned.
+    let paths = crate::report::write_report(&a.dir, a.out.as_deref())?;
     for p in paths.all() {
         println!("{}", p.display());
     }

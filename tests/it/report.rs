@@ -300,9 +300,9 @@ fn report_of_a_two_round_run() {
     assert!(heat.contains(">solver<") && heat.contains(">checker<"));
     assert!(heat.contains(">-1<") && heat.contains(">1<") && heat.contains("url(#credit-scale)"));
     assert!(heat.contains("checker, round 1: mean credit 0.300"));
-    // Tokens: cumulative task and meta per round, matching the records.
+    // Tokens: cumulative task and meta at round 0 (initial validation) and per round.
     let tokens = assert_svg(&paths.tokens_svg);
-    assert_eq!(count(&tokens, "class=\"point\""), 2 * 2);
+    assert_eq!(count(&tokens, "class=\"point\""), 2 * 3);
     let last = &recs[1].tokens;
     assert!(tokens.contains(&format!("round 2, {}<", last.task())));
     assert!(tokens.contains(&format!("round 2, {}<", last.meta())));
