@@ -3,7 +3,7 @@
 //! every model call in-process through Candle.
 //!
 //! Modules follow the data flow: [`llm`] → [`prompt`] → [`graph`] → [`task`] →
-//! [`eval`] → [`attribution`] → [`optimize`] → `report`; `cli` sits on top.
+//! [`eval`] → [`attribution`] → [`optimize`] → [`report`]; `cli` sits on top.
 #![warn(missing_docs)]
 
 pub mod attribution;
@@ -13,4 +13,5 @@ pub mod graph;
 pub mod llm;
 pub mod optimize;
 pub mod prompt;
+pub mod report;
 pub mod task;

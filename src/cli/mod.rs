@@ -7,6 +7,7 @@ pub mod common;
 pub mod eval;
 pub mod generate;
 pub mod optimize;
+pub mod report;
 pub mod sandbox;
 
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
@@ -34,6 +35,8 @@ pub enum Command {
     Attribute(optimize::AttributeArgs),
     /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
     Sandbox(sandbox::SandboxArgs),
+    /// Write a Markdown report with plots for an optimization run dir.
+    Report(report::ReportArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -55,6 +58,7 @@ pub fn main() -> i32 {
         Command::Eval(a) => eval::run(a).map(|_| 0),
         Command::Optimize(a) => optimize::run(a).map(|_| 0),
         Command::Attribute(a) => optimize::run_attribute(a).map(|_| 0),
+        Command::Report(a) => report::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -5,6 +5,7 @@ mod engine;
 mod eval;
 mod graph;
 mod optimize;
+mod report;
 mod sandbox;
 mod task;
 mod tokenizer;
