@@ -3,8 +3,8 @@
 //! every model call in-process through Candle.
 //!
 //! Modules follow the data flow: [`llm`] → [`prompt`] → [`graph`] → [`task`] →
-//! [`eval`] → [`attribution`] → [`optimize`] → [`benchrun`] → `report`; `cli` sits
-//! on top.
+//! [`eval`] → [`attribution`] → [`optimize`] → [`benchrun`] → [`report`]; `cli`
+//! sits on top.
 #![warn(missing_docs)]
 
 pub mod attribution;
@@ -15,4 +15,5 @@ pub mod graph;
 pub mod llm;
 pub mod optimize;
 pub mod prompt;
+pub mod report;
 pub mod task;

@@ -8,6 +8,7 @@ pub mod common;
 pub mod eval;
 pub mod generate;
 pub mod optimize;
+pub mod report;
 pub mod sandbox;
 
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
@@ -38,6 +39,8 @@ pub enum Command {
     BenchRun(bench_run::BenchRunArgs),
     /// Run a Python file (and optional tests) in the code sandbox and print the verdict.
     Sandbox(sandbox::SandboxArgs),
+    /// Write a Markdown report with plots for an optimization run dir.
+    Report(report::ReportArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -60,6 +63,7 @@ pub fn main() -> i32 {
         Command::Optimize(a) => optimize::run(a).map(|_| 0),
         Command::Attribute(a) => optimize::run_attribute(a).map(|_| 0),
         Command::BenchRun(a) => bench_run::run(a).map(|_| 0),
+        Command::Report(a) => report::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

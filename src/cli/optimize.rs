@@ -135,6 +135,7 @@ impl OptimizeBars {
                 self.rounds.set_message(format!("round {round}"));
             }
             ProgressEvent::Phase { round, phase } => {
+                tracing::info!("round {round} {phase}");
                 self.rounds.set_message(format!("round {round} {phase}"));
                 self.runs.set_position(0);
             }
@@ -145,14 +146,16 @@ impl OptimizeBars {
                 tokens,
             } => {
                 self.rounds.set_position(*round as u64);
-                self.rounds.println(format!(
+                let line = format!(
                     "round {round}: validation {validation_score:.3}, best {best_score:.3}, tokens task {} meta {}",
                     tokens.task(),
                     tokens.meta()
-                ));
+                );
+                // Visible with or without a terminal (bars are hidden when piped).
+                self.rounds.suspend(|| eprintln!("{line}"));
             }
             ProgressEvent::Stopped { reason } => {
-                self.rounds.println(format!("stopped: {reason:?}"))
+                self.rounds.suspend(|| eprintln!("stopped: {reason:?}"))
             }
         }
     }

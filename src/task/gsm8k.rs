@@ -3,7 +3,7 @@
 //! numeric metric (reference spec §3.1–3.2; the reference compared exact
 //! strings, a defect listed in spec §10 item 13 that this module fixes).
 
-use super::{read_verified, seeded_sample, splitmix64, Example, Split, Task, TaskError};
+use super::{seeded_sample, splitmix64, Example, Split, Task, TaskError};
 use super::{GSM8K_TEST, GSM8K_TRAIN};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -31,25 +31,16 @@ pub struct Gsm8k {
 }
 
 fn parse_file(dir: &Path, file: &super::DataFile, tag: &str) -> Result<Vec<Example>, TaskError> {
-    let text = read_verified(dir, file)?;
     let path = dir.join(file.rel_path);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let rec: Record = serde_json::from_str(line).map_err(|e| TaskError::Parse {
-            path: path.clone(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
+    for (lineno, rec) in super::read_jsonl::<Record>(dir, file)? {
         let target = gold_answer(&rec.answer).ok_or_else(|| TaskError::Parse {
             path: path.clone(),
-            line: i + 1,
+            line: lineno,
             message: "answer has no `####` final-answer line".into(),
         })?;
         out.push(Example {
-            id: format!("gsm8k-{tag}-{}", i + 1),
+            id: format!("gsm8k-{tag}-{lineno}"),
             query: rec.question,
             // Thousands separators removed, so the target is a bare number.
             target: target.replace(',', ""),

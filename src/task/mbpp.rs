@@ -8,7 +8,7 @@
 use super::sandbox::{run_tests, SandboxLimits};
 use super::tools::McodeEnv;
 use super::MBPP_ALL;
-use super::{read_verified, seeded_sample, strip_code_fences, Example, Split, Task, TaskError};
+use super::{seeded_sample, strip_code_fences, Example, Split, Task, TaskError};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -58,22 +58,13 @@ pub fn format_query(text: &str, tests: &[String]) -> String {
 impl Mbpp {
     /// Load and verify `mbpp/mbpp.jsonl` under `dir`.
     pub fn open(dir: &Path) -> Result<Self, TaskError> {
-        let text = read_verified(dir, &MBPP_ALL)?;
         let path = dir.join(MBPP_ALL.rel_path);
         let mut items = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let rec: Record = serde_json::from_str(line).map_err(|e| TaskError::Parse {
-                path: path.clone(),
-                line: i + 1,
-                message: e.to_string(),
-            })?;
+        for (lineno, rec) in super::read_jsonl::<Record>(dir, &MBPP_ALL)? {
             if rec.test_list.is_empty() {
                 return Err(TaskError::Parse {
                     path: path.clone(),
-                    line: i + 1,
+                    line: lineno,
                     message: format!("task {} has an empty test_list", rec.task_id),
                 });
             }

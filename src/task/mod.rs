@@ -221,6 +221,29 @@ pub const MBPP_ALL: DataFile = DataFile {
 /// Files already verified in this process (path → ok), so repeated loads are cheap.
 static VERIFIED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
+/// Read a verified JSONL data file into records, each with its 1-based line
+/// number; a record that does not parse is an error naming the file and line.
+pub fn read_jsonl<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    file: &DataFile,
+) -> Result<Vec<(usize, T)>, TaskError> {
+    let text = read_verified(dir, file)?;
+    let path = dir.join(file.rel_path);
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec = serde_json::from_str(line).map_err(|e| TaskError::Parse {
+            path: path.clone(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        out.push((i + 1, rec));
+    }
+    Ok(out)
+}
+
 /// Read a data file, checking its line count and SHA-256; returns its text.
 /// The error names the file and points at `datasets/README.md`.
 pub fn read_verified(dir: &Path, file: &DataFile) -> Result<String, TaskError> {

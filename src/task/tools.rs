@@ -192,10 +192,16 @@ mod tests {
         e.observe("plan", "def square(x): pass");
         assert_eq!(e.artifact(), None);
         e.observe("code", "```python\ndef square(x):\n    return x * x\n```");
-        assert_eq!(e.artifact().as_deref(), Some("def square(x):\n    return x * x"));
+        assert_eq!(
+            e.artifact().as_deref(),
+            Some("def square(x):\n    return x * x")
+        );
         assert!(e.call("check_tests", &json!({})).starts_with("Passed 2/2"));
         e.observe("code", "   ");
-        assert!(e.artifact().is_some(), "an empty code tag must not erase the program");
+        assert!(
+            e.artifact().is_some(),
+            "an empty code tag must not erase the program"
+        );
     }
 
     #[test]

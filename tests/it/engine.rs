@@ -248,3 +248,38 @@ fn load_errors_name_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn continuous_batching_chunked_prefill_and_kv_bound_keep_outputs() {
+    let (_d, p) = tiny(TinySpec {
+        arch: "llama",
+        seed: 9,
+        quantized: true,
+    });
+    let reqs = mixed_requests();
+    let full = load(&p, 32);
+    let reference = full.generate(&reqs).unwrap();
+    // Two slots: waiting requests are admitted as sequences finish.
+    assert_eq!(load(&p, 2).generate(&reqs).unwrap(), reference);
+    // Tiny step budget: long prompts are prefilled in chunks across steps.
+    let opts = EngineOptions {
+        max_step_tokens: 7,
+        ..Default::default()
+    };
+    let chunked = CandleLlm::load(p.to_str().unwrap(), opts).unwrap();
+    assert_eq!(chunked.generate(&reqs).unwrap(), reference);
+    // A KV budget for about one sequence at a time still completes every request.
+    let opts = EngineOptions {
+        kv_budget_bytes: 60 * 1024,
+        ..Default::default()
+    };
+    let bounded = CandleLlm::load(p.to_str().unwrap(), opts).unwrap();
+    assert_eq!(bounded.generate(&reqs).unwrap(), reference);
+    // Fewer sequences in flight means more forward passes than the full batch.
+    assert!(
+        bounded.stats().forwards > full.stats().forwards,
+        "{:?} vs {:?}",
+        bounded.stats(),
+        full.stats()
+    );
+}

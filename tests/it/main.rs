@@ -6,6 +6,7 @@ mod engine;
 mod eval;
 mod graph;
 mod optimize;
+mod report;
 mod sandbox;
 mod task;
 mod tokenizer;

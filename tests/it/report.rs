@@ -1,0 +1,361 @@
+//! `report::write_report` on a real run directory produced by a 2-round
+//! optimization with a fake executor and scripted LLMs (the fixture of
+//! `optimize.rs`, reduced): the score depends on the word "CAREFULLY" in the
+//! solver prompt, the attributer credits the solver by its output and the
+//! checker a flat 0.3.
+
+use cantante::graph::{AgentSpec, PromptSet, Setup};
+use cantante::llm::{Request, ScriptedLlm};
+use cantante::optimize::{optimize, Executor, OptimizeConfig, Rollout, RoundRecord, RunHooks};
+use cantante::report::{write_report, ReportError};
+use std::path::Path;
+
+const MAGIC: &str = "CAREFULLY";
+
+struct FakeExecutor {
+    setup: Setup,
+}
+
+fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
+    AgentSpec {
+        name: name.into(),
+        task_description: format!("The {name} step."),
+        input_vars: inputs.iter().map(|s| s.to_string()).collect(),
+        output_vars: outputs.iter().map(|s| s.to_string()).collect(),
+        tools: vec![],
+        max_tool_calls: 0,
+    }
+}
+
+impl FakeExecutor {
+    fn new() -> Self {
+        let solver_pool = vec![
+            "Solve {query}. Answer in <answer></answer>.".to_string(),
+            "Read {query} and reply with <answer>result</answer>.".to_string(),
+            "Question: {query}\nGive the result inside <answer> tags.".to_string(),
+        ];
+        let checker_pool = vec![
+            "Check {answer} for {query}; final in <prediction></prediction>.".to_string(),
+            "Given {query} and {answer}, write <prediction>value</prediction>.".to_string(),
+            "Verify {answer}. Question {query}. Output <prediction>x</prediction>.".to_string(),
+        ];
+        Self {
+            setup: Setup {
+                edges: vec![],
+                agents: vec![
+                    agent("solver", &["query", "few_shots"], &["answer"]),
+                    agent("checker", &["query", "answer"], &["prediction"]),
+                ],
+                init_agent_prompt_pool: [
+                    ("solver".to_string(), solver_pool),
+                    ("checker".to_string(), checker_pool),
+                ]
+                .into(),
+            },
+        }
+    }
+
+    fn run_one(config: &PromptSet, q: usize) -> Rollout {
+        let careful = config["solver"].contains(MAGIC);
+        let score = if careful || q % 4 == 0 { 1.0 } else { 0.0 };
+        let answer = if careful {
+            "carefully derived 42".to_string()
+        } else {
+            format!("guessed {}", 40 + q % 3)
+        };
+        let pred = if score == 1.0 { "42" } else { "41" }.to_string();
+        let agent_outputs = [
+            (
+                "solver".to_string(),
+                [("answer".to_string(), answer)].into(),
+            ),
+            (
+                "checker".to_string(),
+                [("prediction".to_string(), pred.clone())].into(),
+            ),
+        ]
+        .into();
+        let words: usize = config.values().map(|p| p.split_whitespace().count()).sum();
+        Rollout {
+            score,
+            prediction: pred,
+            agent_outputs,
+            input_tokens: words + 2,
+            output_tokens: 5,
+        }
+    }
+}
+
+impl Executor for FakeExecutor {
+    fn setup(&self) -> &Setup {
+        &self.setup
+    }
+    fn num_dev(&self) -> usize {
+        40
+    }
+    fn query_text(&self, idx: usize) -> String {
+        format!("What is question number {idx}?")
+    }
+    fn execute(
+        &self,
+        configs: &[PromptSet],
+        queries: &[usize],
+        _seed: u64,
+    ) -> anyhow::Result<Vec<Vec<Rollout>>> {
+        Ok(configs
+            .iter()
+            .map(|c| queries.iter().map(|&q| Self::run_one(c, q)).collect())
+            .collect())
+    }
+    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(f64, usize)> {
+        let scores: Vec<f64> = (100..108).map(|q| Self::run_one(config, q).score).collect();
+        Ok((scores.iter().sum::<f64>() / scores.len() as f64, 80))
+    }
+}
+
+fn between<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
+    let i = text.find(open).map(|i| i + open.len()).unwrap_or(0);
+    let j = text[i..].find(close).map(|j| i + j).unwrap_or(text.len());
+    text[i..j].trim()
+}
+
+fn meta_llm() -> ScriptedLlm {
+    ScriptedLlm::new(|r: &Request| {
+        let p = &r.messages[0].content;
+        if p.contains("<template_a>") {
+            let a = between(p, "<template_a>", "</template_a>");
+            format!("Here you go: <prompt>{a} [x{}]</prompt>", r.seed % 1000)
+        } else {
+            let t = between(p, "<template>", "</template>");
+            let extra = if r.seed % 3 != 0 {
+                format!(" Work {MAGIC}.")
+            } else {
+                " Be brief.".to_string()
+            };
+            format!("<prompt>{t}{extra}</prompt>")
+        }
+    })
+    .named("meta")
+}
+
+fn attributer_llm() -> ScriptedLlm {
+    ScriptedLlm::new(|r: &Request| {
+        let p = &r.messages[0].content;
+        let payload = between(p, "The runs:\n", "\n\nFirst write");
+        let v: serde_json::Value = serde_json::from_str(payload).expect("payload is JSON");
+        let execs: Vec<String> = v["executions"]
+            .as_array()
+            .expect("executions")
+            .iter()
+            .map(|e| {
+                let ans = e["agent_outputs"]["solver"]["answer"]
+                    .as_str()
+                    .unwrap_or("");
+                let s = if ans.contains("carefully") { 0.9 } else { -0.5 };
+                format!("{{\"agent_credits\": {{\"solver\": {s}, \"checker\": 0.3}}}}")
+            })
+            .collect();
+        format!(
+            "Comparison done.\n<attribution>{{\"executions\": [{}]}}</attribution>",
+            execs.join(", ")
+        )
+    })
+    .named("attributer")
+}
+
+/// Run a 2-round optimization into `dir`.
+fn run_optimization(dir: &Path) -> cantante::optimize::OptimizeResult {
+    let config = OptimizeConfig {
+        seed: 11,
+        rounds: 2,
+        block_size: 6,
+        max_blocks: 2,
+        ..Default::default()
+    };
+    let exec = FakeExecutor::new();
+    let (meta, att) = (meta_llm(), attributer_llm());
+    optimize(&exec, &meta, &att, &config, dir, RunHooks::default()).unwrap()
+}
+
+fn read_records(dir: &Path) -> Vec<RoundRecord> {
+    std::fs::read_to_string(dir.join("rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+fn assert_svg(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let head = text.trim_start();
+    assert!(
+        head.starts_with("<svg") || head.starts_with("<?xml"),
+        "{}",
+        path.display()
+    );
+    assert!(text.trim_end().ends_with("</svg>"), "{}", path.display());
+    // Every opened element is closed or self-closing (a cheap well-formedness check).
+    for tag in [
+        "svg",
+        "text",
+        "title",
+        "circle",
+        "rect",
+        "defs",
+        "linearGradient",
+    ] {
+        let opened = count(&text, &format!("<{tag} ")) + count(&text, &format!("<{tag}>"));
+        let closed = count(&text, &format!("</{tag}>"));
+        let self_closed = text
+            .split(&format!("<{tag} "))
+            .skip(1)
+            .filter(|rest| rest.split('>').next().is_some_and(|t| t.ends_with('/')))
+            .count();
+        assert_eq!(
+            opened,
+            closed + self_closed,
+            "<{tag}> in {}",
+            path.display()
+        );
+    }
+    text
+}
+
+#[test]
+fn report_of_a_two_round_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let res = run_optimization(dir.path());
+    let recs = read_records(dir.path());
+    assert_eq!(recs.len(), 2);
+
+    let paths = write_report(dir.path(), None).unwrap();
+    for p in paths.all() {
+        assert!(p.starts_with(dir.path()) && p.exists(), "{}", p.display());
+    }
+    let md = std::fs::read_to_string(&paths.markdown).unwrap();
+
+    // Summary.
+    assert!(md.contains("Rounds completed: 2 of 2"), "{md}");
+    assert!(md.contains("completed all configured rounds"));
+    assert!(md.contains(&format!(
+        "{:.3} (initial) → {:.3} (best, after round {})",
+        res.initial_score, res.best_score, res.best_round
+    )));
+    // One table row per round with its validation score, block scores and tokens.
+    for rec in &recs {
+        let best_cand = rec.block_scores[1..]
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let row = format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
+            rec.round,
+            rec.validation_score,
+            rec.block_scores[0],
+            best_cand,
+            rec.configs.len(),
+            rec.task_tokens,
+            rec.meta_tokens,
+            rec.attribution_failures
+        );
+        assert!(md.contains(&row), "missing row {row}\n{md}");
+    }
+    // Agents with statistics and the §9.5 correlation: the solver's credit tracks
+    // the score, the checker's is constant so its ρ is undefined.
+    let corr = cantante::optimize::analysis::credit_correlation(&recs);
+    let (rho, n) = corr["solver"];
+    let solver = &res.agent_credits["solver"];
+    let solver_line = format!(
+        "| solver | {:.3} | {:.3} | {} | {:+.3} | {} |",
+        solver.mean,
+        solver.std,
+        solver.n,
+        rho.unwrap(),
+        n
+    );
+    assert!(md.contains(&solver_line), "missing {solver_line}\n{md}");
+    assert!(rho.unwrap() > 0.5);
+    assert!(md.contains("| checker | 0.300 | 0.000 |"), "{md}");
+    assert!(md.contains("n/a (fewer than 3 configs or constant)"));
+    assert!(md.contains("Spearman"));
+    // Best prompts in fenced blocks, images linked relatively.
+    for (agent, prompt) in &res.best_prompts {
+        assert!(md.contains(&format!("### {agent}\n\n```text\n{prompt}\n```")));
+    }
+    for img in ["scores.svg", "credits.svg", "tokens.svg"] {
+        assert!(md.contains(&format!("]({img})")), "{img}");
+    }
+
+    // Score chart: 3 initial+rounds validation points, 2 incumbent, 2 best candidate.
+    let scores = assert_svg(&paths.scores_svg);
+    assert_eq!(count(&scores, "class=\"point\""), 3 + 2 + 2);
+    assert!(scores.contains(">round<") && scores.contains("validation (combined best)"));
+    // Heatmap: one cell per agent and round, agent labels, legend -1..1.
+    let heat = assert_svg(&paths.credits_svg);
+    assert_eq!(count(&heat, "class=\"cell\""), 2 * 2);
+    assert!(heat.contains(">solver<") && heat.contains(">checker<"));
+    assert!(heat.contains(">-1<") && heat.contains(">1<") && heat.contains("url(#credit-scale)"));
+    assert!(heat.contains("checker, round 1: mean credit 0.300"));
+    // Tokens: cumulative task and meta at round 0 (initial validation) and per round.
+    let tokens = assert_svg(&paths.tokens_svg);
+    assert_eq!(count(&tokens, "class=\"point\""), 2 * 3);
+    let last = &recs[1].tokens;
+    assert!(tokens.contains(&format!("round 2, {}<", last.task())));
+    assert!(tokens.contains(&format!("round 2, {}<", last.meta())));
+}
+
+#[test]
+fn report_into_another_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    run_optimization(dir.path());
+    let out = dir.path().join("nested/out");
+    let paths = write_report(dir.path(), Some(&out)).unwrap();
+    for p in paths.all() {
+        assert!(p.starts_with(&out) && p.exists(), "{}", p.display());
+    }
+    assert!(!dir.path().join("report.md").exists());
+}
+
+#[test]
+fn report_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = write_report(dir.path(), None).unwrap_err();
+    assert!(matches!(err, ReportError::Missing { .. }), "{err:?}");
+    assert!(err.to_string().contains("config.json"), "{err}");
+
+    let missing = dir.path().join("nope");
+    let err = write_report(&missing, None).unwrap_err();
+    assert!(err.to_string().contains("nope"), "{err}");
+
+    // A run with a config but no completed round.
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let err = write_report(dir.path(), None).unwrap_err();
+    assert!(err.to_string().contains("rounds.jsonl"), "{err}");
+    std::fs::write(dir.path().join("rounds.jsonl"), "").unwrap();
+    let err = write_report(dir.path(), None).unwrap_err();
+    assert!(matches!(err, ReportError::NoRounds { .. }), "{err:?}");
+    assert!(err.to_string().contains("no completed rounds"), "{err}");
+
+    // Malformed line: the error names the file and the line.
+    std::fs::write(dir.path().join("rounds.jsonl"), "{not json}\n").unwrap();
+    let err = write_report(dir.path(), None).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("rounds.jsonl") && msg.contains("line 1"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("report.md").exists());
+}
+
+#[test]
+fn report_without_summary_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    run_optimization(dir.path());
+    std::fs::remove_file(dir.path().join("summary.json")).unwrap();
+    let err = write_report(dir.path(), None).unwrap_err();
+    assert!(err.to_string().contains("summary.json"), "{err}");
+}
