@@ -1,13 +1,13 @@
 //! Run report: reads an optimization run directory written by
 //! [`crate::optimize::optimize`] (`config.json`, `rounds.jsonl`,
 //! `summary.json`, or `checkpoint.yaml` for a run that has not finished) and
-//! writes `report.md` with three SVG charts: validation
-//! and block scores per round, a heatmap of each agent's mean credit per
-//! round, and cumulative task vs meta tokens. The Markdown also holds a
-//! per-round table, per-agent credit statistics with the credit-correlation
-//! analysis of the paper (spec §9.5: Spearman's ρ between an agent's credit
-//! and the block score of the configuration, via
-//! [`crate::optimize::analysis::credit_correlation`]) and the best prompts.
+//! writes `report.md` with three SVG charts: validation and block scores per
+//! round, a heatmap of each agent's mean credit per round, and cumulative
+//! task vs meta tokens. The Markdown also holds a per-round table, per-agent
+//! credit statistics with the credit-correlation analysis of the paper (spec
+//! §9.5: Spearman's ρ between an agent's credit and the block score of the
+//! configuration, via [`crate::optimize::analysis::credit_correlation`]) and
+//! the best prompts.
 //!
 //! The charts are written by a small SVG writer in this module (no plotting
 //! crate, no fonts): text is left to the viewer's sans-serif font, every data
