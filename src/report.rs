@@ -1,12 +1,13 @@
 //! Run report: reads an optimization run directory written by
 //! [`crate::optimize::optimize`] (`config.json`, `rounds.jsonl`,
-//! `summary.json`) and writes `report.md` with three SVG charts: validation
-//! and block scores per round, a heatmap of each agent's mean credit per
-//! round, and cumulative task vs meta tokens. The Markdown also holds a
-//! per-round table, per-agent credit statistics with the credit-correlation
-//! analysis of the paper (spec §9.5: Spearman's ρ between an agent's credit
-//! and the block score of the configuration, via
-//! [`crate::optimize::analysis::credit_correlation`]) and the best prompts.
+//! `summary.json`, or `checkpoint.yaml` for a run that has not finished) and
+//! writes `report.md` with three SVG charts: validation and block scores per
+//! round, a heatmap of each agent's mean credit per round, and cumulative
+//! task vs meta tokens. The Markdown also holds a per-round table, per-agent
+//! credit statistics with the credit-correlation analysis of the paper (spec
+//! §9.5: Spearman's ρ between an agent's credit and the block score of the
+//! configuration, via [`crate::optimize::analysis::credit_correlation`]) and
+//! the best prompts.
 //!
 //! The charts are written by a small SVG writer in this module (no plotting
 //! crate, no fonts): text is left to the viewer's sans-serif font, every data
@@ -15,6 +16,7 @@
 
 use crate::graph::PromptSet;
 use crate::optimize::analysis::credit_correlation;
+use crate::optimize::checkpoint;
 use crate::optimize::{OptimizeConfig, OptimizeResult, RoundRecord, StopReason};
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
@@ -103,8 +105,12 @@ pub struct RunData {
     pub config: OptimizeConfig,
     /// One record per completed round (`rounds.jsonl`), in order.
     pub rounds: Vec<RoundRecord>,
-    /// Final result (`summary.json`).
+    /// Final result (`summary.json`), or for a run that has not finished
+    /// (no `summary.json`, or one older than `rounds.jsonl` after a resume)
+    /// the same figures rebuilt from `checkpoint.yaml`.
     pub summary: OptimizeResult,
+    /// Whether `summary` comes from an up-to-date `summary.json`.
+    pub finished: bool,
 }
 
 fn read_text(path: &Path) -> Result<String, ReportError> {
@@ -152,11 +158,49 @@ pub fn load_run(run_dir: &Path) -> Result<RunData, ReportError> {
     if rounds.is_empty() {
         return Err(ReportError::NoRounds { path: rounds_path });
     }
-    let summary: OptimizeResult = read_json(&run_dir.join("summary.json"))?;
+    let summary_path = run_dir.join("summary.json");
+    let ckpt_path = run_dir.join(checkpoint::CHECKPOINT);
+    let summary: Option<OptimizeResult> = if summary_path.exists() {
+        Some(read_json(&summary_path)?)
+    } else {
+        None
+    };
+    let (summary, finished) = match summary {
+        Some(s) if s.rounds_completed >= rounds.len() || !ckpt_path.exists() => (s, true),
+        None if !ckpt_path.exists() => return Err(ReportError::Missing { path: summary_path }),
+        _ => (summary_from_checkpoint(run_dir, &ckpt_path)?, false),
+    };
     Ok(RunData {
         config,
         rounds,
         summary,
+        finished,
+    })
+}
+
+/// The figures of `summary.json` for a run still in progress, from its checkpoint.
+fn summary_from_checkpoint(run_dir: &Path, path: &Path) -> Result<OptimizeResult, ReportError> {
+    let st = checkpoint::load(run_dir).map_err(|e| ReportError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let best = st.best().cloned();
+    Ok(OptimizeResult {
+        best_prompts: best.as_ref().map(|b| b.config.clone()).unwrap_or_default(),
+        best_score: best.as_ref().map_or(f64::NAN, |b| b.score),
+        best_round: best.as_ref().map_or(0, |b| b.round),
+        initial_score: st.validations.first().map_or(f64::NAN, |v| v.score),
+        rounds_completed: st.rounds_done,
+        stop_reason: st.stop_reason.clone().unwrap_or(StopReason::Interrupted),
+        tokens: st.tokens,
+        validations: st.validations.clone(),
+        rejections: st.rejections.clone(),
+        agent_credits: st
+            .credits
+            .iter()
+            .map(|(a, c)| (a.clone(), c.stats()))
+            .collect(),
+        populations: BTreeMap::new(),
     })
 }
 
@@ -346,7 +390,15 @@ fn markdown(
         "- Rounds completed: {} of {} configured",
         s.rounds_completed, c.rounds
     );
-    let _ = writeln!(md, "- Stop reason: {}", describe_stop(&s.stop_reason));
+    if data.finished {
+        let _ = writeln!(md, "- Stop reason: {}", describe_stop(&s.stop_reason));
+    } else {
+        let _ = writeln!(
+            md,
+            "- Stop reason: none yet (run in progress or killed; no up-to-date summary.json, \
+             figures from checkpoint.yaml)"
+        );
+    }
     let _ = writeln!(
         md,
         "- Validation score: {} (initial) → {} (best, after round {})",

@@ -352,10 +352,42 @@ fn report_errors_name_the_file() {
 }
 
 #[test]
-fn report_without_summary_is_an_error_naming_it() {
+fn unfinished_run_is_reported_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    run_optimization(dir.path());
+    let res = run_optimization(dir.path());
+    let finished =
+        std::fs::read_to_string(write_report(dir.path(), None).unwrap().markdown).unwrap();
+    // A summary.json older than rounds.jsonl (a resumed run still going) is ignored.
+    let path = dir.path().join("summary.json");
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    summary["rounds_completed"] = 1.into();
+    summary["best_score"] = (-1.0).into();
+    std::fs::write(&path, summary.to_string()).unwrap();
+    let md = std::fs::read_to_string(write_report(dir.path(), None).unwrap().markdown).unwrap();
+    assert!(
+        md.contains("Stop reason: none yet") && !md.contains("-1.000"),
+        "{md}"
+    );
+    // A killed run has no summary.json: the figures come from checkpoint.yaml.
     std::fs::remove_file(dir.path().join("summary.json")).unwrap();
+    let md = std::fs::read_to_string(write_report(dir.path(), None).unwrap().markdown).unwrap();
+    assert!(md.contains("Stop reason: none yet"), "{md}");
+    assert!(md.contains(&format!(
+        "→ {:.3} (best, after round {})",
+        res.best_score, res.best_round
+    )));
+    // Everything but the stop reason is the same as from summary.json.
+    let strip = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with("- Stop reason"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(&md), strip(&finished));
+    // Without either file the error names summary.json.
+    std::fs::remove_file(dir.path().join("checkpoint.yaml")).unwrap();
     let err = write_report(dir.path(), None).unwrap_err();
+    assert!(matches!(err, ReportError::Missing { .. }), "{err:?}");
     assert!(err.to_string().contains("summary.json"), "{err}");
 }
