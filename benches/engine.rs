@@ -8,6 +8,7 @@
 
 use candle_core::{Device, Tensor};
 use cantante::llm::engine::{CandleLlm, EngineOptions};
+use cantante::llm::model::WeightFormat;
 use cantante::llm::tiny::{write_tiny_gguf, TinySpec};
 use cantante::llm::{Llm, Request};
 use std::time::Instant;
@@ -126,7 +127,21 @@ fn main() {
     });
     if std::path::Path::new(&model).exists() {
         let mut llm = CandleLlm::load(&model, EngineOptions::default()).unwrap();
-        bench("default model", &mut llm, &batches, 32, peak);
+        bench("default model, f32 weights", &mut llm, &batches, 32, peak);
+        drop(llm);
+        let opts = EngineOptions {
+            weights: Some(WeightFormat::Q8),
+            ..Default::default()
+        };
+        let mut q8 = CandleLlm::load(&model, opts).unwrap();
+        let small: Vec<usize> = batches.iter().copied().filter(|&b| b <= 8).collect();
+        bench(
+            "default model, Q8_0 weights (--weights q8)",
+            &mut q8,
+            &small,
+            32,
+            peak,
+        );
     } else {
         println!("\n(default model not found at {model}; run models/fetch.sh to bench it)");
     }

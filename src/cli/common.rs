@@ -13,9 +13,11 @@ pub struct ModelArgs {
     /// Run on CUDA (build with --features cuda).
     #[arg(long)]
     pub cuda: bool,
-    /// Keep GGUF weights quantized on CPU (less memory, slower batched matmuls).
-    #[arg(long)]
-    pub quantized: bool,
+    /// Weight format: f32 (fastest batched decode on CPU), q8 (fastest single-stream
+    /// decode, 1/4 the memory), native (the file's own quantization). Default: f32 on
+    /// CPU, native on CUDA.
+    #[arg(long, value_enum)]
+    pub weights: Option<crate::llm::model::WeightFormat>,
     /// Maximum sequences decoded together.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
@@ -47,7 +49,7 @@ pub fn load_llm(m: &ModelArgs) -> Result<CandleLlm> {
         .unwrap_or_else(|| default_model_path().display().to_string());
     let opts = EngineOptions {
         cuda: m.cuda,
-        dequantize: if m.quantized { Some(false) } else { None },
+        weights: m.weights,
         max_batch: m.max_batch.max(1),
         kv_budget_bytes: m.kv_mib << 20,
         prefix_reuse: !m.no_prefix_reuse,

@@ -6,7 +6,7 @@
 
 use super::chat::{ChatTemplate, CHATML_TEMPLATE};
 use super::gguf_tokenizer;
-use super::model::{Chunk, Model, SeqKv};
+use super::model::{Chunk, Model, SeqKv, WeightFormat};
 use super::sampling;
 use super::tokenizer::Tokenizer;
 use super::{Generation, Llm, LlmError, Request, Result, StopReason};
@@ -23,8 +23,8 @@ use std::sync::Mutex;
 pub struct EngineOptions {
     /// Run on CUDA device 0 (needs the `cuda` feature).
     pub cuda: bool,
-    /// Expand quantized weights to f32 on load (`None` = yes on CPU, no on GPU).
-    pub dequantize: Option<bool>,
+    /// How matmul weights are held (`None` = f32 on CPU, the file's own format on GPU).
+    pub weights: Option<WeightFormat>,
     /// Maximum sequences decoded together.
     pub max_batch: usize,
     /// Memory bound for KV caches of running sequences, in bytes.
@@ -43,7 +43,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             cuda: false,
-            dequantize: None,
+            weights: None,
             max_batch: 32,
             kv_budget_bytes: 4 << 30,
             max_step_tokens: 2048,
@@ -171,8 +171,12 @@ impl CandleLlm {
             }
         })?;
         let dev = device(&opts)?;
-        let deq = opts.dequantize.unwrap_or(dev.is_cpu());
-        let model = Model::from_gguf(&ct, &mut file, &p, &dev, deq)?;
+        let format = opts.weights.unwrap_or(if dev.is_cpu() {
+            WeightFormat::F32
+        } else {
+            WeightFormat::Native
+        });
+        let model = Model::from_gguf(&ct, &mut file, &p, &dev, format)?;
         let sibling = path.with_file_name("tokenizer.json");
         let (tokenizer, special) = if sibling.is_file() {
             (
@@ -210,7 +214,7 @@ impl CandleLlm {
     /// and (for the chat template) tokenizer_config.json.
     pub fn load_dir(dir: &Path, opts: EngineOptions) -> Result<Self> {
         let dev = device(&opts)?;
-        let model = Model::from_safetensors_dir(dir, &dev)?;
+        let model = Model::from_safetensors_dir(dir, &dev, opts.weights.unwrap_or_default())?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tc_path = dir.join("tokenizer_config.json");
         let mut template = None;

@@ -283,3 +283,28 @@ fn continuous_batching_chunked_prefill_and_kv_bound_keep_outputs() {
         full.stats()
     );
 }
+
+#[test]
+fn q8_weights_keep_batched_equal_to_sequential() {
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 21,
+        quantized: false,
+    });
+    let q8 = |max_batch| {
+        let opts = EngineOptions {
+            max_batch,
+            weights: Some(cantante::llm::model::WeightFormat::Q8),
+            ..Default::default()
+        };
+        CandleLlm::load(p.to_str().unwrap(), opts).unwrap()
+    };
+    let reqs = mixed_requests();
+    let batched = q8(32).generate(&reqs).unwrap();
+    let one = q8(1);
+    let seq: Vec<_> = reqs
+        .iter()
+        .map(|r| one.generate(std::slice::from_ref(r)).unwrap().remove(0))
+        .collect();
+    assert_eq!(batched, seq);
+}
