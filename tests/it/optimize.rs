@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 const MAGIC: &str = "CAREFULLY";
 
-struct FakeExecutor {
+pub(crate) struct FakeExecutor {
     setup: Setup,
     dev: usize,
     execute_calls: AtomicUsize,
@@ -34,7 +34,7 @@ fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
 }
 
 impl FakeExecutor {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let solver_pool = vec![
             "Solve {query}. Answer in <answer></answer>.".to_string(),
             "Read {query} and reply with <answer>result</answer>.".to_string(),
@@ -140,7 +140,7 @@ fn between<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
 
 /// Crossover keeps template A plus a seed tag; mutation adds the magic word
 /// for two seeds out of three.
-fn meta_llm() -> ScriptedLlm {
+pub(crate) fn meta_llm() -> ScriptedLlm {
     ScriptedLlm::new(|r: &Request| {
         let p = &r.messages[0].content;
         if p.contains("<template_a>") {
@@ -160,7 +160,7 @@ fn meta_llm() -> ScriptedLlm {
 }
 
 /// Credits the solver by its output (careful work helps), the checker a flat 0.3.
-fn attributer_llm() -> ScriptedLlm {
+pub(crate) fn attributer_llm() -> ScriptedLlm {
     ScriptedLlm::new(|r: &Request| {
         let p = &r.messages[0].content;
         let payload = between(p, "The runs:\n", "\n\nFirst write");
@@ -195,7 +195,7 @@ fn config(rounds: usize) -> OptimizeConfig {
     }
 }
 
-fn read_records(dir: &Path) -> Vec<RoundRecord> {
+pub(crate) fn read_records(dir: &Path) -> Vec<RoundRecord> {
     std::fs::read_to_string(dir.join("rounds.jsonl"))
         .unwrap()
         .lines()

@@ -1,167 +1,13 @@
 //! `report::write_report` on a real run directory produced by a 2-round
 //! optimization with a fake executor and scripted LLMs (the fixture of
-//! `optimize.rs`, reduced): the score depends on the word "CAREFULLY" in the
+//! `optimize.rs`): the score depends on the word "CAREFULLY" in the
 //! solver prompt, the attributer credits the solver by its output and the
 //! checker a flat 0.3.
 
-use cantante::graph::{AgentSpec, PromptSet, Setup};
-use cantante::llm::{Request, ScriptedLlm};
-use cantante::optimize::{optimize, Executor, OptimizeConfig, Rollout, RoundRecord, RunHooks};
+use crate::optimize::{attributer_llm, meta_llm, read_records, FakeExecutor};
+use cantante::optimize::{optimize, OptimizeConfig, RunHooks};
 use cantante::report::{write_report, ReportError};
 use std::path::Path;
-
-const MAGIC: &str = "CAREFULLY";
-
-struct FakeExecutor {
-    setup: Setup,
-}
-
-fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
-    AgentSpec {
-        name: name.into(),
-        task_description: format!("The {name} step."),
-        input_vars: inputs.iter().map(|s| s.to_string()).collect(),
-        output_vars: outputs.iter().map(|s| s.to_string()).collect(),
-        tools: vec![],
-        max_tool_calls: 0,
-    }
-}
-
-impl FakeExecutor {
-    fn new() -> Self {
-        let solver_pool = vec![
-            "Solve {query}. Answer in <answer></answer>.".to_string(),
-            "Read {query} and reply with <answer>result</answer>.".to_string(),
-            "Question: {query}\nGive the result inside <answer> tags.".to_string(),
-        ];
-        let checker_pool = vec![
-            "Check {answer} for {query}; final in <prediction></prediction>.".to_string(),
-            "Given {query} and {answer}, write <prediction>value</prediction>.".to_string(),
-            "Verify {answer}. Question {query}. Output <prediction>x</prediction>.".to_string(),
-        ];
-        Self {
-            setup: Setup {
-                edges: vec![],
-                agents: vec![
-                    agent("solver", &["query", "few_shots"], &["answer"]),
-                    agent("checker", &["query", "answer"], &["prediction"]),
-                ],
-                init_agent_prompt_pool: [
-                    ("solver".to_string(), solver_pool),
-                    ("checker".to_string(), checker_pool),
-                ]
-                .into(),
-            },
-        }
-    }
-
-    fn run_one(config: &PromptSet, q: usize) -> Rollout {
-        let careful = config["solver"].contains(MAGIC);
-        let score = if careful || q % 4 == 0 { 1.0 } else { 0.0 };
-        let answer = if careful {
-            "carefully derived 42".to_string()
-        } else {
-            format!("guessed {}", 40 + q % 3)
-        };
-        let pred = if score == 1.0 { "42" } else { "41" }.to_string();
-        let agent_outputs = [
-            (
-                "solver".to_string(),
-                [("answer".to_string(), answer)].into(),
-            ),
-            (
-                "checker".to_string(),
-                [("prediction".to_string(), pred.clone())].into(),
-            ),
-        ]
-        .into();
-        let words: usize = config.values().map(|p| p.split_whitespace().count()).sum();
-        Rollout {
-            score,
-            prediction: pred,
-            agent_outputs,
-            input_tokens: words + 2,
-            output_tokens: 5,
-        }
-    }
-}
-
-impl Executor for FakeExecutor {
-    fn setup(&self) -> &Setup {
-        &self.setup
-    }
-    fn num_dev(&self) -> usize {
-        40
-    }
-    fn query_text(&self, idx: usize) -> String {
-        format!("What is question number {idx}?")
-    }
-    fn execute(
-        &self,
-        configs: &[PromptSet],
-        queries: &[usize],
-        _seed: u64,
-    ) -> anyhow::Result<Vec<Vec<Rollout>>> {
-        Ok(configs
-            .iter()
-            .map(|c| queries.iter().map(|&q| Self::run_one(c, q)).collect())
-            .collect())
-    }
-    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(f64, usize)> {
-        let scores: Vec<f64> = (100..108).map(|q| Self::run_one(config, q).score).collect();
-        Ok((scores.iter().sum::<f64>() / scores.len() as f64, 80))
-    }
-}
-
-fn between<'a>(text: &'a str, open: &str, close: &str) -> &'a str {
-    let i = text.find(open).map(|i| i + open.len()).unwrap_or(0);
-    let j = text[i..].find(close).map(|j| i + j).unwrap_or(text.len());
-    text[i..j].trim()
-}
-
-fn meta_llm() -> ScriptedLlm {
-    ScriptedLlm::new(|r: &Request| {
-        let p = &r.messages[0].content;
-        if p.contains("<template_a>") {
-            let a = between(p, "<template_a>", "</template_a>");
-            format!("Here you go: <prompt>{a} [x{}]</prompt>", r.seed % 1000)
-        } else {
-            let t = between(p, "<template>", "</template>");
-            let extra = if r.seed % 3 != 0 {
-                format!(" Work {MAGIC}.")
-            } else {
-                " Be brief.".to_string()
-            };
-            format!("<prompt>{t}{extra}</prompt>")
-        }
-    })
-    .named("meta")
-}
-
-fn attributer_llm() -> ScriptedLlm {
-    ScriptedLlm::new(|r: &Request| {
-        let p = &r.messages[0].content;
-        let payload = between(p, "The runs:\n", "\n\nFirst write");
-        let v: serde_json::Value = serde_json::from_str(payload).expect("payload is JSON");
-        let execs: Vec<String> = v["executions"]
-            .as_array()
-            .expect("executions")
-            .iter()
-            .map(|e| {
-                let ans = e["agent_outputs"]["solver"]["answer"]
-                    .as_str()
-                    .unwrap_or("");
-                let s = if ans.contains("carefully") { 0.9 } else { -0.5 };
-                format!("{{\"agent_credits\": {{\"solver\": {s}, \"checker\": 0.3}}}}")
-            })
-            .collect();
-        format!(
-            "Comparison done.\n<attribution>{{\"executions\": [{}]}}</attribution>",
-            execs.join(", ")
-        )
-    })
-    .named("attributer")
-}
 
 /// Run a 2-round optimization into `dir`.
 fn run_optimization(dir: &Path) -> cantante::optimize::OptimizeResult {
@@ -175,14 +21,6 @@ fn run_optimization(dir: &Path) -> cantante::optimize::OptimizeResult {
     let exec = FakeExecutor::new();
     let (meta, att) = (meta_llm(), attributer_llm());
     optimize(&exec, &meta, &att, &config, dir, RunHooks::default()).unwrap()
-}
-
-fn read_records(dir: &Path) -> Vec<RoundRecord> {
-    std::fs::read_to_string(dir.join("rounds.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn count(haystack: &str, needle: &str) -> usize {
