@@ -6,8 +6,8 @@
 use cantante::graph::{AgentSpec, PromptSet, Setup};
 use cantante::llm::{Request, ScriptedLlm};
 use cantante::optimize::{
-    attribute_only, optimize, rank_agents, resume, Executor, OptimizeConfig, OptimizerKind,
-    Rollout, RoundRecord, RunHooks, StopReason,
+    attribute_only, optimize, rank_agents, resume, Executor, OptimizeConfig, OptimizeResult,
+    OptimizerKind, Rollout, RoundRecord, RunHooks, StopReason,
 };
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -193,6 +193,19 @@ fn config(rounds: usize) -> OptimizeConfig {
         max_blocks: 2,
         ..Default::default()
     }
+}
+
+/// One optimization run of `exec` with the scripted meta-LLM and attributer.
+fn run_fake(exec: &FakeExecutor, cfg: &OptimizeConfig, dir: &Path) -> OptimizeResult {
+    optimize(
+        exec,
+        &meta_llm(),
+        &attributer_llm(),
+        cfg,
+        dir,
+        RunHooks::default(),
+    )
+    .unwrap()
 }
 
 pub(crate) fn read_records(dir: &Path) -> Vec<RoundRecord> {
@@ -381,15 +394,7 @@ fn same_seed_same_result_other_seed_other_blocks() {
         seed: 12,
         ..config(2)
     };
-    optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &c,
-        d3.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    run_fake(&exec, &c, d3.path());
     assert_ne!(
         read_records(d1.path())[0].block,
         read_records(d3.path())[0].block
@@ -413,15 +418,7 @@ fn budget_cap_stops_cleanly_and_records_why() {
         rounds: 2,
         ..tight.clone()
     };
-    optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &probe_cfg,
-        probe_dir.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    run_fake(&exec, &probe_cfg, probe_dir.path());
     let recs = read_records(probe_dir.path());
     let (t1, t2) = (recs[0].tokens.total(), recs[1].tokens.total());
     let cap_tokens = (t1 + t2) / 2;
@@ -429,15 +426,7 @@ fn budget_cap_stops_cleanly_and_records_why() {
         max_total_tokens: Some(cap_tokens),
         ..tight
     };
-    let res = optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &cfg,
-        dir.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    let res = run_fake(&exec, &cfg, dir.path());
     assert_eq!(res.rounds_completed, 1);
     match &res.stop_reason {
         StopReason::Budget {
@@ -469,15 +458,7 @@ fn budget_cap_stops_cleanly_and_records_why() {
         max_meta_tokens: Some(0),
         ..config(2)
     };
-    let res = optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &cfg,
-        dir2.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    let res = run_fake(&exec, &cfg, dir2.path());
     assert_eq!(res.rounds_completed, 0);
     assert!(
         matches!(&res.stop_reason, StopReason::Budget { cap, batch, .. } if cap == "meta" && batch == "rewrite")
@@ -543,15 +524,7 @@ fn identity_attribution_and_evoprompt_ablations_run() {
         optimizer: OptimizerKind::Evoprompt,
         ..config(2)
     };
-    let res = optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &cfg,
-        dir.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    let res = run_fake(&exec, &cfg, dir.path());
     assert_eq!(res.rounds_completed, 2);
     assert!(res.best_score >= res.initial_score);
     assert_eq!(res.populations["solver"].len(), 3);
@@ -631,15 +604,7 @@ fn resume_can_extend_rounds_and_budget_but_not_the_algorithm() {
         max_meta_tokens: Some(0),
         ..config(2)
     };
-    let stopped = optimize(
-        &exec,
-        &meta_llm(),
-        &attributer_llm(),
-        &cfg,
-        dir.path(),
-        RunHooks::default(),
-    )
-    .unwrap();
+    let stopped = run_fake(&exec, &cfg, dir.path());
     assert_eq!(stopped.rounds_completed, 0);
     // Plain resume hits the same cap again.
     let again = resume(
