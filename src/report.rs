@@ -184,24 +184,8 @@ fn summary_from_checkpoint(run_dir: &Path, path: &Path) -> Result<OptimizeResult
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let best = st.best().cloned();
-    Ok(OptimizeResult {
-        best_prompts: best.as_ref().map(|b| b.config.clone()).unwrap_or_default(),
-        best_score: best.as_ref().map_or(f64::NAN, |b| b.score),
-        best_round: best.as_ref().map_or(0, |b| b.round),
-        initial_score: st.validations.first().map_or(f64::NAN, |v| v.score),
-        rounds_completed: st.rounds_done,
-        stop_reason: st.stop_reason.clone().unwrap_or(StopReason::Interrupted),
-        tokens: st.tokens,
-        validations: st.validations.clone(),
-        rejections: st.rejections.clone(),
-        agent_credits: st
-            .credits
-            .iter()
-            .map(|(a, c)| (a.clone(), c.stats()))
-            .collect(),
-        populations: BTreeMap::new(),
-    })
+    let reason = st.stop_reason.clone().unwrap_or(StopReason::Interrupted);
+    Ok(crate::optimize::run::result_of(&st, reason))
 }
 
 /// Per-round numbers shown in the table and the charts.

@@ -483,7 +483,8 @@ fn write_best(run_dir: &Path, st: &RunState) -> Result<(), OptimizeError> {
     Ok(())
 }
 
-fn result_of(st: &RunState, reason: StopReason) -> OptimizeResult {
+/// The result of a run state (what `summary.json` holds), stopped for `reason`.
+pub fn result_of(st: &RunState, reason: StopReason) -> OptimizeResult {
     let best = st.best().cloned().unwrap_or(ValidationPoint {
         round: 0,
         config: incumbent_config(st),
