@@ -99,6 +99,10 @@ pub struct Protocol {
     /// System prompt of every agent call.
     #[serde(default = "default_system")]
     pub system: String,
+    /// Format-repair turns per agent call (`RunOptions::format_repairs`);
+    /// 0 (the reference behaviour) when absent.
+    #[serde(default)]
+    pub format_repairs: usize,
     /// Maximum rounds of the identity ablation, which stops at the CANTANTE
     /// run's total token spend; default: 3 × `optimizer.rounds`.
     #[serde(default)]
@@ -923,6 +927,7 @@ mod tests {
                 mean_input_tokens: tokens - 100.0,
                 mean_output_tokens: 100.0,
                 format_failure_rate: BTreeMap::new(),
+                format_repair_rate: BTreeMap::new(),
                 run_errors: 0,
                 wall_secs: 5.0,
             },

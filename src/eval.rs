@@ -187,8 +187,13 @@ pub struct EvalSummary {
     pub mean_input_tokens: f64,
     /// Mean output tokens per query.
     pub mean_output_tokens: f64,
-    /// Per agent: fraction of its calls with at least one missing output tag.
+    /// Per agent: fraction of its calls with at least one output tag still
+    /// missing at the end of the call (after any format-repair turns).
     pub format_failure_rate: BTreeMap<String, f64>,
+    /// Per agent: fraction of its calls whose reply lacked tags that a
+    /// format-repair turn recovered (empty when repair is off).
+    #[serde(default)]
+    pub format_repair_rate: BTreeMap<String, f64>,
     /// Runs that ended abnormally (step limit, rejected request).
     pub run_errors: usize,
     /// Wall time in seconds (filled by the caller).
@@ -199,16 +204,16 @@ pub struct EvalSummary {
 pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
     let n = runs.len();
     let nf = n.max(1) as f64;
-    let mut calls: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut calls: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
     for r in runs {
         for c in &r.result.calls {
             let e = calls.entry(c.agent.clone()).or_default();
             e.0 += 1;
-            if !c.format_failures.is_empty() {
-                e.1 += 1;
-            }
+            e.1 += usize::from(!c.format_failures.is_empty());
+            e.2 += usize::from(!c.repaired.is_empty());
         }
     }
+    let rate = |n: usize, t: usize| n as f64 / t.max(1) as f64;
     EvalSummary {
         n,
         accuracy: runs.iter().map(|r| r.score).sum::<f64>() / nf,
@@ -223,8 +228,13 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             .sum::<f64>()
             / nf,
         format_failure_rate: calls
-            .into_iter()
-            .map(|(k, (t, f))| (k, f as f64 / t.max(1) as f64))
+            .iter()
+            .map(|(k, &(t, f, _))| (k.clone(), rate(f, t)))
+            .collect(),
+        format_repair_rate: calls
+            .iter()
+            .filter(|(_, &(_, _, r))| r > 0)
+            .map(|(k, &(t, _, r))| (k.clone(), rate(r, t)))
             .collect(),
         run_errors: runs.iter().filter(|r| r.result.error.is_some()).count(),
         wall_secs: 0.0,

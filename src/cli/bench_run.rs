@@ -105,6 +105,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             field_cap: protocol.field_cap(task_name),
             temperature: protocol.temperature,
             system: protocol.system.clone(),
+            format_repairs: protocol.format_repairs,
         };
         let (task, setup) = mas.load()?;
         for &seed in &a.seeds {

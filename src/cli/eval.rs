@@ -35,6 +35,10 @@ pub struct MasArgs {
     /// System prompt of every agent call.
     #[arg(long, default_value = "You are a helpful assistant.")]
     pub system: String,
+    /// Follow-up turns asking an agent for the output tags its reply lacks
+    /// (0 = off, as in the reference implementation).
+    #[arg(long, default_value_t = 1)]
+    pub format_repairs: usize,
 }
 
 impl MasArgs {
@@ -45,6 +49,7 @@ impl MasArgs {
             max_new_tokens: self.max_tokens,
             field_token_cap: self.field_cap,
             sampling: Sampling::temperature(self.temperature),
+            format_repairs: self.format_repairs,
             ..RunOptions::default()
         }
     }
@@ -172,7 +177,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
         summary.mean_input_tokens, summary.mean_output_tokens
     );
     for (agent, rate) in &summary.format_failure_rate {
-        println!("format failures {agent}: {:.1}%", 100.0 * rate);
+        let repaired = summary.format_repair_rate.get(agent).copied().unwrap_or(0.0);
+        println!(
+            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%)",
+            100.0 * rate,
+            100.0 * repaired
+        );
     }
     if summary.run_errors > 0 {
         println!("runs ended abnormally: {}", summary.run_errors);

@@ -53,12 +53,23 @@
 //! an error result listing the agent's tools; a panicking tool an error text.
 //! Tools of different runs execute in parallel.
 //!
+//! # Format repair
+//!
+//! With [`RunOptions::format_repairs`] > 0 (not in the reference), a final
+//! reply that lacks some output tags gets a follow-up turn: the reply stays
+//! in the history and a user message names the missing tags only and shows
+//! their shape. Tags found in the answer fill only the missing variables
+//! ([`AgentCall::repaired`]); what is still missing afterwards is a format
+//! failure as above. All repair turns of a super-step are one batch per
+//! attempt. Small models that reason well but ignore the tag format (e.g. a
+//! final `\boxed{10}`) are then scored on their answer, not on their format.
+//!
 //! # Tokens
 //!
 //! Per agent call, `input_tokens` = the first turn's `prompt_tokens` (exact,
-//! after the chat template) + the tokens of every tool-result message
-//! ([`Llm::count_tokens`]); `output_tokens` = the `completion_tokens` of all
-//! turns (tool-call turns included). Re-reading the growing history in later
+//! after the chat template) + the tokens of every tool-result and
+//! format-repair message ([`Llm::count_tokens`]); `output_tokens` = the
+//! `completion_tokens` of all turns (tool-call and repair turns included). Re-reading the growing history in later
 //! turns is not counted again.
 //!
 //! # Seeds
@@ -136,6 +147,11 @@ pub struct RunOptions {
     pub sampling: Sampling,
     /// Super-steps after which a run still going is stopped with an error note.
     pub step_limit: usize,
+    /// Follow-up turns allowed per agent call whose final reply lacks some
+    /// output tags (0 = none, the reference behaviour). Each turn appends the
+    /// reply and a user message naming the missing tags only, and reads those
+    /// tags from the answer; the original reply's tags are never overwritten.
+    pub format_repairs: usize,
 }
 
 impl Default for RunOptions {
@@ -149,6 +165,7 @@ impl Default for RunOptions {
             prompt_token_cap: None,
             sampling: Sampling::temperature(0.7),
             step_limit: 30,
+            format_repairs: 0,
         }
     }
 }
@@ -179,8 +196,16 @@ pub struct AgentCall {
     pub input_tokens: usize,
     /// Output tokens of all turns.
     pub output_tokens: usize,
-    /// Output variables whose `<var>…</var>` tag was missing from the reply.
+    /// Output variables still unset after the call: their `<var>…</var>` tag
+    /// was missing from the reply and from every format-repair answer.
     pub format_failures: Vec<String>,
+    /// Output variables missing from the reply but recovered by a
+    /// format-repair turn ([`RunOptions::format_repairs`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repaired: Vec<String>,
+    /// Answers to the format-repair turns, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repair_replies: Vec<String>,
     /// Tool calls made during this agent call, in order.
     pub tool_calls: Vec<ToolCallRecord>,
 }
@@ -586,6 +611,10 @@ struct Pending {
     turn: usize,
     tools_used: usize,
     call: AgentCall,
+    /// Output tags read from format-repair answers.
+    recovered: BTreeMap<String, String>,
+    /// Set when a repair request was rejected: no further repair turns.
+    repair_closed: bool,
     finished: bool,
     failed: Option<String>,
 }
@@ -771,6 +800,92 @@ fn generate_isolating(
         .collect())
 }
 
+/// Output variables of `p`'s agent found neither in its reply nor in a repair answer.
+fn missing_tags(g: &Graph<'_>, p: &Pending) -> Vec<String> {
+    g.setup.agents[p.agent]
+        .output_vars
+        .iter()
+        .filter(|v| {
+            !p.recovered.contains_key(*v) && prompt::extract_tag(&p.call.reply, v).is_none()
+        })
+        .cloned()
+        .collect()
+}
+
+/// The user message asking for the missing tags only.
+fn repair_message(missing: &[String]) -> String {
+    let names: Vec<String> = missing.iter().map(|v| format!("<{v}>")).collect();
+    let shape: Vec<String> = missing.iter().map(|v| format!("<{v}>...</{v}>")).collect();
+    format!(
+        "Your reply is missing the required tag(s) {}. Reply again with only these tags, filled in from your answer above, exactly like this:\n{}",
+        names.join(", "),
+        shape.join("\n")
+    )
+}
+
+/// One format-repair attempt for every successful call still missing output
+/// tags, as one batch. Returns whether any request was sent.
+fn repair_turn(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    runs: &[Run],
+    pend: &mut [Pending],
+    opts: &RunOptions,
+    step: usize,
+) -> Result<bool, GraphError> {
+    let mut todo: Vec<(usize, Vec<String>)> = Vec::new();
+    for (i, p) in pend.iter().enumerate() {
+        if p.failed.is_none() && !p.repair_closed {
+            let missing = missing_tags(g, p);
+            if !missing.is_empty() {
+                todo.push((i, missing));
+            }
+        }
+    }
+    if todo.is_empty() {
+        return Ok(false);
+    }
+    let mut reqs = Vec::with_capacity(todo.len());
+    for (i, missing) in &todo {
+        let p = &mut pend[*i];
+        let last = p
+            .call
+            .repair_replies
+            .last()
+            .unwrap_or(&p.call.reply)
+            .clone();
+        let msg = repair_message(missing);
+        p.call.input_tokens += llm.count_tokens(&msg);
+        p.messages.push(Message::assistant(last));
+        p.messages.push(Message::user(msg));
+        reqs.push(Request {
+            messages: p.messages.clone(),
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling,
+            seed: request_seed(runs[p.run].seed, &p.call.agent, p.call_index, p.turn),
+            stop: Vec::new(),
+        });
+        p.turn += 1;
+    }
+    // A rejected repair request (e.g. context too long) just ends that call's repair.
+    let gens = generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
+    for ((i, missing), gen) in todo.iter().zip(gens) {
+        let p = &mut pend[*i];
+        let Ok(gen) = gen else {
+            p.repair_closed = true;
+            continue;
+        };
+        p.call.output_tokens += gen.completion_tokens;
+        for var in missing {
+            if let Some(v) = prompt::extract_tag(&gen.text, var) {
+                p.recovered.insert(var.clone(), v);
+            }
+        }
+        p.call.repair_replies.push(gen.text);
+    }
+    Ok(true)
+}
+
 fn super_step(
     llm: &dyn Llm,
     g: &Graph<'_>,
@@ -814,8 +929,12 @@ fn super_step(
                     input_tokens: 0,
                     output_tokens: 0,
                     format_failures: Vec::new(),
+                    repaired: Vec::new(),
+                    repair_replies: Vec::new(),
                     tool_calls: Vec::new(),
                 },
+                recovered: BTreeMap::new(),
+                repair_closed: false,
                 finished: false,
                 failed: None,
             });
@@ -940,6 +1059,13 @@ fn super_step(
         }
     }
 
+    // 2b. Format repair: calls whose final reply lacks output tags, one batch per attempt.
+    for _ in 0..opts.format_repairs {
+        if !repair_turn(llm, g, runs, &mut pend, opts, step)? {
+            break;
+        }
+    }
+
     // 3. Apply outputs (agent order within a run), then route.
     let mut executed: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
     for mut p in pend {
@@ -955,7 +1081,12 @@ fn super_step(
             run.done = true;
         } else {
             for var in &g.setup.agents[p.agent].output_vars {
-                match prompt::extract_tag(&p.call.reply, var) {
+                let found = prompt::extract_tag(&p.call.reply, var).or_else(|| {
+                    let v = p.recovered.remove(var)?;
+                    p.call.repaired.push(var.clone());
+                    Some(v)
+                });
+                match found {
                     Some(v) => {
                         if let Some(t) = run.tools.as_mut() {
                             t.observe(var, &v);
