@@ -438,6 +438,84 @@ fn missing_tag_is_a_format_failure_not_the_reply() {
 }
 
 #[test]
+fn format_repair_asks_only_for_missing_tags_and_never_overwrites() {
+    let setup = Setup::load(config("gsm8k.yaml")).unwrap();
+    let seen: Arc<Mutex<Vec<Request>>> = Arc::default();
+    let log = seen.clone();
+    let llm = ScriptedLlm::new(move |r| {
+        let repair = last(r).content.contains("missing the required tag");
+        if repair {
+            log.lock().unwrap().push(r.clone());
+        }
+        let attempts = r
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        match (gsm8k_agent(r).as_str(), repair) {
+            ("consensus", false) => "I pick 42 of course".into(),
+            // The consensus agent only complies on its second repair turn.
+            ("consensus", true) if attempts < 2 => "still 42".into(),
+            ("consensus", true) => "<prediction>42</prediction>".into(),
+            ("e2", false) => "<justification_2>j</justification_2> the answer is 7".into(),
+            ("e2", true) => {
+                "<justification_2>overwrite</justification_2><proposal_2>7</proposal_2>".into()
+            }
+            (e, _) => {
+                let k = &e[1..];
+                format!("<justification_{k}>j</justification_{k}><proposal_{k}>4{k}</proposal_{k}>")
+            }
+        }
+    });
+    let run = |repairs: usize| {
+        let before = llm.batches();
+        let o = RunOptions {
+            format_repairs: repairs,
+            ..opts()
+        };
+        let out = run_batch(&llm, &setup, specs(&setup, &["q"]), &o, None).unwrap();
+        (out, llm.batches() - before)
+    };
+
+    let (out, batches) = run(2);
+    // 2 super-steps + 1 repair batch (executor_2) + 2 repair batches (consensus).
+    assert_eq!(batches, 5);
+    let r = &out[0];
+    let e2 = &r.calls[1];
+    assert_eq!(e2.repaired, ["proposal_2"]);
+    assert!(e2.format_failures.is_empty());
+    assert_eq!(e2.outputs["proposal_2"], "7");
+    assert_eq!(e2.outputs["justification_2"], "j", "a found tag is never overwritten");
+    assert_eq!(e2.repair_replies.len(), 1);
+    assert_eq!(r.state["proposal_2"], "7");
+    let c = &r.calls[3];
+    assert_eq!(c.repaired, ["prediction"]);
+    assert_eq!(c.repair_replies, ["still 42", "<prediction>42</prediction>"]);
+    assert_eq!(r.prediction, "42");
+    assert!(r.calls[3].prompt.contains('7'), "the join saw the repaired proposal");
+    // Other executors complied: no repair turn.
+    assert!(r.calls[0].repair_replies.is_empty() && r.calls[2].repair_replies.is_empty());
+    // Repair turns are counted.
+    assert!(c.output_tokens > cantante::llm::scripted::word_count("I pick 42 of course"));
+    let reqs = seen.lock().unwrap().clone();
+    let e2_req = reqs.iter().find(|q| gsm8k_agent(q) == "e2").unwrap();
+    let ask = &last(e2_req).content;
+    assert!(ask.contains("<proposal_2>") && !ask.contains("<justification_2>"), "{ask}");
+    // The history holds the original reply before the request.
+    assert_eq!(
+        e2_req.messages[e2_req.messages.len() - 2].content,
+        "<justification_2>j</justification_2> the answer is 7"
+    );
+
+    let (out, batches) = run(1);
+    assert_eq!(batches, 4);
+    let c = &out[0].calls[3];
+    assert_eq!(c.format_failures, ["prediction"]);
+    assert!(c.repaired.is_empty());
+    assert_eq!(out[0].prediction, "");
+}
+
+#[test]
 fn missing_tag_clears_an_earlier_value() {
     let setup = yaml(LOOP);
     // First check writes a prediction and asks for a fix; the second check omits the tag.
