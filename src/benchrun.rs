@@ -352,6 +352,11 @@ pub struct TestRecord {
     pub summary: EvalSummary,
     /// Where it ran.
     pub machine: Machine,
+    /// Set when this record copies another method's evaluation of the same
+    /// prompt set on the same test sample and seed (rollouts depend only on
+    /// seed, prompts and query, so re-running would give the same result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<Method>,
 }
 
 /// Wall time of an optimize run (`timing.json` in its run directory),
@@ -666,6 +671,9 @@ pub struct ResultsTable {
     pub credit: Vec<CreditRow>,
     /// The paper's numbers.
     pub reference: Vec<Reference>,
+    /// Remarks on the rows, e.g. test evaluations reused between methods.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Build the results table from the loaded parts (pure).
@@ -679,6 +687,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     let mut machines = BTreeSet::new();
     let mut rows = Vec::new();
     let mut credit = Vec::new();
+    let mut notes = Vec::new();
     for task in &tasks {
         let seeds: Vec<&SeedParts> = parts.iter().filter(|p| &p.task == task).collect();
         for m in Method::ALL {
@@ -686,6 +695,17 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
                 .iter()
                 .filter_map(|p| p.tests.get(&m).map(|t| (p.seed, t)))
                 .collect();
+            for (seed, t) in &tests {
+                if let Some(from) = t.reused_from {
+                    notes.push(format!(
+                        "{task} seed {seed}: the {} result is the {} prompt set; its test \
+                         evaluation is the {} one (identical rollouts, not re-run).",
+                        m.label(),
+                        from.label(),
+                        from.label()
+                    ));
+                }
+            }
             machines.extend(tests.iter().map(|(_, t)| t.machine.clone()));
             let runs: Vec<&OptPart> = seeds.iter().filter_map(|p| p.runs.get(&m)).collect();
             machines.extend(
@@ -774,6 +794,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
             .into_iter()
             .filter(|r| tasks.is_empty() || tasks.contains(&r.task))
             .collect(),
+        notes,
     }
 }
 
@@ -830,6 +851,12 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             opt(&r.test_wall_secs, 1.0, 0),
             opt(&r.rounds, 1.0, 1),
         ));
+    }
+    if !t.notes.is_empty() {
+        s.push('\n');
+        for n in &t.notes {
+            s.push_str(&format!("- {n}\n"));
+        }
     }
     s.push_str("\n## Credit check (spec §9.5)\n\n");
     s.push_str(
@@ -932,6 +959,7 @@ mod tests {
                 wall_secs: 5.0,
             },
             machine: machine(),
+            reused_from: None,
         }
     }
 

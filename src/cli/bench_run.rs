@@ -208,6 +208,44 @@ fn run_seed(ctx: &SeedCtx, refresh: &dyn Fn() -> Result<()>) -> Result<()> {
     Ok(())
 }
 
+/// When another method's finished test record on this seed evaluated the same
+/// prompt set on the same number of items, copy it (and its traces) as this
+/// method's record: rollouts depend only on seed, prompts and query, so
+/// evaluating again would reproduce it. Returns the method copied from.
+fn reuse_test(
+    ctx: &SeedCtx,
+    method: Method,
+    config: &PromptSet,
+    n: usize,
+) -> Result<Option<Method>> {
+    let id = eval::config_id(config);
+    for other in Method::ALL.into_iter().filter(|m| *m != method) {
+        let Ok(Some(rec)) = load_test(&ctx.dir.join(other.test_file())) else {
+            continue;
+        };
+        if rec.config_id != id || rec.seed != ctx.seed || rec.summary.n != n {
+            continue;
+        }
+        let traces = |m: Method| ctx.dir.join(format!("{}_test_traces.jsonl", m.as_str()));
+        if traces(other).is_file() {
+            std::fs::copy(traces(other), traces(method))
+                .with_context(|| format!("cannot copy {}", traces(other).display()))?;
+        }
+        let copy = TestRecord {
+            method,
+            // A copy of this method's own evaluation is that evaluation.
+            reused_from: Some(rec.reused_from.unwrap_or(other)).filter(|m| *m != method),
+            ..rec
+        };
+        write_atomic(
+            &ctx.dir.join(method.test_file()),
+            serde_json::to_string_pretty(&copy)?.as_bytes(),
+        )?;
+        return Ok(Some(other));
+    }
+    Ok(None)
+}
+
 fn test_part(
     ctx: &SeedCtx,
     method: Method,
@@ -229,6 +267,13 @@ fn test_part(
         Err(e) => eprintln!("warning: {e}; evaluating again"),
     }
     let label = ctx.label(&format!("{} test", method.as_str()));
+    if let Some(from) = reuse_test(ctx, method, config, test.len())? {
+        println!(
+            "{label}: same prompts as {}, its evaluation reused",
+            from.as_str()
+        );
+        return refresh();
+    }
     let (runs, summary) = evaluate_config(
         ctx.llm, ctx.setup, ctx.task, config, test, &ctx.opts, &label,
     )?;
@@ -254,6 +299,7 @@ fn test_part(
         prompts: config.clone(),
         summary,
         machine: ctx.machine.clone(),
+        reused_from: None,
     };
     // Written last: its presence marks the part as finished.
     write_atomic(&path, serde_json::to_string_pretty(&rec)?.as_bytes())?;

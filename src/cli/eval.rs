@@ -177,7 +177,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
         summary.mean_input_tokens, summary.mean_output_tokens
     );
     for (agent, rate) in &summary.format_failure_rate {
-        let repaired = summary.format_repair_rate.get(agent).copied().unwrap_or(0.0);
+        let repaired = summary
+            .format_repair_rate
+            .get(agent)
+            .copied()
+            .unwrap_or(0.0);
         println!(
             "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%)",
             100.0 * rate,

@@ -126,6 +126,35 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
     assert_eq!(js["rows"][1]["rounds"]["mean"], 1.0);
     assert!(js["machines"][0]["cores"].as_u64().unwrap() >= 1);
 
+    // A method whose best prompts are the initial ones reuses the initial
+    // test evaluation instead of re-running it.
+    let rec = |m: &str| -> serde_json::Value {
+        let p = seed.join(format!("{m}_test.json"));
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    };
+    let init = rec("initial");
+    assert!(init.get("reused_from").is_none());
+    for m in ["cantante", "identity"] {
+        let r = rec(m);
+        if r["config_id"] == init["config_id"] {
+            assert_eq!(r["reused_from"], "initial", "{m}");
+            assert_eq!(r["summary"], init["summary"], "{m}");
+            assert!(
+                md.contains(&format!(
+                    "seed 5: the {}",
+                    if m == "cantante" {
+                        "CANTANTE"
+                    } else {
+                        "Identity"
+                    }
+                )),
+                "{md}"
+            );
+        } else {
+            assert!(r.get("reused_from").is_none(), "{m}");
+        }
+    }
+
     // Re-run: nothing is recomputed, the model is not even loaded.
     let before: Vec<_> = parts.iter().map(|f| mtime(&seed.join(f))).collect();
     let o = bin().args(args).output().unwrap();
@@ -165,6 +194,19 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
     );
     assert!(seed.join("identity_test.json").is_file());
     assert_eq!(mtime(&seed.join("cantante_test.json")), before[4]);
+
+    // Evaluating the initial prompts again in a new process reproduces the
+    // record exactly (what makes reusing an evaluation sound).
+    for m in ["initial", "cantante", "identity"] {
+        std::fs::remove_file(seed.join(format!("{m}_test.json"))).unwrap();
+    }
+    let o = bin().args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let strip = |mut v: serde_json::Value| {
+        v["summary"]["wall_secs"] = serde_json::Value::Null;
+        v
+    };
+    assert_eq!(strip(rec("initial")), strip(init.clone()));
 
     // Another protocol into the same directory is refused.
     let mut other = args.map(String::from).to_vec();

@@ -485,14 +485,23 @@ fn format_repair_asks_only_for_missing_tags_and_never_overwrites() {
     assert_eq!(e2.repaired, ["proposal_2"]);
     assert!(e2.format_failures.is_empty());
     assert_eq!(e2.outputs["proposal_2"], "7");
-    assert_eq!(e2.outputs["justification_2"], "j", "a found tag is never overwritten");
+    assert_eq!(
+        e2.outputs["justification_2"], "j",
+        "a found tag is never overwritten"
+    );
     assert_eq!(e2.repair_replies.len(), 1);
     assert_eq!(r.state["proposal_2"], "7");
     let c = &r.calls[3];
     assert_eq!(c.repaired, ["prediction"]);
-    assert_eq!(c.repair_replies, ["still 42", "<prediction>42</prediction>"]);
+    assert_eq!(
+        c.repair_replies,
+        ["still 42", "<prediction>42</prediction>"]
+    );
     assert_eq!(r.prediction, "42");
-    assert!(r.calls[3].prompt.contains('7'), "the join saw the repaired proposal");
+    assert!(
+        r.calls[3].prompt.contains('7'),
+        "the join saw the repaired proposal"
+    );
     // Other executors complied: no repair turn.
     assert!(r.calls[0].repair_replies.is_empty() && r.calls[2].repair_replies.is_empty());
     // Repair turns are counted.
@@ -500,7 +509,10 @@ fn format_repair_asks_only_for_missing_tags_and_never_overwrites() {
     let reqs = seen.lock().unwrap().clone();
     let e2_req = reqs.iter().find(|q| gsm8k_agent(q) == "e2").unwrap();
     let ask = &last(e2_req).content;
-    assert!(ask.contains("<proposal_2>") && !ask.contains("<justification_2>"), "{ask}");
+    assert!(
+        ask.contains("<proposal_2>") && !ask.contains("<justification_2>"),
+        "{ask}"
+    );
     // The history holds the original reply before the request.
     assert_eq!(
         e2_req.messages[e2_req.messages.len() - 2].content,
