@@ -19,7 +19,7 @@ use crate::benchrun::{
 use crate::eval::{self, EvalOptions};
 use crate::graph::{PromptSet, Setup};
 use crate::llm::Llm;
-use crate::optimize::checkpoint::{write_atomic, CHECKPOINT};
+use crate::optimize::checkpoint::{write_atomic, ValidationPoint, CHECKPOINT};
 use crate::optimize::mas::MasExecutor;
 use crate::optimize::{self, OptimizeConfig, OptimizeResult, ProgressEvent, RunHooks};
 use crate::task::{Example, Split, Task};
@@ -186,7 +186,7 @@ fn run_seed(ctx: &SeedCtx, refresh: &dyn Fn() -> Result<()>) -> Result<()> {
     // (b) CANTANTE, (c) identity attribution at the CANTANTE run's token spend,
     // (d) both results' best prompts on the same test sample.
     let cfg = ctx.protocol.optimizer_config(ctx.task.name(), ctx.seed);
-    let cantante = optimize_part(ctx, Method::Cantante, &cfg, refresh)?;
+    let cantante = optimize_part(ctx, Method::Cantante, &cfg, None, refresh)?;
     test_part(
         ctx,
         Method::Cantante,
@@ -197,7 +197,9 @@ fn run_seed(ctx: &SeedCtx, refresh: &dyn Fn() -> Result<()>) -> Result<()> {
     let icfg = ctx
         .protocol
         .identity_config(ctx.task.name(), ctx.seed, cantante.tokens.total());
-    let identity = optimize_part(ctx, Method::Identity, &icfg, refresh)?;
+    // Same seed, executor and validation set: the initial validation is shared.
+    let prior = cantante.validations.first().map(|p| (cfg.seed, p));
+    let identity = optimize_part(ctx, Method::Identity, &icfg, prior, refresh)?;
     test_part(
         ctx,
         Method::Identity,
@@ -310,6 +312,7 @@ fn optimize_part(
     ctx: &SeedCtx,
     method: Method,
     cfg: &OptimizeConfig,
+    prior_initial_validation: Option<(u64, &ValidationPoint)>,
     refresh: &dyn Fn() -> Result<()>,
 ) -> Result<OptimizeResult> {
     let run_dir = ctx.dir.join(method.as_str());
@@ -366,6 +369,7 @@ fn optimize_part(
     let hooks = RunHooks {
         progress: Some(&on_event),
         stop_after_rounds: None,
+        prior_initial_validation,
     };
     let result = if run_dir.join(CHECKPOINT).is_file() {
         println!("resuming {label} from {}", run_dir.display());

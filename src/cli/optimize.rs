@@ -220,7 +220,7 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
     let on_event = |e: &ProgressEvent| bars.event(e);
     let hooks = RunHooks {
         progress: Some(&on_event),
-        stop_after_rounds: None,
+        ..Default::default()
     };
     let result = match (&a.resume, &a.out) {
         (Some(dir), _) => optimize::resume(&exec, meta, meta, dir, hooks)?,

@@ -70,6 +70,12 @@ pub struct RunHooks<'a> {
     pub progress: Option<&'a (dyn Fn(&ProgressEvent) + Sync)>,
     /// Stop (as [`StopReason::Interrupted`]) once this many rounds are complete.
     pub stop_after_rounds: Option<usize>,
+    /// The initial validation of another run with the same seed, executor and
+    /// validation set (e.g. the CANTANTE run beside an identity ablation):
+    /// when its configuration is this run's initial one, its score is used and
+    /// its tokens are charged instead of validating again (same seed, same
+    /// rollouts). `(run seed, point)`; ignored when the seed differs.
+    pub prior_initial_validation: Option<(u64, &'a ValidationPoint)>,
 }
 
 /// Result of a run (also written as `summary.json`).
@@ -264,10 +270,32 @@ pub fn optimize(
         specs,
     };
     let initial = incumbent_config(&st);
-    match validate(&ctx, &mut st, &initial, 0) {
-        Ok(p) => st.validations.push(p),
-        Err(Interrupt::Stop(reason)) => return finish(&ctx, st, reason),
-        Err(Interrupt::Error(e)) => return Err(e),
+    let prior = ctx.hooks.prior_initial_validation.filter(|(seed, p)| {
+        *seed == st.config.seed && config_hash(&p.config) == config_hash(&initial)
+    });
+    if let Some((_, p)) = prior {
+        let vseed = derive_seed(st.config.seed, &[tag("validate")]);
+        st.tokens.validation += p.tokens as u64;
+        st.validation_cache.insert(
+            format!("{}:{vseed}", config_hash(&initial)),
+            (p.score, p.tokens),
+        );
+        tracing::info!(
+            score = p.score,
+            "initial validation reused from a run with the same seed"
+        );
+        st.validations.push(ValidationPoint {
+            round: 0,
+            config: initial,
+            score: p.score,
+            tokens: p.tokens,
+        });
+    } else {
+        match validate(&ctx, &mut st, &initial, 0) {
+            Ok(p) => st.validations.push(p),
+            Err(Interrupt::Stop(reason)) => return finish(&ctx, st, reason),
+            Err(Interrupt::Error(e)) => return Err(e),
+        }
     }
     checkpoint::save(run_dir, &st)?;
     drive(&ctx, st)

@@ -706,3 +706,41 @@ fn cached_rollouts_are_never_rerun() {
     assert_eq!(res.tokens.rollouts as usize, run);
     assert_eq!(exec.execute_calls.load(Ordering::SeqCst), recs.len());
 }
+
+#[test]
+fn prior_initial_validation_is_reused_only_for_the_same_seed_and_config() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let first = run_fake(&exec, &config(1), dir.path());
+    let prior = first.validations[0].clone();
+    assert_eq!(prior.round, 0);
+    let with_prior = |cfg: &OptimizeConfig, seed: u64| {
+        let exec = FakeExecutor::new();
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = RunHooks {
+            prior_initial_validation: Some((seed, &prior)),
+            ..Default::default()
+        };
+        let res = optimize(
+            &exec,
+            &meta_llm(),
+            &attributer_llm(),
+            cfg,
+            dir.path(),
+            hooks,
+        )
+        .unwrap();
+        (res, exec.validate_calls.load(Ordering::SeqCst))
+    };
+    let fresh_validations = exec.validate_calls.load(Ordering::SeqCst);
+    // Same seed and initial configuration: one validation fewer, same result,
+    // and the reused validation's tokens are still charged.
+    let (res, calls) = with_prior(&config(1), 11);
+    assert_eq!(calls + 1, fresh_validations);
+    assert_eq!(res.validations, first.validations);
+    assert_eq!(res.tokens, first.tokens);
+    assert_eq!(res.best_prompts, first.best_prompts);
+    // Another seed: the prior is ignored.
+    let (_, calls) = with_prior(&config(1), 12);
+    assert_eq!(calls, fresh_validations);
+}
