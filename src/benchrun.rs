@@ -1178,18 +1178,19 @@ mod tests {
         // cpu-small: the differences its header lists.
         assert_eq!(
             (small.dev_size, small.val_size, small.test_size),
-            (30, 6, 30)
+            (30, 4, 20)
         );
+        assert_eq!((small.format_repairs, paper.format_repairs), (1, 0));
         assert_eq!(small.max_new_tokens("gsm8k"), 128);
         assert_eq!(small.max_new_tokens("mbpp"), 256);
         let s = &small.optimizer;
         assert_eq!(
             (s.rounds, s.block_size, s.crossovers_per_round, s.max_blocks),
-            (2, 3, 1, 2)
+            (1, 3, 1, 2)
         );
         assert_eq!(
             (s.meta_max_new_tokens, s.attribution_max_new_tokens),
-            (384, 384)
+            (256, 256)
         );
         // ... and the same where it says so.
         assert_eq!(
@@ -1199,9 +1200,10 @@ mod tests {
         assert_eq!(small.temperature, paper.temperature);
         for field in [
             "dev_size 30",
-            "val_size 6",
-            "test_size 30",
-            "optimizer.rounds 2",
+            "val_size 4",
+            "test_size 20",
+            "format_repairs 1",
+            "optimizer.rounds 1",
             "optimizer.block_size 3",
             "optimizer.crossovers_per_round 1",
             "max_new_tokens 128",
@@ -1223,7 +1225,7 @@ mod tests {
         let i = p.identity_config("gsm8k", 47, 12345);
         assert!(i.identity_attribution);
         assert_eq!(i.max_total_tokens, Some(12345));
-        assert_eq!(i.rounds, 4);
+        assert_eq!(i.rounds, 2);
         // Everything else equals the CANTANTE configuration.
         let mut same = i.clone();
         same.identity_attribution = false;
