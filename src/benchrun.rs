@@ -863,7 +863,9 @@ pub fn render_markdown(t: &ResultsTable) -> String {
         "Spearman ρ between an agent's mean credit in an evaluated joint configuration and \
          that configuration's block score, over the CANTANTE run's rounds.jsonl. Moderate, \
          agent-specific values mean credits are not an echo of the system score; they do not \
-         show that credits are correct.\n\n",
+         show that credits are correct. `–` = undefined: the agent's credits or the block \
+         scores were constant across configurations (e.g. an attributer that gives every \
+         agent 0).\n\n",
     );
     if t.credit.is_empty() {
         s.push_str("No CANTANTE rounds yet.\n");
