@@ -40,9 +40,14 @@ pub struct BenchRunArgs {
     /// Seeds, comma-separated (each seed draws its own dev/val/test samples).
     #[arg(long, value_delimiter = ',', default_value = "7,42,47")]
     pub seeds: Vec<u64>,
-    /// Model options (task, meta and attribution model).
+    /// Model options (task model; also the meta and attribution model unless
+    /// --meta-model is given).
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Separate model for the attributer and the prompt rewriter (GGUF file,
+    /// HuggingFace folder or hub id; same engine options as --model).
+    #[arg(long)]
+    pub meta_model: Option<String>,
     /// Output directory (re-running with the same directory resumes).
     #[arg(long)]
     pub out: PathBuf,
@@ -60,6 +65,8 @@ pub struct BenchRunArgs {
 /// What one (task, seed) needs: the loaded task, setup and options.
 struct SeedCtx<'a> {
     llm: &'a dyn Llm,
+    /// Attributer and prompt rewriter (the task model unless --meta-model).
+    meta: &'a dyn Llm,
     task: &'a dyn Task,
     setup: &'a Setup,
     protocol: &'a Protocol,
@@ -96,6 +103,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
     }
     let device = if a.model.cuda { "cuda" } else { "cpu" };
     let mut llm: Option<crate::llm::engine::CandleLlm> = None;
+    let mut meta_llm: Option<crate::llm::engine::CandleLlm> = None;
     for task_name in &tasks {
         let mas = MasArgs {
             setup: a.setups.join(format!("{task_name}.yaml")),
@@ -116,14 +124,30 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             }
             if llm.is_none() {
                 llm = Some(load_llm(&a.model)?);
+                if let Some(m) = &a.meta_model {
+                    meta_llm = Some(load_llm(&ModelArgs {
+                        model: Some(m.clone()),
+                        ..a.model.clone()
+                    })?);
+                }
             }
             let Some(l) = llm.as_ref() else {
                 bail!("model not loaded");
+            };
+            let meta: &dyn Llm = meta_llm.as_ref().map_or(l as &dyn Llm, |m| m as &dyn Llm);
+            let model_id = match &meta_llm {
+                Some(m) => format!(
+                    "{} (attributer and rewriter: {})",
+                    l.model_id(),
+                    m.model_id()
+                ),
+                None => l.model_id(),
             };
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let ctx = SeedCtx {
                 llm: l,
+                meta,
                 task: task.as_ref(),
                 setup: &setup,
                 protocol: &protocol,
@@ -132,7 +156,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
                     seed,
                     ..Default::default()
                 },
-                machine: Machine::detect(&l.model_id(), device),
+                machine: Machine::detect(&model_id, device),
                 dir,
                 seed,
             };
@@ -373,10 +397,10 @@ fn optimize_part(
     };
     let result = if run_dir.join(CHECKPOINT).is_file() {
         println!("resuming {label} from {}", run_dir.display());
-        optimize::resume_with_config(&exec, ctx.llm, ctx.llm, &run_dir, cfg, hooks)
+        optimize::resume_with_config(&exec, ctx.meta, ctx.meta, &run_dir, cfg, hooks)
     } else {
         println!("starting {label} in {}", run_dir.display());
-        optimize::optimize(&exec, ctx.llm, ctx.llm, cfg, &run_dir, hooks)
+        optimize::optimize(&exec, ctx.meta, ctx.meta, cfg, &run_dir, hooks)
     };
     bars.finish();
     let result = result.with_context(|| format!("{label} ({})", run_dir.display()))?;

@@ -218,3 +218,53 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
         "{err}"
     );
 }
+
+#[test]
+fn bench_run_with_a_separate_meta_model() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("tiny.gguf");
+    write_tiny_gguf(&model, TinySpec::default()).unwrap();
+    let proto = d.path().join("tiny-proto.yaml");
+    std::fs::write(&proto, PROTOCOL).unwrap();
+    let setups = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let run = |meta: &Path, out: &Path| {
+        bin()
+            .args(["bench-run", "--task", "gsm8k", "--seeds", "3", "--protocol"])
+            .arg(&proto)
+            .arg("--model")
+            .arg(&model)
+            .arg("--meta-model")
+            .arg(meta)
+            .arg("--out")
+            .arg(out)
+            .arg("--setups")
+            .arg(&setups)
+            .output()
+            .unwrap()
+    };
+    // A missing meta model fails before any work, naming the file.
+    let missing = d.path().join("no-such-meta.gguf");
+    let o = run(&missing, &d.path().join("b0"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no-such-meta.gguf"),
+        "{err}"
+    );
+    assert!(!d.path().join("b0/gsm8k/seed3/initial_test.json").exists());
+    // A second (differently seeded) tiny model as attributer and rewriter.
+    let meta = d.path().join("meta.gguf");
+    write_tiny_gguf(
+        &meta,
+        TinySpec {
+            seed: 99,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let out = d.path().join("b1");
+    let o = run(&meta, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("attributer and rewriter: "), "{md}");
+    assert!(md.contains("| gsm8k | CANTANTE | 1 | 3 |"), "{md}");
+}
