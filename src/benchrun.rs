@@ -957,6 +957,7 @@ mod tests {
                 mean_output_tokens: 100.0,
                 format_failure_rate: BTreeMap::new(),
                 format_repair_rate: BTreeMap::new(),
+                truncation_rate: BTreeMap::new(),
                 run_errors: 0,
                 wall_secs: 5.0,
             },

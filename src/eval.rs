@@ -194,6 +194,10 @@ pub struct EvalSummary {
     /// format-repair turn recovered (empty when repair is off).
     #[serde(default)]
     pub format_repair_rate: BTreeMap<String, f64>,
+    /// Per agent: fraction of its calls whose final reply stopped at the
+    /// `max_new_tokens` limit ([`AgentCall::truncated`](crate::graph::AgentCall::truncated)).
+    #[serde(default)]
+    pub truncation_rate: BTreeMap<String, f64>,
     /// Runs that ended abnormally (step limit, rejected request).
     pub run_errors: usize,
     /// Wall time in seconds (filled by the caller).
@@ -204,13 +208,14 @@ pub struct EvalSummary {
 pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
     let n = runs.len();
     let nf = n.max(1) as f64;
-    let mut calls: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    let mut calls: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
     for r in runs {
         for c in &r.result.calls {
             let e = calls.entry(c.agent.clone()).or_default();
             e.0 += 1;
             e.1 += usize::from(!c.format_failures.is_empty());
             e.2 += usize::from(!c.repaired.is_empty());
+            e.3 += usize::from(c.truncated);
         }
     }
     let rate = |n: usize, t: usize| n as f64 / t.max(1) as f64;
@@ -229,12 +234,16 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             / nf,
         format_failure_rate: calls
             .iter()
-            .map(|(k, &(t, f, _))| (k.clone(), rate(f, t)))
+            .map(|(k, &(t, f, _, _))| (k.clone(), rate(f, t)))
             .collect(),
         format_repair_rate: calls
             .iter()
-            .filter(|(_, &(_, _, r))| r > 0)
-            .map(|(k, &(t, _, r))| (k.clone(), rate(r, t)))
+            .filter(|(_, &(_, _, r, _))| r > 0)
+            .map(|(k, &(t, _, r, _))| (k.clone(), rate(r, t)))
+            .collect(),
+        truncation_rate: calls
+            .iter()
+            .map(|(k, &(t, _, _, c))| (k.clone(), rate(c, t)))
             .collect(),
         run_errors: runs.iter().filter(|r| r.result.error.is_some()).count(),
         wall_secs: 0.0,

@@ -9,7 +9,7 @@
 //! interrupted optimize run is continued with [`optimize::resume_with_config`]
 //! (which also refuses a checkpoint written under different settings).
 
-use super::common::{load_llm, ModelArgs};
+use super::common::{load_llm, load_meta_llm, ModelArgs};
 use super::eval::{evaluate_config, prompt_set, MasArgs};
 use super::optimize::OptimizeBars;
 use crate::benchrun::{
@@ -116,6 +116,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             format_repairs: protocol.format_repairs,
         };
         let (task, setup) = mas.load()?;
+        check_setup(&a.out.join(task_name), &mas.setup, &setup)?;
         for &seed in &a.seeds {
             let dir = seed_dir(&a.out, task_name, seed);
             if !seed_pending(&dir) {
@@ -124,12 +125,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             }
             if llm.is_none() {
                 llm = Some(load_llm(&a.model)?);
-                if let Some(m) = &a.meta_model {
-                    meta_llm = Some(load_llm(&ModelArgs {
-                        model: Some(m.clone()),
-                        ..a.model.clone()
-                    })?);
-                }
+                meta_llm = load_meta_llm(&a.model, a.meta_model.as_ref())?;
             }
             let Some(l) = llm.as_ref() else {
                 bail!("model not loaded");
@@ -165,6 +161,40 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
         }
     }
     finish_table(&a.out, &pname, &tasks, &a.seeds)
+}
+
+/// Refuse to mix MAS setups in one task directory (`DIR/<task>/setup.json`):
+/// finished parts are skipped on a re-run, so results of an edited setup
+/// (other prompts, agents or edges) would otherwise be silently mixed with the
+/// old ones. The fingerprint covers the parsed setup, not comments or layout.
+fn check_setup(task_dir: &Path, file: &Path, setup: &crate::graph::Setup) -> Result<()> {
+    let fingerprint = format!(
+        "{:016x}",
+        crate::eval::fnv64(&[&serde_json::to_vec(setup)?])
+    );
+    let path = task_dir.join("setup.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        if j["fingerprint"].as_str() != Some(fingerprint.as_str()) {
+            bail!(
+                "{} was produced with another version of the setup (recorded in {}: {}); {} differs (prompts, agents or edges changed). Use a new --out, or restore that setup",
+                task_dir.display(),
+                path.display(),
+                j["setup_file"].as_str().unwrap_or("?"),
+                file.display()
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(task_dir)
+        .with_context(|| format!("cannot create {}", task_dir.display()))?;
+    let j =
+        serde_json::json!({ "setup_file": file.display().to_string(), "fingerprint": fingerprint });
+    write_atomic(&path, serde_json::to_string_pretty(&j)?.as_bytes())?;
+    Ok(())
 }
 
 /// Refuse to mix protocols in one output directory (`DIR/protocol.json`).

@@ -59,6 +59,20 @@ pub fn load_llm(m: &ModelArgs) -> Result<CandleLlm> {
     CandleLlm::load(&spec, opts).with_context(|| format!("cannot load model `{spec}`"))
 }
 
+/// Load the separate meta model (attributer and prompt rewriter) named by
+/// `--meta-model`, with the task model's engine settings; `None` when none
+/// was given (the task model then plays every role).
+pub fn load_meta_llm(task: &ModelArgs, meta_model: Option<&String>) -> Result<Option<CandleLlm>> {
+    meta_model
+        .map(|m| {
+            load_llm(&ModelArgs {
+                model: Some(m.clone()),
+                ..task.clone()
+            })
+        })
+        .transpose()
+}
+
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 pub fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);

@@ -182,10 +182,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .get(agent)
             .copied()
             .unwrap_or(0.0);
+        let cut = summary.truncation_rate.get(agent).copied().unwrap_or(0.0);
         println!(
-            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%)",
+            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%; replies cut off at --max-tokens: {:.1}%)",
             100.0 * rate,
-            100.0 * repaired
+            100.0 * repaired,
+            100.0 * cut
+        );
+    }
+    let worst_cut = summary
+        .truncation_rate
+        .values()
+        .fold(0.0_f64, |m, &r| m.max(r));
+    if worst_cut >= 0.25 {
+        println!(
+            "note: {:.0}% of some agent's replies hit --max-tokens {}; raise it if their answers are incomplete",
+            100.0 * worst_cut,
+            a.mas.max_tokens
         );
     }
     if summary.run_errors > 0 {

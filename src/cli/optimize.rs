@@ -1,7 +1,7 @@
 //! `cantante optimize` (the CANTANTE loop with checkpoints and resume) and
 //! `cantante attribute` (execute + attribute only: rank agents by blame).
 
-use super::common::{bar, load_llm, ModelArgs};
+use super::common::{bar, load_llm, load_meta_llm, ModelArgs};
 use super::eval::{prompt_set, MasArgs};
 use crate::eval::EvalOptions;
 use crate::llm::Llm;
@@ -179,17 +179,10 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         config = serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?;
     }
     let llm = load_llm(&a.model)?;
-    let meta_holder;
-    let meta: &dyn Llm = match &a.meta_model {
-        Some(m) => {
-            meta_holder = load_llm(&ModelArgs {
-                model: Some(m.clone()),
-                ..a.model.clone()
-            })?;
-            &meta_holder
-        }
-        None => &llm,
-    };
+    let meta_holder = load_meta_llm(&a.model, a.meta_model.as_ref())?;
+    let meta: &dyn Llm = meta_holder
+        .as_ref()
+        .map_or(&llm as &dyn Llm, |m| m as &dyn Llm);
     if a.dry_run {
         let d = optimize::dry_run(&setup, &config, &llm);
         println!("configurations per round: {}", d.configs_per_round);
@@ -265,6 +258,9 @@ pub struct AttributeArgs {
     mas: MasArgs,
     #[command(flatten)]
     model: ModelArgs,
+    /// Separate model for the attributer (default: the task model).
+    #[arg(long)]
+    meta_model: Option<String>,
     /// Prompt sets to contrast (YAML agent → prompt; repeatable). Default: the
     /// first three configurations of the pool.
     #[arg(long)]
@@ -296,6 +292,10 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         bail!("attribution contrasts rollouts: give at least two --prompts (or none for the pool's first three)");
     }
     let llm = load_llm(&a.model)?;
+    let meta_holder = load_meta_llm(&a.model, a.meta_model.as_ref())?;
+    let attributer: &dyn Llm = meta_holder
+        .as_ref()
+        .map_or(&llm as &dyn Llm, |m| m as &dyn Llm);
     let opts = EvalOptions {
         run: a.mas.run_options(),
         seed: a.seed,
@@ -377,7 +377,7 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
     let idx: Vec<usize> = (0..examples.len()).collect();
     let stats = optimize::attribute_only(
         &exec,
-        &llm,
+        attributer,
         &configs,
         &idx,
         a.seed,

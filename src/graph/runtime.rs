@@ -63,6 +63,9 @@
 //! failure as above. All repair turns of a super-step are one batch per
 //! attempt. Small models that reason well but ignore the tag format (e.g. a
 //! final `\boxed{10}`) are then scored on their answer, not on their format.
+//! A reply cut off at `max_new_tokens` is flagged ([`AgentCall::truncated`];
+//! `eval` reports the rate per agent): its missing tags are usually a token
+//! limit problem, which no repair turn fixes.
 //!
 //! # Tokens
 //!
@@ -206,6 +209,11 @@ pub struct AgentCall {
     /// Answers to the format-repair turns, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub repair_replies: Vec<String>,
+    /// The final reply stopped at `max_new_tokens` ([`StopReason::Length`]):
+    /// it was cut off, usually before its output tags. A high rate of these
+    /// means the token limit, not the prompt, is what fails.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
     /// Tool calls made during this agent call, in order.
     pub tool_calls: Vec<ToolCallRecord>,
 }
@@ -931,6 +939,7 @@ fn super_step(
                     format_failures: Vec::new(),
                     repaired: Vec::new(),
                     repair_replies: Vec::new(),
+                    truncated: false,
                     tool_calls: Vec::new(),
                 },
                 recovered: BTreeMap::new(),
@@ -1009,6 +1018,7 @@ fn super_step(
                 // No tool call, invalid call JSON, or no tool budget: final reply.
                 _ => {
                     p.call.reply = text;
+                    p.call.truncated = gen.stop_reason == StopReason::Length;
                     p.finished = true;
                 }
             }

@@ -217,6 +217,39 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
         !o.status.success() && err.contains("protocol.json"),
         "{err}"
     );
+
+    // An edited setup (another initial prompt) into the same directory is
+    // refused before any work; a comment-only edit is not a change.
+    let edited = d.path().join("setups");
+    std::fs::create_dir_all(&edited).unwrap();
+    let text = std::fs::read_to_string(setups.join("gsm8k.yaml")).unwrap();
+    let with_args = |dir: &Path| {
+        let mut v = args.map(String::from).to_vec();
+        v[12] = dir.to_str().unwrap().into();
+        v
+    };
+    std::fs::write(
+        edited.join("gsm8k.yaml"),
+        format!("# a new comment\n{text}"),
+    )
+    .unwrap();
+    let o = bin().args(with_args(&edited)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(
+        edited.join("gsm8k.yaml"),
+        text.replacen(
+            "Solve this math word problem.",
+            "Solve this word problem.",
+            1,
+        ),
+    )
+    .unwrap();
+    let o = bin().args(with_args(&edited)).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("setup.json") && err.contains("new --out"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -528,6 +528,81 @@ fn format_repair_asks_only_for_missing_tags_and_never_overwrites() {
 }
 
 #[test]
+fn cut_off_reply_is_flagged_in_the_trace_and_the_eval_summary() {
+    let setup = Setup::load(config("gsm8k.yaml")).unwrap();
+    let asks: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = asks.clone();
+    let llm = ScriptedLlm::new(move |r| {
+        let n_assistant = r
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        match (gsm8k_agent(r).as_str(), n_assistant) {
+            // Executor 1 rambles past the 12-token limit without any tag.
+            ("e1", 0) => {
+                "step one is to read the problem then step two is to add the numbers and then"
+                    .into()
+            }
+            ("e1", _) => {
+                log.lock().unwrap().push(last(r).content.clone());
+                "so 41 <justification_1>j</justification_1><proposal_1>41</proposal_1>".into()
+            }
+            // Executor 2 stops on its own but forgets one tag.
+            ("e2", 0) => "<justification_2>j</justification_2> 42".into(),
+            ("e2", _) => {
+                log.lock().unwrap().push(last(r).content.clone());
+                "<proposal_2>42</proposal_2>".into()
+            }
+            ("consensus", _) => "<prediction>41</prediction>".into(),
+            (e, _) => {
+                let k = &e[1..];
+                format!("<justification_{k}>j</justification_{k}><proposal_{k}>4{k}</proposal_{k}>")
+            }
+        }
+    });
+    let o = RunOptions {
+        format_repairs: 1,
+        max_new_tokens: 12,
+        ..opts()
+    };
+    let out = run_batch(&llm, &setup, specs(&setup, &["q"]), &o, None).unwrap();
+    let r = &out[0];
+    assert!(r.calls[0].truncated, "executor 1 hit the token limit");
+    assert!(r.calls.iter().skip(1).all(|c| !c.truncated));
+    assert_eq!(r.calls[0].repaired, ["proposal_1", "justification_1"]);
+    assert_eq!(r.state["proposal_1"], "41");
+    assert_eq!(r.calls[1].repaired, ["proposal_2"]);
+    // Both calls got the same repair request, naming only their missing tags.
+    let asks = asks.lock().unwrap().clone();
+    assert_eq!(asks.len(), 2);
+    assert!(asks
+        .iter()
+        .any(|a| a.contains("<proposal_1>") && a.contains("<justification_1>")));
+    assert!(asks
+        .iter()
+        .any(|a| a.contains("<proposal_2>") && !a.contains("<justification_2>")));
+    // The trace keeps the flag; an untruncated call omits it.
+    let j = serde_json::to_value(&r.calls[0]).unwrap();
+    assert_eq!(j["truncated"], true);
+    assert!(serde_json::to_value(&r.calls[1])
+        .unwrap()
+        .get("truncated")
+        .is_none());
+    // eval's summary reports the rate per agent.
+    let scored = cantante::eval::ScoredRun {
+        config: 0,
+        example: 0,
+        score: 1.0,
+        result: out.into_iter().next().unwrap(),
+    };
+    let s = cantante::eval::summarize(&[scored]);
+    assert_eq!(s.truncation_rate["executor_1"], 1.0);
+    assert_eq!(s.truncation_rate["executor_2"], 0.0);
+    assert_eq!(s.truncation_rate.len(), 4);
+}
+
+#[test]
 fn missing_tag_clears_an_earlier_value() {
     let setup = yaml(LOOP);
     // First check writes a prediction and asks for a fix; the second check omits the tag.
