@@ -192,12 +192,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let worst_cut = summary
         .truncation_rate
-        .values()
-        .fold(0.0_f64, |m, &r| m.max(r));
-    if worst_cut >= 0.25 {
+        .iter()
+        .max_by(|x, y| x.1.total_cmp(y.1));
+    if let Some((agent, &cut)) = worst_cut.filter(|(_, &r)| r >= 0.25) {
         println!(
-            "note: {:.0}% of some agent's replies hit --max-tokens {}; raise it if their answers are incomplete",
-            100.0 * worst_cut,
+            "note: {:.0}% of {agent}'s replies hit --max-tokens {}; raise it if their answers are incomplete",
+            100.0 * cut,
             a.mas.max_tokens
         );
     }

@@ -115,6 +115,11 @@ fn eval_and_optimize_on_tiny_model() {
         stdout.contains("format failures consensus_agent: 100.0%"),
         "{stdout}"
     );
+    // 6-token replies of a random model are cut off: the eval says so.
+    assert!(
+        stdout.contains("replies hit --max-tokens 6; raise it"),
+        "{stdout}"
+    );
     assert_eq!(
         std::fs::read_to_string(out.join("traces.jsonl"))
             .unwrap()
