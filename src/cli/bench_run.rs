@@ -163,6 +163,13 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
     finish_table(&a.out, &pname, &tasks, &a.seeds)
 }
 
+/// Read a JSON file, naming it in errors.
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
+}
+
 /// Refuse to mix MAS setups in one task directory (`DIR/<task>/setup.json`):
 /// finished parts are skipped on a re-run, so results of an edited setup
 /// (other prompts, agents or edges) would otherwise be silently mixed with the
@@ -174,10 +181,7 @@ fn check_setup(task_dir: &Path, file: &Path, setup: &crate::graph::Setup) -> Res
     );
     let path = task_dir.join("setup.json");
     if path.is_file() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let j: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let j = read_json(&path)?;
         if j["fingerprint"].as_str() != Some(fingerprint.as_str()) {
             bail!(
                 "{} was produced with another version of the setup (recorded in {}: {}); {} differs (prompts, agents or edges changed). Use a new --out, or restore that setup",
@@ -201,10 +205,7 @@ fn check_setup(task_dir: &Path, file: &Path, setup: &crate::graph::Setup) -> Res
 fn check_protocol(out: &Path, name: &str, protocol: &Protocol) -> Result<()> {
     let path = out.join("protocol.json");
     if path.is_file() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let j: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let j = read_json(&path)?;
         let old: Protocol = serde_json::from_value(j["protocol"].clone())
             .with_context(|| format!("{}: field `protocol`", path.display()))?;
         if &old != protocol {
