@@ -275,6 +275,20 @@ pub struct AttributeArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Maximum tokens of each attributer reply (default: the optimizer's
+    /// default); lower it on CPU, where a rambling reply decodes for minutes.
+    #[arg(long)]
+    attribution_max_tokens: Option<usize>,
+}
+
+/// The optimizer config `attribute` scores with: the defaults, with an
+/// optional cap on attributer replies.
+fn attribute_config(max_tokens: Option<usize>) -> OptimizeConfig {
+    let mut c = OptimizeConfig::default();
+    if let Some(m) = max_tokens {
+        c.attribution_max_new_tokens = m;
+    }
+    c
 }
 
 /// Run `cantante attribute`.
@@ -381,7 +395,7 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         &configs,
         &idx,
         a.seed,
-        &OptimizeConfig::default(),
+        &attribute_config(a.attribution_max_tokens),
     )?;
     b.finish_and_clear();
     println!(
