@@ -31,6 +31,14 @@ fn last(r: &Request) -> &Message {
     r.messages.last().expect("messages")
 }
 
+/// Assistant messages already in a request's history (earlier turns of the call).
+fn assistant_turns(r: &Request) -> usize {
+    r.messages
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .count()
+}
+
 fn opts() -> RunOptions {
     RunOptions {
         sampling: cantante::llm::Sampling::greedy(),
@@ -447,11 +455,7 @@ fn format_repair_asks_only_for_missing_tags_and_never_overwrites() {
         if repair {
             log.lock().unwrap().push(r.clone());
         }
-        let attempts = r
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::Assistant)
-            .count();
+        let attempts = assistant_turns(r);
         match (gsm8k_agent(r).as_str(), repair) {
             ("consensus", false) => "I pick 42 of course".into(),
             // The consensus agent only complies on its second repair turn.
@@ -533,11 +537,7 @@ fn cut_off_reply_is_flagged_in_the_trace_and_the_eval_summary() {
     let asks: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = asks.clone();
     let llm = ScriptedLlm::new(move |r| {
-        let n_assistant = r
-            .messages
-            .iter()
-            .filter(|m| m.role == Role::Assistant)
-            .count();
+        let n_assistant = assistant_turns(r);
         match (gsm8k_agent(r).as_str(), n_assistant) {
             // Executor 1 rambles past the 12-token limit without any tag.
             ("e1", 0) => {
