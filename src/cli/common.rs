@@ -13,9 +13,9 @@ pub struct ModelArgs {
     /// Run on CUDA (build with --features cuda).
     #[arg(long)]
     pub cuda: bool,
-    /// Weight format: f32 (fastest batched decode on CPU), q8 (fastest single-stream
-    /// decode, 1/4 the memory), native (the file's own quantization). Default: f32 on
-    /// CPU, native on CUDA.
+    /// Weight format: int8 (the file's quantized blocks on cantante's int8 CPU
+    /// kernels), f32 (dense, through candle), native (the file's quantization through
+    /// candle's kernels). Default: int8 on CPU, native on CUDA.
     #[arg(long, value_enum)]
     pub weights: Option<crate::llm::model::WeightFormat>,
     /// Maximum sequences decoded together.

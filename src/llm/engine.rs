@@ -23,7 +23,7 @@ use std::sync::Mutex;
 pub struct EngineOptions {
     /// Run on CUDA device 0 (needs the `cuda` feature).
     pub cuda: bool,
-    /// How matmul weights are held (`None` = f32 on CPU, the file's own format on GPU).
+    /// How matmul weights are held (`None` = int8 kernels on CPU, the file's own format on GPU).
     pub weights: Option<WeightFormat>,
     /// Maximum sequences decoded together.
     pub max_batch: usize,
@@ -172,7 +172,7 @@ impl CandleLlm {
         })?;
         let dev = device(&opts)?;
         let format = opts.weights.unwrap_or(if dev.is_cpu() {
-            WeightFormat::F32
+            WeightFormat::Int8
         } else {
             WeightFormat::Native
         });
@@ -214,7 +214,12 @@ impl CandleLlm {
     /// and (for the chat template) tokenizer_config.json.
     pub fn load_dir(dir: &Path, opts: EngineOptions) -> Result<Self> {
         let dev = device(&opts)?;
-        let model = Model::from_safetensors_dir(dir, &dev, opts.weights.unwrap_or_default())?;
+        let format = opts.weights.unwrap_or(if dev.is_cpu() {
+            WeightFormat::Int8
+        } else {
+            WeightFormat::Native
+        });
+        let model = Model::from_safetensors_dir(dir, &dev, format)?;
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         let tc_path = dir.join("tokenizer_config.json");
         let mut template = None;
@@ -602,7 +607,6 @@ impl Llm for CandleLlm {
                 }
                 self.model.forward(&mut chunks)?
             };
-            let logits = logits.to_vec2::<f32>()?;
             let mut computed = 0;
             let mut finished = Vec::new();
             for (row, (k, toks, produces)) in feed.iter().enumerate() {

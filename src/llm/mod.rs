@@ -7,8 +7,10 @@
 //! of requests so the engine can run them as a few large forward passes.
 
 pub mod chat;
+pub mod cpu;
 pub mod engine;
 pub mod gguf_tokenizer;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod scripted;

@@ -6,34 +6,91 @@
 //! decode are the same call (a decode chunk has one token), which is what the
 //! continuous-batching scheduler in [`super::engine`] builds on.
 
+use super::cpu::{Int8Layer, Int8Model, Proj, RawChunk, RawKv};
+use super::kernels::QMatrix;
 use super::{LlmError, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
 use std::path::Path;
 
-/// How matmul weights are held in memory.
+/// How matmul weights are held in memory and which executor runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightFormat {
-    /// Dense f32: best throughput for batched decode and prefill on CPU (~4 bytes/weight).
+    /// The file's quantized blocks expanded losslessly to int8 blocks, run by
+    /// cantante's CPU executor and int8 kernels (about the GGUF size in memory;
+    /// f32/f16 files are quantized to Q8_0-style blocks). Default on CPU.
     #[default]
+    Int8,
+    /// Dense f32 through candle (about 4 bytes per weight).
     F32,
-    /// Requantized to Q8_0: about 3× faster single-stream decode on CPU, ~1 byte/weight,
-    /// slower large batches. Rows stay independent, so batched == sequential still holds.
-    Q8,
-    /// Whatever the GGUF file stores (e.g. Q5_0), through candle's quantized kernels.
+    /// Whatever the GGUF file stores, through candle's quantized kernels (default on CUDA).
     Native,
 }
 
-/// Convert a dense weight `(out, in)` to the requested format.
-pub fn dense_weight(t: Tensor, format: WeightFormat) -> Result<QMatMul> {
-    let k = t.dims().last().copied().unwrap_or(0);
-    match format {
-        WeightFormat::Q8 if k % 32 == 0 => Ok(QMatMul::from_qtensor(
-            candle_core::quantized::QTensor::quantize(&t, candle_core::quantized::GgmlDType::Q8_0)?,
-        )?),
-        _ => Ok(QMatMul::Tensor(t)),
+/// A weight as the file holds it: quantized blocks or a dense tensor.
+enum WSrc {
+    Q(candle_core::quantized::QTensor),
+    T(Tensor),
+}
+
+impl WSrc {
+    fn rows(&self) -> usize {
+        match self {
+            WSrc::Q(q) => q.shape().dims()[0],
+            WSrc::T(t) => t.dims()[0],
+        }
     }
+
+    fn dense(&self, device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            WSrc::Q(q) => q.dequantize(device)?,
+            WSrc::T(t) => t.clone(),
+        })
+    }
+
+    fn candle(self, format: WeightFormat, device: &Device) -> Result<QMatMul> {
+        Ok(match (self, format) {
+            (WSrc::Q(q), WeightFormat::Native) => QMatMul::from_qtensor(q)?,
+            (w, _) => QMatMul::Tensor(w.dense(device)?),
+        })
+    }
+
+    fn int8(&self) -> Result<QMatrix> {
+        Ok(match self {
+            WSrc::Q(q) => QMatrix::from_qtensor(q)?,
+            WSrc::T(t) => {
+                let (r, c) = t.dims2()?;
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                QMatrix::quantize_f32(&v, r, c)
+            }
+        })
+    }
+}
+
+/// One block's weights as loaded from a file, before choosing an executor.
+struct RawLayer {
+    attn_norm: Tensor,
+    wq: WSrc,
+    wk: WSrc,
+    wv: WSrc,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+    wo: WSrc,
+    ffn_norm: Tensor,
+    gate: WSrc,
+    up: WSrc,
+    down: WSrc,
+}
+
+/// A model's weights as loaded from a file.
+struct RawModel {
+    embed: WSrc,
+    layers: Vec<RawLayer>,
+    norm: Tensor,
+    /// `None` = tied to the embedding.
+    lm_head: Option<WSrc>,
 }
 
 /// Model family.
@@ -105,19 +162,11 @@ struct Layer {
     down: QMatMul,
 }
 
-impl Layer {
-    fn up_rows(&self) -> usize {
-        match &self.up {
-            QMatMul::QTensor(q) => q.shape().dims()[0],
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-        }
-    }
-}
-
 /// Per-sequence KV cache (one per layer) and its length.
 #[derive(Clone)]
 pub struct SeqKv {
     layers: Vec<KvCache>,
+    raw: Vec<RawKv>,
     len: usize,
 }
 
@@ -126,6 +175,7 @@ impl SeqKv {
     pub fn new(n_layers: usize) -> Self {
         Self {
             layers: (0..n_layers).map(|_| KvCache::new(2, 256)).collect(),
+            raw: vec![RawKv::default(); n_layers],
             len: 0,
         }
     }
@@ -143,6 +193,11 @@ impl SeqKv {
         let mut out = Self::new(self.layers.len());
         if n == 0 {
             return Ok(out);
+        }
+        for (dst, src) in out.raw.iter_mut().zip(&self.raw) {
+            let per_tok = src.k.len() / self.len;
+            dst.k.extend_from_slice(&src.k[..n * per_tok]);
+            dst.v.extend_from_slice(&src.v[..n * per_tok]);
         }
         for (dst, src) in out.layers.iter_mut().zip(&self.layers) {
             if let (Some(k), Some(v)) = (src.k()?, src.v()?) {
@@ -165,15 +220,25 @@ pub struct Chunk<'a> {
     pub tokens: &'a [u32],
 }
 
-/// A loaded decoder-only transformer.
-pub struct Model {
-    cfg: ModelConfig,
+/// The candle executor's weights (CUDA, `--weights f32|native`).
+struct CandleWeights {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: QMatMul,
     cos: Tensor,
     sin: Tensor,
+}
+
+enum Exec {
+    Candle(CandleWeights),
+    Int8(Int8Model),
+}
+
+/// A loaded decoder-only transformer.
+pub struct Model {
+    cfg: ModelConfig,
+    exec: Exec,
     device: Device,
 }
 
@@ -257,15 +322,8 @@ impl Model {
             ct.tensor(reader, name, device)
                 .map_err(|e| bad(path, format!("tensor `{name}`: {e}")))
         };
-        let mm = |q: candle_core::quantized::QTensor| -> Result<QMatMul> {
-            match format {
-                WeightFormat::Native => Ok(QMatMul::from_qtensor(q)?),
-                f => dense_weight(q.dequantize(device)?, f),
-            }
-        };
-        let embed_q = load("token_embd.weight")?;
-        let vocab_size = embed_q.shape().dims()[0];
-        let embed = embed_q.dequantize(device)?;
+        let embed = load("token_embd.weight")?;
+        let vocab_size = embed.shape().dims()[0];
         let n_layers = u("block_count")?;
         let mut layers = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
@@ -276,28 +334,28 @@ impl Model {
                 bk = Some(load(&format!("{p}.attn_k.bias"))?.dequantize(device)?);
                 bv = Some(load(&format!("{p}.attn_v.bias"))?.dequantize(device)?);
             }
-            layers.push(Layer {
-                attn_norm: load(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
-                wq: mm(load(&format!("{p}.attn_q.weight"))?)?,
-                wk: mm(load(&format!("{p}.attn_k.weight"))?)?,
-                wv: mm(load(&format!("{p}.attn_v.weight"))?)?,
+            let mut w =
+                |n: &str| -> Result<WSrc> { Ok(WSrc::Q(load(&format!("{p}.{n}.weight"))?)) };
+            layers.push(RawLayer {
+                wq: w("attn_q")?,
+                wk: w("attn_k")?,
+                wv: w("attn_v")?,
+                wo: w("attn_output")?,
+                gate: w("ffn_gate")?,
+                up: w("ffn_up")?,
+                down: w("ffn_down")?,
                 bq,
                 bk,
                 bv,
-                wo: mm(load(&format!("{p}.attn_output.weight"))?)?,
+                attn_norm: load(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
                 ffn_norm: load(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?,
-                gate: mm(load(&format!("{p}.ffn_gate.weight"))?)?,
-                up: mm(load(&format!("{p}.ffn_up.weight"))?)?,
-                down: mm(load(&format!("{p}.ffn_down.weight"))?)?,
             });
         }
         let norm = load("output_norm.weight")?.dequantize(device)?;
         let lm_head = if ct.tensor_infos.contains_key("output.weight") {
-            mm(load("output.weight")?)?
-        } else if format == WeightFormat::Native {
-            QMatMul::from_qtensor(load("token_embd.weight")?)?
+            Some(WSrc::Q(load("output.weight")?))
         } else {
-            dense_weight(embed.clone(), format)?
+            None
         };
         let max_position = u("context_length").unwrap_or(4096).min(32768);
         let cfg = ModelConfig {
@@ -308,13 +366,19 @@ impl Model {
             n_heads,
             n_kv_heads,
             head_dim,
-            intermediate: layers.first().map(|l: &Layer| l.up_rows()).unwrap_or(0),
+            intermediate: layers.first().map(|l| l.up.rows()).unwrap_or(0),
             rms_eps,
             rope_theta,
             max_position,
             rope_interleaved: arch == Arch::Llama,
         };
-        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+        let raw = RawModel {
+            embed: WSrc::Q(embed),
+            layers,
+            norm,
+            lm_head,
+        };
+        Self::build(cfg, raw, format, device).map_err(|e| bad(path, e.to_string()))
     }
 
     /// Load from a HuggingFace folder (`config.json` + `*.safetensors`).
@@ -399,10 +463,8 @@ impl Model {
                 }
             };
             let (bq, bk, bv) = (bias("q_proj")?, bias("k_proj")?, bias("v_proj")?);
-            let mut w = |n: &str| -> Result<QMatMul> {
-                Ok(QMatMul::Tensor(get(&format!("{p}.{n}.weight"))?))
-            };
-            layers.push(Layer {
+            let mut w = |n: &str| -> Result<WSrc> { Ok(WSrc::T(get(&format!("{p}.{n}.weight"))?)) };
+            layers.push(RawLayer {
                 wq: w("self_attn.q_proj")?,
                 wk: w("self_attn.k_proj")?,
                 wv: w("self_attn.v_proj")?,
@@ -419,37 +481,140 @@ impl Model {
         }
         let norm = get("model.norm.weight")?;
         let lm_head = match get("lm_head.weight") {
-            Ok(t) => dense_weight(t, format)?,
+            Ok(t) => Some(WSrc::T(t)),
             Err(e) if !tied => return Err(e),
-            Err(_) => dense_weight(embed.clone(), format)?,
+            Err(_) => None,
         };
-        Self::assemble(cfg, embed, layers, norm, lm_head, device)
-    }
-
-    fn assemble(
-        cfg: ModelConfig,
-        embed: Tensor,
-        layers: Vec<Layer>,
-        norm: Tensor,
-        lm_head: QMatMul,
-        device: &Device,
-    ) -> Result<Self> {
-        let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Self {
-            cfg,
-            embed,
+        let raw = RawModel {
+            embed: WSrc::T(embed),
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+        };
+        Self::build(cfg, raw, format, device).map_err(|e| bad(&dpath, e.to_string()))
+    }
+
+    /// Choose the executor and hold the weights in its format.
+    fn build(
+        cfg: ModelConfig,
+        raw: RawModel,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self> {
+        let exec = if format == WeightFormat::Int8 {
+            if !device.is_cpu() {
+                return Err(LlmError::Other(
+                    "--weights int8 runs on the CPU executor only; use --weights native or f32 with --cuda".into(),
+                ));
+            }
+            let vec = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+            };
+            let mut layers = Vec::with_capacity(raw.layers.len());
+            for l in &raw.layers {
+                let qkv_bias = match (&l.bq, &l.bk, &l.bv) {
+                    (Some(q), Some(k), Some(v)) => Some([vec(q)?, vec(k)?, vec(v)?].concat()),
+                    _ => None,
+                };
+                layers.push(Int8Layer {
+                    attn_norm: vec(&l.attn_norm)?,
+                    qkv: Proj::fuse(vec![l.wq.int8()?, l.wk.int8()?, l.wv.int8()?]),
+                    qkv_bias,
+                    wo: Proj::fuse(vec![l.wo.int8()?]),
+                    ffn_norm: vec(&l.ffn_norm)?,
+                    gate_up: Proj::fuse(vec![l.gate.int8()?, l.up.int8()?]),
+                    down: Proj::fuse(vec![l.down.int8()?]),
+                });
+            }
+            let lm_head = raw.lm_head.as_ref().map(WSrc::int8).transpose()?;
+            Exec::Int8(Int8Model::new(
+                &cfg,
+                layers,
+                raw.embed.int8()?,
+                vec(&raw.norm)?,
+                lm_head,
+            ))
+        } else {
+            let embed = raw.embed.dense(device)?;
+            let lm_head = match raw.lm_head {
+                Some(w) => w.candle(format, device)?,
+                None => raw.embed.candle(format, device)?,
+            };
+            let mut layers = Vec::with_capacity(raw.layers.len());
+            for l in raw.layers {
+                layers.push(Layer {
+                    attn_norm: l.attn_norm,
+                    wq: l.wq.candle(format, device)?,
+                    wk: l.wk.candle(format, device)?,
+                    wv: l.wv.candle(format, device)?,
+                    bq: l.bq,
+                    bk: l.bk,
+                    bv: l.bv,
+                    wo: l.wo.candle(format, device)?,
+                    ffn_norm: l.ffn_norm,
+                    gate: l.gate.candle(format, device)?,
+                    up: l.up.candle(format, device)?,
+                    down: l.down.candle(format, device)?,
+                });
+            }
+            let (cos, sin) = rope_tables(&cfg, device)?;
+            Exec::Candle(CandleWeights {
+                embed,
+                layers,
+                norm: raw.norm,
+                lm_head,
+                cos,
+                sin,
+            })
+        };
+        Ok(Self {
+            cfg,
+            exec,
             device: device.clone(),
         })
     }
 
+    /// The executor in use, for logs and benchmarks (e.g. `int8 kernels (avx2)`).
+    pub fn executor(&self) -> String {
+        match &self.exec {
+            Exec::Candle(_) => "candle".into(),
+            Exec::Int8(m) => format!("int8 kernels ({})", m.tier().name()),
+        }
+    }
+
     /// Packed forward over several sequences. Appends each chunk's tokens to its
     /// cache and returns the logits of each chunk's last token, shape `(chunks, vocab)`.
-    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
+    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Result<Vec<Vec<f32>>> {
+        for c in chunks.iter() {
+            if c.tokens.is_empty() {
+                return Err(LlmError::Other("empty chunk in forward".into()));
+            }
+            if c.kv.len + c.tokens.len() > self.cfg.max_position {
+                return Err(LlmError::Other(format!(
+                    "sequence of {} tokens exceeds the model context of {}",
+                    c.kv.len + c.tokens.len(),
+                    self.cfg.max_position
+                )));
+            }
+        }
+        let w = match &self.exec {
+            Exec::Candle(w) => w,
+            Exec::Int8(m) => {
+                let mut raw: Vec<RawChunk> = chunks
+                    .iter_mut()
+                    .map(|c| RawChunk {
+                        past: c.kv.len,
+                        kv: &mut c.kv.raw,
+                        tokens: c.tokens,
+                    })
+                    .collect();
+                let logits = m.forward(&self.cfg, &mut raw);
+                for c in chunks.iter_mut() {
+                    c.kv.len += c.tokens.len();
+                }
+                return Ok(logits);
+            }
+        };
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let groups = nh / nkv;
@@ -457,16 +622,6 @@ impl Model {
         let mut pos = Vec::new();
         let mut last = Vec::with_capacity(chunks.len());
         for c in chunks.iter() {
-            if c.tokens.is_empty() {
-                return Err(LlmError::Other("empty chunk in forward".into()));
-            }
-            if c.kv.len + c.tokens.len() > cfg.max_position {
-                return Err(LlmError::Other(format!(
-                    "sequence of {} tokens exceeds the model context of {}",
-                    c.kv.len + c.tokens.len(),
-                    cfg.max_position
-                )));
-            }
             ids.extend_from_slice(c.tokens);
             pos.extend((c.kv.len..c.kv.len + c.tokens.len()).map(|p| p as u32));
             last.push((ids.len() - 1) as u32);
@@ -475,13 +630,13 @@ impl Model {
         let dev = &self.device;
         let ids_t = Tensor::from_vec(ids, t, dev)?;
         let pos_t = Tensor::from_vec(pos, t, dev)?;
-        let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
-        let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let cos = w.cos.index_select(&pos_t, 0)?.contiguous()?;
+        let sin = w.sin.index_select(&pos_t, 0)?.contiguous()?;
+        let mut x = w.embed.index_select(&ids_t, 0)?;
         let scale = 1.0 / (hd as f64).sqrt();
         // causal masks per distinct (len, total) pair
         let mut masks: std::collections::HashMap<(usize, usize), Tensor> = Default::default();
-        for (li, layer) in self.layers.iter().enumerate() {
+        for (li, layer) in w.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps as f32)?;
             let mut q = layer.wq.forward(&h)?;
             let mut k = layer.wk.forward(&h)?;
@@ -576,8 +731,8 @@ impl Model {
         }
         let last_t = Tensor::from_vec(last, chunks.len(), dev)?;
         let xl = x.index_select(&last_t, 0)?;
-        let xl = candle_nn::ops::rms_norm(&xl, &self.norm, cfg.rms_eps as f32)?;
-        let logits = self.lm_head.forward(&xl)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        let xl = candle_nn::ops::rms_norm(&xl, &w.norm, cfg.rms_eps as f32)?;
+        let logits = w.lm_head.forward(&xl)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 }

@@ -285,26 +285,49 @@ fn continuous_batching_chunked_prefill_and_kv_bound_keep_outputs() {
 }
 
 #[test]
-fn q8_weights_keep_batched_equal_to_sequential() {
+fn every_weight_format_keeps_batched_equal_to_sequential() {
+    use cantante::llm::model::WeightFormat;
     let (_d, p) = tiny(TinySpec {
         arch: "qwen2",
         seed: 21,
         quantized: false,
     });
-    let q8 = |max_batch| {
-        let opts = EngineOptions {
-            max_batch,
-            weights: Some(cantante::llm::model::WeightFormat::Q8),
-            ..Default::default()
-        };
-        CandleLlm::load(p.to_str().unwrap(), opts).unwrap()
-    };
     let reqs = mixed_requests();
-    let batched = q8(32).generate(&reqs).unwrap();
-    let one = q8(1);
-    let seq: Vec<_> = reqs
+    let mut texts = Vec::new();
+    for format in [WeightFormat::Int8, WeightFormat::F32, WeightFormat::Native] {
+        let llm = |max_batch| {
+            let opts = EngineOptions {
+                max_batch,
+                weights: Some(format),
+                ..Default::default()
+            };
+            CandleLlm::load(p.to_str().unwrap(), opts).unwrap()
+        };
+        let batched = llm(32).generate(&reqs).unwrap();
+        let one = llm(1);
+        let seq: Vec<_> = reqs
+            .iter()
+            .map(|r| one.generate(std::slice::from_ref(r)).unwrap().remove(0))
+            .collect();
+        assert_eq!(batched, seq, "{format:?}");
+        texts.push(batched);
+    }
+    // f32 weights through candle and the int8 kernels run the same model: most
+    // greedy tokens agree (int8 activations perturb near-ties only).
+    let same: usize = texts[0]
         .iter()
-        .map(|r| one.generate(std::slice::from_ref(r)).unwrap().remove(0))
-        .collect();
-    assert_eq!(batched, seq);
+        .zip(&texts[1])
+        .map(|(a, b)| {
+            a.text
+                .chars()
+                .zip(b.text.chars())
+                .take_while(|(x, y)| x == y)
+                .count()
+        })
+        .sum();
+    let total: usize = texts[1].iter().map(|g| g.text.chars().count()).sum();
+    assert!(
+        same * 2 >= total,
+        "int8 and f32 diverge early: {same} of {total} chars agree"
+    );
 }

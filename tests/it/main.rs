@@ -5,6 +5,7 @@ mod cli;
 mod engine;
 mod eval;
 mod graph;
+mod kernels;
 mod optimize;
 mod report;
 mod sandbox;

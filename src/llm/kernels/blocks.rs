@@ -1,0 +1,452 @@
+//! Weight and activation block formats of the int8 kernels, and the lossless
+//! conversion of GGUF block formats into them.
+//!
+//! Every weight matrix becomes rows of 32-element blocks of `i8` values with one
+//! f32 scale `d`, an optional f32 offset `m` (the "min" of Q4_1/Q5_1/Q4_K/Q5_K)
+//! and optional integer sub-scales per 16 elements (Q6_K). A weight value is
+//! `(d · sub) · q + m`, exactly the value the GGUF file stores: Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are expanded without loss (checked in
+//! the tests against candle's dequantization); other types (F32, F16, …) are
+//! quantized to Q8_0-style blocks. Activations are quantized once per matmul to
+//! the same 32-blocks ([`QActs`]); the dot product then runs in integers inside
+//! a block with one float step per block (see [`super::scalar`]).
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+
+/// Elements per block.
+pub const QK: usize = 32;
+
+/// A weight matrix `(rows, cols)` (output features × input features) in
+/// int8 blocks of [`QK`] along `cols`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatrix {
+    /// Output features.
+    pub rows: usize,
+    /// Input features (a multiple of [`QK`]).
+    pub cols: usize,
+    /// `rows × cols` values.
+    pub qs: Vec<i8>,
+    /// One scale per block, `rows × cols/QK`.
+    pub d: Vec<f32>,
+    /// One offset per block (formats with a min), else `None`.
+    pub m: Option<Vec<f32>>,
+    /// Two sub-scales per block (one per 16 values; Q6_K), else `None`.
+    pub sub: Option<Vec<[i16; 2]>>,
+}
+
+/// One weight row, borrowed.
+#[derive(Clone, Copy)]
+pub struct RowView<'a> {
+    /// `cols` values.
+    pub qs: &'a [i8],
+    /// Block scales.
+    pub d: &'a [f32],
+    /// Block offsets.
+    pub m: Option<&'a [f32]>,
+    /// Block sub-scales.
+    pub sub: Option<&'a [[i16; 2]]>,
+}
+
+impl QMatrix {
+    /// Blocks per row.
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols / QK
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> RowView<'_> {
+        let nb = self.blocks_per_row();
+        RowView {
+            qs: &self.qs[r * self.cols..(r + 1) * self.cols],
+            d: &self.d[r * nb..(r + 1) * nb],
+            m: self.m.as_ref().map(|m| &m[r * nb..(r + 1) * nb]),
+            sub: self.sub.as_ref().map(|s| &s[r * nb..(r + 1) * nb]),
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        self.qs.len()
+            + 4 * self.d.len()
+            + self.m.as_ref().map_or(0, |m| 4 * m.len())
+            + self.sub.as_ref().map_or(0, |s| 4 * s.len())
+    }
+
+    /// Write row `r` as f32 values (the exact stored values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let v = self.row(r);
+        for (b, chunk) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
+            let m = v.m.map_or(0.0, |m| m[b]);
+            let sub = v.sub.map_or([1, 1], |s| s[b]);
+            for (e, o) in chunk.iter_mut().enumerate() {
+                let ds = v.d[b] * sub[e / 16] as f32;
+                *o = ds * v.qs[b * QK + e] as f32 + m;
+            }
+        }
+    }
+
+    /// All rows as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            self.dequantize_row(r, &mut out[r * self.cols..(r + 1) * self.cols]);
+        }
+        out
+    }
+
+    /// Quantize dense row-major f32 values to Q8_0-style blocks.
+    pub fn quantize_f32(values: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        assert_eq!(cols % QK, 0);
+        let mut qs = vec![0i8; rows * cols];
+        let mut d = vec![0f32; rows * cols / QK];
+        for (b, (x, q)) in values
+            .chunks_exact(QK)
+            .zip(qs.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            d[b] = quantize_block(x, q).0;
+        }
+        Self {
+            rows,
+            cols,
+            qs,
+            d,
+            m: None,
+            sub: None,
+        }
+    }
+
+    /// Stack matrices with the same number of columns and the same optional
+    /// parts along the rows (e.g. q|k|v or gate|up), or `None` when they differ.
+    pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        let same = parts.iter().all(|p| {
+            p.cols == first.cols
+                && p.m.is_some() == first.m.is_some()
+                && p.sub.is_some() == first.sub.is_some()
+        });
+        if !same {
+            return None;
+        }
+        let mut out = QMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: first.m.as_ref().map(|_| Vec::new()),
+            sub: first.sub.as_ref().map(|_| Vec::new()),
+        };
+        for p in parts {
+            out.qs.extend_from_slice(&p.qs);
+            out.d.extend_from_slice(&p.d);
+            if let (Some(o), Some(m)) = (out.m.as_mut(), p.m.as_ref()) {
+                o.extend_from_slice(m);
+            }
+            if let (Some(o), Some(s)) = (out.sub.as_mut(), p.sub.as_ref()) {
+                o.extend_from_slice(s);
+            }
+        }
+        Some(out)
+    }
+
+    /// Convert a 2-D GGUF tensor. Block formats listed in the module docs are
+    /// converted exactly; others are dequantized and quantized to Q8_0 blocks.
+    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Self> {
+        let dims = t.shape().dims();
+        if dims.len() != 2 {
+            candle_core::bail!("expected a 2-D weight, got shape {:?}", dims);
+        }
+        let (rows, cols) = (dims[0], dims[1]);
+        if cols % QK != 0 {
+            candle_core::bail!("{cols} input features are not a multiple of {QK}");
+        }
+        let data = t.data()?;
+        let lossless = Converter::for_dtype(t.dtype());
+        let Some(conv) = lossless else {
+            let f = t
+                .dequantize(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            return Ok(Self::quantize_f32(&f, rows, cols));
+        };
+        if cols % conv.elems != 0 {
+            candle_core::bail!(
+                "{cols} columns are not a multiple of the {:?} block",
+                t.dtype()
+            );
+        }
+        let nblocks = rows * cols / QK;
+        let mut out = QMatrix {
+            rows,
+            cols,
+            qs: vec![0; rows * cols],
+            d: vec![0.0; nblocks],
+            m: conv.has_min.then(|| vec![0.0; nblocks]),
+            sub: conv.has_sub.then(|| vec![[1, 1]; nblocks]),
+        };
+        let per = conv.elems / QK;
+        let expected = rows * cols / conv.elems * conv.bytes;
+        if data.len() != expected {
+            candle_core::bail!(
+                "{:?} tensor holds {} bytes, expected {expected}",
+                t.dtype(),
+                data.len()
+            );
+        }
+        let mut blk = [Block::default(); 8];
+        for (s, src) in data.chunks_exact(conv.bytes).enumerate() {
+            (conv.f)(src, &mut blk[..per]);
+            for (i, b) in blk[..per].iter().enumerate() {
+                let bi = s * per + i;
+                out.qs[bi * QK..(bi + 1) * QK].copy_from_slice(&b.q);
+                out.d[bi] = b.d;
+                if let Some(m) = out.m.as_mut() {
+                    m[bi] = b.m;
+                }
+                if let Some(sub) = out.sub.as_mut() {
+                    sub[bi] = b.sub;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Quantize 32 values to int8 with `d = amax/127`; returns `(d, Σq)`.
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += r as i32;
+        *o = r;
+    }
+    (d, sum)
+}
+
+/// Activations `(rows, cols)` quantized to int8 blocks: values, scales and
+/// `d · Σq` per block (for weight formats with an offset).
+#[derive(Debug, Clone, Default)]
+pub struct QActs {
+    /// Rows.
+    pub rows: usize,
+    /// Columns (a multiple of [`QK`]).
+    pub cols: usize,
+    /// Values.
+    pub qs: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// `d · Σq` per block.
+    pub s: Vec<f32>,
+}
+
+/// One activation row, borrowed.
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    /// Values.
+    pub qs: &'a [i8],
+    /// Scale per block.
+    pub d: &'a [f32],
+    /// `d · Σq` per block.
+    pub s: &'a [f32],
+}
+
+impl QActs {
+    /// Quantize row-major f32 activations (reusing this buffer's memory).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        assert_eq!(x.len(), rows * cols);
+        assert_eq!(cols % QK, 0);
+        self.rows = rows;
+        self.cols = cols;
+        self.qs.resize(rows * cols, 0);
+        self.d.resize(rows * cols / QK, 0.0);
+        self.s.resize(rows * cols / QK, 0.0);
+        for (b, (xb, qb)) in x
+            .chunks_exact(QK)
+            .zip(self.qs.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let (d, sum) = quantize_block(xb, qb);
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let nb = self.cols / QK;
+        ActRow {
+            qs: &self.qs[r * self.cols..(r + 1) * self.cols],
+            d: &self.d[r * nb..(r + 1) * nb],
+            s: &self.s[r * nb..(r + 1) * nb],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Block {
+    q: [i8; QK],
+    d: f32,
+    m: f32,
+    sub: [i16; 2],
+}
+
+impl Default for Block {
+    fn default() -> Self {
+        Self {
+            q: [0; QK],
+            d: 0.0,
+            m: 0.0,
+            sub: [1, 1],
+        }
+    }
+}
+
+struct Converter {
+    /// Elements per source block.
+    elems: usize,
+    /// Bytes per source block.
+    bytes: usize,
+    has_min: bool,
+    has_sub: bool,
+    f: fn(&[u8], &mut [Block]),
+}
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Q4_K / Q5_K 6-bit scale and min of sub-block `j` (ggml `get_scale_min_k4`).
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+impl Converter {
+    fn for_dtype(dt: GgmlDType) -> Option<Converter> {
+        let c = |elems, bytes, has_min, has_sub, f| {
+            Some(Converter {
+                elems,
+                bytes,
+                has_min,
+                has_sub,
+                f,
+            })
+        };
+        match dt {
+            GgmlDType::Q8_0 => c(32, 34, false, false, |s, o| {
+                o[0].d = h(s, 0);
+                for (q, &b) in o[0].q.iter_mut().zip(&s[2..34]) {
+                    *q = b as i8;
+                }
+            }),
+            GgmlDType::Q4_0 => c(32, 18, false, false, |s, o| {
+                o[0].d = h(s, 0);
+                for j in 0..16 {
+                    o[0].q[j] = (s[2 + j] & 0xF) as i8 - 8;
+                    o[0].q[j + 16] = (s[2 + j] >> 4) as i8 - 8;
+                }
+            }),
+            GgmlDType::Q4_1 => c(32, 20, true, false, |s, o| {
+                o[0].d = h(s, 0);
+                o[0].m = h(s, 2);
+                for j in 0..16 {
+                    o[0].q[j] = (s[4 + j] & 0xF) as i8;
+                    o[0].q[j + 16] = (s[4 + j] >> 4) as i8;
+                }
+            }),
+            GgmlDType::Q5_0 => c(32, 22, false, false, |s, o| {
+                o[0].d = h(s, 0);
+                let qh = u32::from_le_bytes([s[2], s[3], s[4], s[5]]);
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    o[0].q[j] = ((s[6 + j] & 0xF) | h0) as i8 - 16;
+                    o[0].q[j + 16] = ((s[6 + j] >> 4) | h1) as i8 - 16;
+                }
+            }),
+            GgmlDType::Q5_1 => c(32, 24, true, false, |s, o| {
+                o[0].d = h(s, 0);
+                o[0].m = h(s, 2);
+                let qh = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+                for j in 0..16 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    o[0].q[j] = ((s[8 + j] & 0xF) | h0) as i8;
+                    o[0].q[j + 16] = ((s[8 + j] >> 4) | h1) as i8;
+                }
+            }),
+            GgmlDType::Q4K => c(256, 144, true, false, |s, o| {
+                let (d, dmin) = (h(s, 0), h(s, 2));
+                let scales = &s[4..16];
+                let qs = &s[16..144];
+                for g in 0..4 {
+                    let q = &qs[32 * g..32 * g + 32];
+                    for half in 0..2 {
+                        let (sc, m) = scale_min_k4(2 * g + half, scales);
+                        let b = &mut o[2 * g + half];
+                        b.d = d * sc as f32;
+                        b.m = -(dmin * m as f32);
+                        for (dst, &v) in b.q.iter_mut().zip(q) {
+                            *dst = if half == 0 { v & 0xF } else { v >> 4 } as i8;
+                        }
+                    }
+                }
+            }),
+            GgmlDType::Q5K => c(256, 176, true, false, |s, o| {
+                let (d, dmin) = (h(s, 0), h(s, 2));
+                let scales = &s[4..16];
+                let qh = &s[16..48];
+                let qs = &s[48..176];
+                for g in 0..4 {
+                    let ql = &qs[32 * g..32 * g + 32];
+                    for half in 0..2 {
+                        let (sc, m) = scale_min_k4(2 * g + half, scales);
+                        let u = 1u8 << (2 * g + half);
+                        let b = &mut o[2 * g + half];
+                        b.d = d * sc as f32;
+                        b.m = -(dmin * m as f32);
+                        for l in 0..32 {
+                            let lo = if half == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
+                            b.q[l] = (lo + if qh[l] & u != 0 { 16 } else { 0 }) as i8;
+                        }
+                    }
+                }
+            }),
+            GgmlDType::Q6K => c(256, 210, false, true, |s, o| {
+                let ql = &s[0..128];
+                let qh = &s[128..192];
+                let sc = &s[192..208];
+                let d = h(s, 208);
+                for n in 0..2 {
+                    let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                    for k in 0..4 {
+                        let b = &mut o[4 * n + k];
+                        b.d = d;
+                        b.sub = [sc[2 * k] as i8 as i16, sc[2 * k + 1] as i8 as i16];
+                        for l in 0..32 {
+                            let v = match k {
+                                0 => (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                                1 => (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                                2 => (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                                _ => (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                            };
+                            b.q[l] = v as i8 - 32;
+                        }
+                    }
+                }
+            }),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! CPU matmul kernels on int8 blocks: weights stay in (a lossless int8
+//! expansion of) their GGUF block format, activations are quantized to int8
+//! blocks once per matmul, and every weight row is read once per call for the
+//! whole batch. One file per instruction-set tier with the scalar reference
+//! beside them and one dispatch table ([`Tier`]), like ggml-cpu's `arch/` split.
+//!
+//! Exactness: inside a block the arithmetic is integer, and the float steps
+//! (one FMA per lane and block, a fixed horizontal sum) are the same on every
+//! tier, so a row's result is bit-identical for every batch size, batch
+//! partner, thread count and tier. `CANTANTE_KERNEL=scalar|avx2` forces a tier
+//! (tests run every tier the machine has).
+
+pub mod avx2;
+pub mod blocks;
+pub mod scalar;
+
+pub use blocks::{ActRow, QActs, QMatrix, RowView, QK};
+
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// An instruction-set tier of the int8 kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Portable scalar reference.
+    Scalar,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+}
+
+impl Tier {
+    /// Tiers this CPU can run, best last.
+    pub fn available() -> Vec<Tier> {
+        let mut v = vec![Tier::Scalar];
+        if avx2::available() {
+            v.push(Tier::Avx2);
+        }
+        v
+    }
+
+    /// The tier in use: `CANTANTE_KERNEL` when set (and available), else the best.
+    pub fn active() -> Tier {
+        static ACTIVE: OnceLock<Tier> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let avail = Tier::available();
+            let best = *avail.last().unwrap_or(&Tier::Scalar);
+            match std::env::var("CANTANTE_KERNEL").ok().as_deref() {
+                Some("scalar") => Tier::Scalar,
+                Some("avx2") if avail.contains(&Tier::Avx2) => Tier::Avx2,
+                Some(other) if !other.is_empty() && other != "auto" => {
+                    tracing::warn!("CANTANTE_KERNEL={other} is not available here; using {best:?}");
+                    best
+                }
+                _ => best,
+            }
+        })
+    }
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Scalar => "scalar",
+            Tier::Avx2 => "avx2",
+        }
+    }
+
+    /// `out[r] = w · a[r]` for one weight row.
+    pub fn dot_rows(self, w: &RowView<'_>, a: &[ActRow<'_>], out: &mut [f32]) {
+        match self {
+            Tier::Scalar => scalar::dot_rows(w, a, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: an Avx2 tier is only constructed when the CPU has AVX2 and FMA.
+            Tier::Avx2 => unsafe { avx2::dot_rows(w, a, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Tier::Avx2 => scalar::dot_rows(w, a, out),
+        }
+    }
+}
+
+/// Activation rows processed per pass over the weights (keeps them in L2).
+const ROW_TILE: usize = 64;
+/// Below this many multiply-adds a matmul runs on the calling thread.
+const PARALLEL_MACS: usize = 1 << 17;
+
+struct OutPtr(*mut f32);
+// SAFETY: threads write disjoint columns of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[r·ldo + c] = (acts · wᵀ)[r, c]` for `c < w.rows`, threads splitting the
+/// output columns (`ldo ≥ w.rows` lets several matrices fill one wide output).
+pub fn matmul(tier: Tier, w: &QMatrix, acts: &QActs, out: &mut [f32], ldo: usize) {
+    assert_eq!(w.cols, acts.cols, "matmul: inner dimensions differ");
+    let (t, n) = (acts.rows, w.rows);
+    assert!(ldo >= n && (t == 0 || out.len() >= (t - 1) * ldo + n));
+    let threads = rayon::current_num_threads().max(1);
+    let parts = if t * n * w.cols < PARALLEL_MACS || threads == 1 {
+        1
+    } else {
+        threads.min(n)
+    };
+    let ptr = OutPtr(out.as_mut_ptr());
+    let run = |part: usize| {
+        let lo = n * part / parts;
+        let hi = n * (part + 1) / parts;
+        let mut col = [0f32; ROW_TILE];
+        let mut r0 = 0;
+        while r0 < t {
+            let r1 = (r0 + ROW_TILE).min(t);
+            let rows: Vec<ActRow<'_>> = (r0..r1).map(|r| acts.row(r)).collect();
+            for c in lo..hi {
+                tier.dot_rows(&w.row(c), &rows, &mut col[..r1 - r0]);
+                for (i, v) in col[..r1 - r0].iter().enumerate() {
+                    // SAFETY: (r0+i, c) is inside out, and column c belongs to this part only.
+                    unsafe { *ptr.get().add((r0 + i) * ldo + c) = *v };
+                }
+            }
+            r0 = r1;
+        }
+    };
+    if parts == 1 {
+        run(0);
+    } else {
+        let run = &run;
+        (0..parts).into_par_iter().for_each(|p| run(p));
+    }
+}

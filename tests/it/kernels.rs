@@ -1,0 +1,146 @@
+//! Int8 kernels: lossless GGUF block conversion (against candle's
+//! dequantization), every available tier bit-identical to the scalar
+//! reference, results close to the f32 product, and matmul rows independent of
+//! batch size, tiling and thread count.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use cantante::llm::kernels::{matmul, scalar, QActs, QMatrix, Tier};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            // Mix of scales so blocks differ in range; a few exact zeros.
+            let x: f32 = rng.random_range(-1.0..1.0);
+            if rng.random_ratio(1, 50) {
+                0.0
+            } else {
+                x * 10f32.powi(rng.random_range(-2..2))
+            }
+        })
+        .collect()
+}
+
+const FORMATS: [GgmlDType; 8] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+fn qmatrix(rng: &mut ChaCha8Rng, dt: GgmlDType, rows: usize, cols: usize) -> (QMatrix, Vec<f32>) {
+    let v = randn(rng, rows * cols);
+    let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, dt).unwrap();
+    let reference = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (QMatrix::from_qtensor(&q).unwrap(), reference)
+}
+
+#[test]
+fn gguf_blocks_convert_losslessly() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for dt in FORMATS {
+        let (m, reference) = qmatrix(&mut rng, dt, 6, 512);
+        assert_eq!(m.dequantize(), reference, "{dt:?}");
+        let k_quant = matches!(dt, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        assert_eq!(m.sub.is_some(), dt == GgmlDType::Q6K, "{dt:?}");
+        assert_eq!(
+            m.m.is_some(),
+            matches!(dt, GgmlDType::Q4_1 | GgmlDType::Q5_1) || (k_quant && dt != GgmlDType::Q6K),
+            "{dt:?}"
+        );
+    }
+    // Types without a lossless path (f32 here) become Q8_0-style blocks.
+    let v = randn(&mut rng, 4 * 64);
+    let t = Tensor::from_vec(v.clone(), (4, 64), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let m = QMatrix::from_qtensor(&q).unwrap();
+    assert_eq!(m, QMatrix::quantize_f32(&v, 4, 64));
+    for (a, b) in m.dequantize().iter().zip(&v) {
+        assert!((a - b).abs() <= 1.0 / 127.0 * 10.0 + 1e-6);
+    }
+}
+
+#[test]
+fn every_tier_matches_the_scalar_reference_bit_for_bit() {
+    let tiers = Tier::available();
+    assert!(tiers.contains(&Tier::Scalar));
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for dt in FORMATS {
+        let (w, wf) = qmatrix(&mut rng, dt, 5, 768);
+        let x = randn(&mut rng, 9 * 768);
+        let mut acts = QActs::default();
+        acts.quantize(&x, 9, 768);
+        let rows: Vec<_> = (0..9).map(|r| acts.row(r)).collect();
+        for c in 0..w.rows {
+            let want: Vec<f32> = rows.iter().map(|a| scalar::dot(&w.row(c), a)).collect();
+            for &tier in &tiers {
+                let mut got = vec![0f32; rows.len()];
+                tier.dot_rows(&w.row(c), &rows, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{dt:?} tier {tier:?} row {c}");
+            }
+            // Semantics: close to the f32 product of the stored weights and the input.
+            for (r, &got) in want.iter().enumerate() {
+                let exact: f32 = (0..768).map(|k| wf[c * 768 + k] * x[r * 768 + k]).sum();
+                let scale: f32 = (0..768)
+                    .map(|k| (wf[c * 768 + k] * x[r * 768 + k]).abs())
+                    .sum();
+                assert!(
+                    (got - exact).abs() <= 0.02 * scale + 1e-5,
+                    "{dt:?}: {got} vs {exact} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_rows_do_not_depend_on_batch_tiling_or_threads() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (w, _) = qmatrix(&mut rng, GgmlDType::Q4K, 96, 512);
+    let t = 70; // crosses the 4-row groups and the 64-row tile
+    let x = randn(&mut rng, t * 512);
+    let mut acts = QActs::default();
+    acts.quantize(&x, t, 512);
+    for tier in Tier::available() {
+        let mut full = vec![0f32; t * w.rows];
+        matmul(tier, &w, &acts, &mut full, w.rows);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for r in [0, 3, 4, 63, 64, 69] {
+                let mut one = QActs::default();
+                one.quantize(&x[r * 512..(r + 1) * 512], 1, 512);
+                let mut out = vec![0f32; w.rows];
+                pool.install(|| matmul(tier, &w, &one, &mut out, w.rows));
+                assert_eq!(
+                    out,
+                    full[r * w.rows..(r + 1) * w.rows],
+                    "tier {tier:?} row {r} threads {threads}"
+                );
+            }
+        }
+        // Writing into a wider output leaves the other columns alone.
+        let mut wide = vec![7f32; 2 * (w.rows + 5)];
+        let mut two = QActs::default();
+        two.quantize(&x[..2 * 512], 2, 512);
+        matmul(tier, &w, &two, &mut wide, w.rows + 5);
+        assert_eq!(&wide[..w.rows], &full[..w.rows]);
+        assert_eq!(&wide[w.rows..w.rows + 5], &[7.0; 5]);
+    }
+}
