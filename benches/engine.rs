@@ -1,148 +1,343 @@
-//! Engine benchmark (run: `cargo bench --bench engine`). Prints, for the tiny
-//! seeded model and for the default model when it is cached (models/fetch.sh):
-//! decode tokens/s at batch 1, 8, 32, 64; prefill tokens/s; batched/sequential
-//! ratios; the fraction of prefill tokens saved by prefix reuse on 32 requests
-//! sharing a long instruction; the machine's measured f32 matmul peak and decode
-//! FLOP/s as a fraction of it. Set CANTANTE_BENCH_MODEL to bench another model,
-//! CANTANTE_BENCH_BATCHES=1,8,32 to choose batch sizes.
+//! Engine benchmark (run: `cargo bench --bench engine`). Prints, in one run on
+//! one machine:
+//!
+//! - the machine: CPU, kernel tier, threads, measured streaming-read bandwidth
+//!   and int8 multiply-add peak (AVX2 `maddubs` in registers, all threads);
+//! - the tiny seeded model: decode tok/s and the fixed cost per layer per step;
+//! - for the default 0.5B model and the 1.5B model (when `models/fetch.sh` has
+//!   cached them; `CANTANTE_BENCH_MODELS=a.gguf,b.gguf` picks others): decode
+//!   tok/s at batch 1, 8, 32, 64 (`CANTANTE_BENCH_BATCHES`) with 64 new tokens
+//!   per sequence (`CANTANTE_BENCH_NEW`), prefill tok/s of a ~900-token prompt,
+//!   **ours and llama.cpp's side by side with the ratio** (llama.cpp through
+//!   `benches/llama_cpp.sh`, fed the exact same token ids; "absent" when it is
+//!   not installed), how close we are to the machine's limits, a profile of
+//!   where a step's time goes at batch 1 and 32, and the candle f32 executor
+//!   (`--weights f32`) at batch 1 and 32 for comparison (`CANTANTE_BENCH_F32=0`
+//!   skips it).
+//!
+//! Both engines decode greedily, time from the first prefill to the last token,
+//! and count generated tokens / seconds; model load is excluded.
 
-use candle_core::{Device, Tensor};
 use cantante::llm::engine::{CandleLlm, EngineOptions};
+use cantante::llm::kernels::Tier;
 use cantante::llm::model::WeightFormat;
+use cantante::llm::profile;
 use cantante::llm::tiny::{write_tiny_gguf, TinySpec};
 use cantante::llm::{Llm, Request};
+use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::Instant;
 
-fn matmul_peak() -> f64 {
-    let n = 1024;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
-    let _ = a.matmul(&b).unwrap();
-    let reps = 8;
-    let t = Instant::now();
-    for _ in 0..reps {
-        let _ = a.matmul(&b).unwrap();
-    }
-    2.0 * (n * n * n) as f64 * reps as f64 / t.elapsed().as_secs_f64()
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
 }
 
-fn decode_rate(llm: &CandleLlm, batch: usize, new_tokens: usize) -> (f64, f64) {
-    let reqs: Vec<Request> = (0..batch)
+/// Streaming-read bandwidth over a buffer far larger than the caches, all threads.
+fn bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let n = 64 << 20; // 64 Mi f32 = 256 MiB
+    let buf: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 20)
+            .map(|c| {
+                let mut acc = [0f32; 8];
+                for x in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        acc[i] += x[i];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Int8 multiply-adds per second the kernels' instruction mix can reach
+/// (maddubs + madd + add in registers, 8 independent chains, every thread).
+fn int8_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(is_x86_feature_detected!("avx2")) {
+            return None;
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn run(iters: usize) -> i32 {
+            use std::arch::x86_64::*;
+            let a = _mm256_set1_epi8(3);
+            let b = _mm256_set1_epi8(-2);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_si256(); 8];
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+                }
+            }
+            let mut s = 0;
+            for x in acc {
+                s += _mm256_extract_epi32::<0>(x);
+            }
+            s
+        }
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        let iters = 20_000_000;
+        let t = Instant::now();
+        let s: i32 = (0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum();
+        std::hint::black_box(s);
+        Some((threads * iters * 8 * 32) as f64 / t.elapsed().as_secs_f64())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+fn decode_requests(batch: usize, new_tokens: usize) -> Vec<Request> {
+    (0..batch)
         .map(|i| {
             Request::user(
                 format!("Count upward from {i} and describe each number in words:"),
                 new_tokens,
             )
         })
-        .collect();
+        .collect()
+}
+
+fn prefill_request() -> Request {
+    let text =
+        "The committee reviewed the proposal in detail and asked several questions. ".repeat(60);
+    Request::user(text, 1)
+}
+
+fn decode_rate(llm: &CandleLlm, batch: usize, new_tokens: usize) -> f64 {
+    let reqs = decode_requests(batch, new_tokens);
     llm.clear_prefix_cache();
     let t = Instant::now();
     let gens = llm.generate(&reqs).unwrap();
-    let secs = t.elapsed().as_secs_f64();
     let generated: usize = gens.iter().map(|g| g.completion_tokens).sum();
-    let prompt: usize = gens.iter().map(|g| g.prompt_tokens).sum();
-    (generated as f64 / secs, prompt as f64)
+    generated as f64 / t.elapsed().as_secs_f64()
 }
 
-fn prefill_rate(llm: &CandleLlm) -> f64 {
-    let text =
-        "The committee reviewed the proposal in detail and asked several questions. ".repeat(30);
-    let r = Request::user(text, 1);
+fn prefill_rate(llm: &CandleLlm) -> (usize, f64) {
     llm.clear_prefix_cache();
     let t = Instant::now();
-    let g = llm.generate(&[r]).unwrap().remove(0);
-    g.prompt_tokens as f64 / t.elapsed().as_secs_f64()
+    let g = llm.generate(&[prefill_request()]).unwrap().remove(0);
+    (g.prompt_tokens, g.prompt_tokens as f64 / t.elapsed().as_secs_f64())
 }
 
-fn prefix_saving(llm: &CandleLlm) -> f64 {
-    let instruction = "You are the consensus agent of a math-solving team. Three solvers proposed answers with justifications. \
-        Compare the proposals, check the arithmetic of each justification, and choose the best-supported answer. \
-        Do not re-solve the problem from scratch. Reply with the chosen number inside <prediction></prediction> tags. "
-        .repeat(2);
-    let reqs: Vec<Request> = (0..32)
-        .map(|i| {
-            Request::chat(
-                "You are a helpful assistant.",
-                &format!(
-                    "{instruction}\nQuestion {i}: Tom has {i} apples and buys {} more. How many?",
-                    i + 3
-                ),
-                1,
-            )
-        })
+fn token_ids(llm: &CandleLlm, r: &Request) -> Vec<u32> {
+    llm.tokenizer().encode(&llm.render(r).unwrap()).unwrap()
+}
+
+/// llama.cpp's rates on the same token ids: (decode rate per batch, prefill rate).
+fn llama_cpp(
+    llm: &CandleLlm,
+    model: &str,
+    batches: &[usize],
+    new_tokens: usize,
+) -> Result<(BTreeMap<usize, f64>, f64), String> {
+    let max_b = batches.iter().copied().max().unwrap_or(1);
+    let prompts: Vec<Vec<u32>> = decode_requests(max_b, new_tokens)
+        .iter()
+        .map(|r| token_ids(llm, r))
         .collect();
-    llm.clear_prefix_cache();
-    llm.reset_stats();
-    llm.generate(&reqs).unwrap();
-    let s = llm.stats();
-    1.0 - s.prefill_computed as f64 / s.prompt_tokens as f64
+    let workload = serde_json::json!({
+        "prompts": prompts, "batches": batches, "new_tokens": new_tokens,
+        "prefill": token_ids(llm, &prefill_request()),
+    });
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let wpath = dir.path().join("workload.json");
+    std::fs::write(&wpath, workload.to_string()).map_err(|e| e.to_string())?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/llama_cpp.sh");
+    let out = Command::new(script)
+        .arg("run")
+        .arg(model)
+        .arg(&wpath)
+        .arg(rayon::current_num_threads().to_string())
+        .output()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(err.lines().last().unwrap_or("failed").to_string());
+    }
+    let mut decode = BTreeMap::new();
+    let mut prefill = 0.0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let rate = v["tok_s"].as_f64().unwrap_or(0.0);
+        match v["kind"].as_str() {
+            Some("decode") => {
+                decode.insert(v["batch"].as_u64().unwrap_or(0) as usize, rate);
+            }
+            Some("prefill") => prefill = rate,
+            _ => {}
+        }
+    }
+    Ok((decode, prefill))
 }
 
-fn bench(name: &str, llm: &mut CandleLlm, batches: &[usize], new_tokens: usize, peak: f64) {
-    println!("\n== {name}: {}", llm.model_id());
-    let flops_per_tok = 2.0 * llm.model().config().matmul_params() as f64;
-    let mut base = 0.0;
+fn print_profile(llm: &CandleLlm, batch: usize, new_tokens: usize) {
+    profile::reset();
+    profile::set_enabled(true);
+    let reqs = decode_requests(batch, new_tokens);
+    llm.clear_prefix_cache();
+    let t = Instant::now();
+    llm.generate(&reqs).unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    profile::set_enabled(false);
+    let phases = profile::snapshot();
+    let timed: f64 = phases.iter().map(|p| p.1).sum();
+    let mut line = format!("profile batch {batch:>2} ({wall:.2} s):");
+    for (p, s) in phases {
+        line += &format!(" {p:?} {:.1}%", 100.0 * s / wall);
+    }
+    line += &format!(" | other (scheduler, dispatch) {:.1}%", 100.0 * (wall - timed).max(0.0) / wall);
+    println!("{line}");
+}
+
+fn ratio(ours: f64, theirs: Option<f64>) -> String {
+    match theirs {
+        Some(t) if t > 0.0 => format!("{:>9.1} {:>6.2}", t, ours / t),
+        _ => format!("{:>9} {:>6}", "-", "-"),
+    }
+}
+
+fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak: Option<f64>) {
+    let t = Instant::now();
+    let llm = CandleLlm::load(model, EngineOptions::default()).unwrap();
+    let load_s = t.elapsed().as_secs_f64();
+    let cfg = llm.model().config().clone();
+    let wbytes = llm.model().int8_weight_bytes().unwrap_or(0);
+    println!(
+        "\n== {} — {} layers, hidden {}, {} ({:.0} MB of int8 weights, loaded in {load_s:.1} s)",
+        llm.model_id(),
+        cfg.n_layers,
+        cfg.hidden,
+        llm.model().executor(),
+        wbytes as f64 / 1e6
+    );
+    let mut ours = BTreeMap::new();
+    let mut llm = llm;
     for &b in batches {
         llm.set_max_batch(b);
-        let (rate, _) = decode_rate(llm, b, new_tokens);
-        if b == batches[0] {
-            base = rate;
-        }
-        println!(
-            "decode batch {b:>3}: {rate:>8.1} tok/s  ({:.2}x batch {}; {:.1} GFLOP/s = {:.1}% of f32 peak)",
-            rate / base,
-            batches[0],
-            rate * flops_per_tok / 1e9,
-            100.0 * rate * flops_per_tok / peak
-        );
+        ours.insert(b, decode_rate(&llm, b, new_tokens));
     }
     llm.set_max_batch(32);
-    println!("prefill: {:.1} tok/s", prefill_rate(llm));
-    println!(
-        "prefix reuse on 32 requests sharing an instruction: {:.1}% of prefill tokens saved",
-        100.0 * prefix_saving(llm)
-    );
+    let (pre_tokens, pre) = prefill_rate(&llm);
+    let theirs = llama_cpp(&llm, model, batches, new_tokens);
+    println!("{:<22} {:>9} {:>9} {:>6}", "", "ours", "llama.cpp", "ratio");
+    let (ld, lp) = match &theirs {
+        Ok((d, p)) => (Some(d.clone()), Some(*p)),
+        Err(e) => {
+            println!("(llama.cpp absent: {e}; run benches/llama_cpp.sh setup)");
+            (None, None)
+        }
+    };
+    for &b in batches {
+        let r = ours[&b];
+        let t = ld.as_ref().and_then(|d| d.get(&b).copied());
+        println!("{:<22} {:>9.1} {}", format!("decode batch {b} tok/s"), r, ratio(r, t));
+    }
+    println!("{:<22} {:>9.1} {}", format!("prefill {pre_tokens} tok/s"), pre, ratio(pre, lp));
+    let macs = cfg.matmul_params() as f64;
+    if let Some(&r1) = ours.get(&1) {
+        println!(
+            "limits: batch 1 reads {:.0} MB of weights per token -> {:.1} GB/s = {:.0}% of measured bandwidth",
+            wbytes as f64 / 1e6,
+            wbytes as f64 * r1 / 1e9,
+            100.0 * wbytes as f64 * r1 / bw
+        );
+    }
+    if let (Some(peak), Some(&b)) = (peak, batches.iter().max()) {
+        let r = ours[&b];
+        println!(
+            "limits: batch {b} does {:.1} G int8 MAC/s = {:.0}% of the measured int8 peak; prefill {:.0}%",
+            macs * r / 1e9,
+            100.0 * macs * r / peak,
+            100.0 * macs * pre / peak
+        );
+    }
+    for b in [1, 32] {
+        llm.set_max_batch(b);
+        print_profile(&llm, b, new_tokens);
+    }
+    drop(llm);
+    if std::env::var("CANTANTE_BENCH_F32").as_deref() != Ok("0") {
+        let opts = EngineOptions {
+            weights: Some(WeightFormat::F32),
+            ..Default::default()
+        };
+        let mut f = CandleLlm::load(model, opts).unwrap();
+        let mut line = String::from("candle f32 executor (--weights f32):");
+        for b in [1, 32] {
+            f.set_max_batch(b);
+            let r = decode_rate(&f, b, new_tokens);
+            line += &format!(" batch {b} {r:.1} tok/s ({:.2}x int8);", r / ours.get(&b).copied().unwrap_or(f64::NAN));
+        }
+        f.set_max_batch(32);
+        let (_, p) = prefill_rate(&f);
+        line += &format!(" prefill {p:.1} tok/s ({:.2}x int8)", p / pre);
+        println!("{line}");
+    }
 }
 
 fn main() {
-    let batches: Vec<usize> = std::env::var("CANTANTE_BENCH_BATCHES")
+    let batches = env_list("CANTANTE_BENCH_BATCHES", &[1, 8, 32, 64]);
+    let new_tokens = env_list("CANTANTE_BENCH_NEW", &[64])[0];
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 8, 32, 64]);
-    let peak = matmul_peak();
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let bw = bandwidth();
+    let peak = int8_peak();
     println!(
-        "f32 matmul peak (candle, n=1024): {:.1} GFLOP/s",
-        peak / 1e9
+        "machine: {cpu}, {} threads, kernel tier {} (available: {:?})",
+        rayon::current_num_threads(),
+        Tier::active().name(),
+        Tier::available()
+    );
+    println!(
+        "measured: streaming read {:.1} GB/s; int8 MAC peak {}",
+        bw / 1e9,
+        peak.map_or("n/a".into(), |p| format!("{:.0} G/s", p / 1e9))
     );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     write_tiny_gguf(&p, TinySpec::default()).unwrap();
     let mut tiny = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
-    bench("tiny (2 layers, hidden 64)", &mut tiny, &batches, 64, peak);
-    let model = std::env::var("CANTANTE_BENCH_MODEL").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/cantante/models/qwen2.5-coder-0.5b-instruct.gguf",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    if std::path::Path::new(&model).exists() {
-        let mut llm = CandleLlm::load(&model, EngineOptions::default()).unwrap();
-        bench("default model, f32 weights", &mut llm, &batches, 32, peak);
-        drop(llm);
-        let opts = EngineOptions {
-            weights: Some(WeightFormat::Q8),
-            ..Default::default()
-        };
-        let mut q8 = CandleLlm::load(&model, opts).unwrap();
-        let small: Vec<usize> = batches.iter().copied().filter(|&b| b <= 8).collect();
-        bench(
-            "default model, Q8_0 weights (--weights q8)",
-            &mut q8,
-            &small,
-            32,
-            peak,
-        );
-    } else {
-        println!("\n(default model not found at {model}; run models/fetch.sh to bench it)");
+    let layers = tiny.model().config().n_layers;
+    print!("\n== tiny (2 layers, hidden 64), {}:", tiny.model().executor());
+    for &b in &batches {
+        tiny.set_max_batch(b);
+        let r = decode_rate(&tiny, b, 64);
+        print!(" batch {b} {r:.0} tok/s;");
+        if b == 1 {
+            print!(" ({:.0} µs per layer per step)", 1e6 / r / layers as f64);
+        }
+    }
+    println!();
+    let home = std::env::var("HOME").unwrap_or_default();
+    let models: Vec<String> = match std::env::var("CANTANTE_BENCH_MODELS") {
+        Ok(s) => s.split(',').map(str::to_string).collect(),
+        Err(_) => ["qwen2.5-coder-0.5b-instruct.gguf", "qwen2.5-coder-1.5b-instruct.gguf"]
+            .iter()
+            .map(|f| format!("{home}/.cache/cantante/models/{f}"))
+            .collect(),
+    };
+    for m in models {
+        if std::path::Path::new(&m).exists() {
+            bench_model(&m, &batches, new_tokens, bw, peak);
+        } else {
+            println!("\n({m} not found; run models/fetch.sh [large] to bench it)");
+        }
     }
 }

@@ -12,6 +12,7 @@
 
 use super::kernels::{matmul, QActs, QMatrix, Tier};
 use super::model::ModelConfig;
+use super::profile::{time, Phase};
 use rayon::prelude::*;
 
 /// A weight matrix in int8 blocks, or a group of matrices applied to the same
@@ -99,6 +100,12 @@ pub struct RawChunk<'a> {
     pub past: usize,
     /// New tokens.
     pub tokens: &'a [u32],
+}
+
+fn add_into(x: &mut [f32], o: &[f32]) {
+    for (a, b) in x.iter_mut().zip(o) {
+        *a += b;
+    }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -226,14 +233,12 @@ impl Int8Model {
             pos.extend(c.past..c.past + c.tokens.len());
         }
         let mut x = vec![0f32; t * h];
-        let mut r = 0;
-        for c in chunks.iter() {
-            for &id in c.tokens {
-                self.embed
-                    .dequantize_row(id as usize, &mut x[r * h..(r + 1) * h]);
-                r += 1;
+        time(Phase::Embed, || {
+            let ids = chunks.iter().flat_map(|c| c.tokens.iter());
+            for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+                self.embed.dequantize_row(id as usize, row);
             }
-        }
+        });
         let inter = self.layers.first().map_or(0, |l| l.gate_up.rows / 2);
         let mut hbuf = vec![0f32; t * h];
         let mut acts = QActs::default();
@@ -243,46 +248,51 @@ impl Int8Model {
         let mut gu = vec![0f32; t * 2 * inter];
         let mut act = vec![0f32; t * inter];
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, eps, &mut hbuf);
-            acts.quantize(&hbuf, t, h);
-            layer.qkv.apply(tier, &acts, &mut qkv);
-            for (ri, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
-                if let Some(b) = &layer.qkv_bias {
-                    for (v, b) in row.iter_mut().zip(b) {
-                        *v += b;
+            time(Phase::NormQuant, || {
+                rms_norm(&x, &layer.attn_norm, eps, &mut hbuf);
+                acts.quantize(&hbuf, t, h);
+            });
+            time(Phase::Matmul, || layer.qkv.apply(tier, &acts, &mut qkv));
+            time(Phase::RopeKv, || {
+                for (ri, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
+                    if let Some(b) = &layer.qkv_bias {
+                        add_into(row, b);
+                    }
+                    let (q, kv) = row.split_at_mut(qd);
+                    self.rope(cfg, q, pos[ri]);
+                    self.rope(cfg, &mut kv[..kvd], pos[ri]);
+                }
+                for (c, &off) in chunks.iter_mut().zip(&offs) {
+                    let cache = &mut c.kv[li];
+                    let rows = &qkv[off * qkv_w..(off + c.tokens.len()) * qkv_w];
+                    for row in rows.chunks_exact(qkv_w) {
+                        cache.k.extend_from_slice(&row[qd..qd + kvd]);
+                        cache.v.extend_from_slice(&row[qd + kvd..]);
                     }
                 }
-                let (q, kv) = row.split_at_mut(qd);
-                self.rope(cfg, q, pos[ri]);
-                self.rope(cfg, &mut kv[..kvd], pos[ri]);
-            }
-            for (c, &off) in chunks.iter_mut().zip(&offs) {
-                let cache = &mut c.kv[li];
-                for row in qkv[off * qkv_w..(off + c.tokens.len()) * qkv_w].chunks_exact(qkv_w) {
-                    cache.k.extend_from_slice(&row[qd..qd + kvd]);
-                    cache.v.extend_from_slice(&row[qd + kvd..]);
+            });
+            time(Phase::Attention, || {
+                self.attention(cfg, chunks, &offs, li, &qkv, &mut y)
+            });
+            time(Phase::NormQuant, || acts.quantize(&y, t, qd));
+            time(Phase::Matmul, || layer.wo.apply(tier, &acts, &mut o));
+            time(Phase::Elementwise, || add_into(&mut x, &o));
+            time(Phase::NormQuant, || {
+                rms_norm(&x, &layer.ffn_norm, eps, &mut hbuf);
+                acts.quantize(&hbuf, t, h);
+            });
+            time(Phase::Matmul, || layer.gate_up.apply(tier, &acts, &mut gu));
+            time(Phase::Elementwise, || {
+                for (g, a) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+                    let (gate, up) = g.split_at(inter);
+                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                        *a = g / (1.0 + (-g).exp()) * u;
+                    }
                 }
-            }
-            self.attention(cfg, chunks, &offs, li, &qkv, &mut y);
-            acts.quantize(&y, t, qd);
-            layer.wo.apply(tier, &acts, &mut o);
-            for (a, b) in x.iter_mut().zip(&o) {
-                *a += b;
-            }
-            rms_norm(&x, &layer.ffn_norm, eps, &mut hbuf);
-            acts.quantize(&hbuf, t, h);
-            layer.gate_up.apply(tier, &acts, &mut gu);
-            for (g, a) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
-                let (gate, up) = g.split_at(inter);
-                for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = g / (1.0 + (-g).exp()) * u;
-                }
-            }
-            acts.quantize(&act, t, inter);
-            layer.down.apply(tier, &acts, &mut o);
-            for (a, b) in x.iter_mut().zip(&o) {
-                *a += b;
-            }
+            });
+            time(Phase::NormQuant, || acts.quantize(&act, t, inter));
+            time(Phase::Matmul, || layer.down.apply(tier, &acts, &mut o));
+            time(Phase::Elementwise, || add_into(&mut x, &o));
         }
         let n = chunks.len();
         let mut last = vec![0f32; n * h];
@@ -291,12 +301,14 @@ impl Int8Model {
             last[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
         }
         let mut normed = vec![0f32; n * h];
-        rms_norm(&last, &self.norm, eps, &mut normed);
-        acts.quantize(&normed, n, h);
+        time(Phase::NormQuant, || {
+            rms_norm(&last, &self.norm, eps, &mut normed);
+            acts.quantize(&normed, n, h);
+        });
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.rows;
         let mut logits = vec![0f32; n * vocab];
-        matmul(tier, head, &acts, &mut logits, vocab);
+        time(Phase::Matmul, || matmul(tier, head, &acts, &mut logits, vocab));
         logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 

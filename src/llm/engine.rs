@@ -7,6 +7,7 @@
 use super::chat::{ChatTemplate, CHATML_TEMPLATE};
 use super::gguf_tokenizer;
 use super::model::{Chunk, Model, SeqKv, WeightFormat};
+use super::profile::{time, Phase};
 use super::sampling;
 use super::tokenizer::Tokenizer;
 use super::{Generation, Llm, LlmError, Request, Result, StopReason};
@@ -619,9 +620,11 @@ impl Llm for CandleLlm {
                     continue;
                 }
                 let req = &requests[s.idx];
-                let tok = sampling::sample(&logits[row], &req.sampling, &mut s.rng);
+                let tok = time(Phase::Sampling, || {
+                    sampling::sample(&logits[row], &req.sampling, &mut s.rng)
+                });
                 s.generated.push(tok);
-                if let Some(g) = self.check_finished(s, req)? {
+                if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s, req))? {
                     finished.push((*k, g));
                 }
             }

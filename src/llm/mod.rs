@@ -12,6 +12,7 @@ pub mod engine;
 pub mod gguf_tokenizer;
 pub mod kernels;
 pub mod model;
+pub mod profile;
 pub mod sampling;
 pub mod scripted;
 pub mod tiny;

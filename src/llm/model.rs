@@ -574,6 +574,14 @@ impl Model {
         })
     }
 
+    /// Bytes of matmul weights the int8 executor reads per forward (`None` for candle).
+    pub fn int8_weight_bytes(&self) -> Option<usize> {
+        match &self.exec {
+            Exec::Candle(_) => None,
+            Exec::Int8(m) => Some(m.weight_bytes()),
+        }
+    }
+
     /// The executor in use, for logs and benchmarks (e.g. `int8 kernels (avx2)`).
     pub fn executor(&self) -> String {
         match &self.exec {

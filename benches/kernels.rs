@@ -1,0 +1,38 @@
+//! Int8 kernel throughput (run: `cargo bench --bench kernels`): G multiply-adds
+//! per second of [`cantante::llm::kernels::matmul`] per tier and weight flavour,
+//! at decode- and prefill-shaped sizes of the default model's MLP (k = 896,
+//! n = 4864), with all threads.
+
+use cantante::llm::kernels::{matmul, QActs, QMatrix, Tier};
+use std::time::Instant;
+
+fn main() {
+    let (n, k) = (4864, 896);
+    let vals: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
+    let plain = QMatrix::quantize_f32(&vals, n, k);
+    let mut with_min = plain.clone();
+    with_min.m = Some(vec![0.01; plain.d.len()]);
+    for tier in Tier::available() {
+        for (name, w) in [("plain", &plain), ("min", &with_min)] {
+            let mut line = format!("{:<7} {name:<6}", tier.name());
+            for t in [1, 4, 32, 256] {
+                let x: Vec<f32> = (0..t * k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+                let mut acts = QActs::default();
+                acts.quantize(&x, t, k);
+                let mut out = vec![0f32; t * n];
+                matmul(tier, w, &acts, &mut out, n);
+                let reps = (64 / t).max(2);
+                let start = Instant::now();
+                for _ in 0..reps {
+                    matmul(tier, w, &acts, &mut out, n);
+                }
+                let s = start.elapsed().as_secs_f64() / reps as f64;
+                line += &format!("  m={t}: {:.1} GMAC/s ({:.2} ms)", (t * n * k) as f64 / s / 1e9, s * 1e3);
+                if tier == Tier::Scalar && t >= 4 {
+                    break;
+                }
+            }
+            println!("{line}");
+        }
+    }
+}
