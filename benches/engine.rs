@@ -72,13 +72,19 @@ fn int8_peak() -> Option<f64> {
         #[target_feature(enable = "avx2")]
         unsafe fn run(iters: usize) -> i32 {
             use std::arch::x86_64::*;
-            let a = _mm256_set1_epi8(3);
-            let b = _mm256_set1_epi8(-2);
+            // Inputs change every iteration so nothing is hoisted out of the loop.
+            let inc = _mm256_set1_epi8(std::hint::black_box(1));
+            let b = _mm256_set1_epi8(std::hint::black_box(-2));
             let ones = _mm256_set1_epi16(1);
+            let mut a = [_mm256_setzero_si256(); 8];
+            for (k, x) in a.iter_mut().enumerate() {
+                *x = _mm256_set1_epi8(std::hint::black_box(k as i8));
+            }
             let mut acc = [_mm256_setzero_si256(); 8];
             for _ in 0..iters {
-                for x in acc.iter_mut() {
-                    *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones));
+                for (x, a) in acc.iter_mut().zip(a.iter_mut()) {
+                    *x = _mm256_add_epi32(*x, _mm256_madd_epi16(_mm256_maddubs_epi16(*a, b), ones));
+                    *a = _mm256_add_epi8(*a, inc);
                 }
             }
             let mut s = 0;
@@ -185,18 +191,18 @@ fn llama_cpp(
     Ok((decode, prefill))
 }
 
-fn print_profile(llm: &CandleLlm, batch: usize, new_tokens: usize) {
+/// Run `reqs` with the phase timers on and print where the time went.
+fn print_profile(llm: &CandleLlm, label: &str, reqs: &[Request]) {
     profile::reset();
     profile::set_enabled(true);
-    let reqs = decode_requests(batch, new_tokens);
     llm.clear_prefix_cache();
     let t = Instant::now();
-    llm.generate(&reqs).unwrap();
+    llm.generate(reqs).unwrap();
     let wall = t.elapsed().as_secs_f64();
     profile::set_enabled(false);
     let phases = profile::snapshot();
     let timed: f64 = phases.iter().map(|p| p.1).sum();
-    let mut line = format!("profile batch {batch:>2} ({wall:.2} s):");
+    let mut line = format!("profile {label} ({wall:.2} s):");
     for (p, s) in phases {
         line += &format!(" {p:?} {:.1}%", 100.0 * s / wall);
     }
@@ -218,7 +224,7 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
     let cfg = llm.model().config().clone();
     let wbytes = llm.model().int8_weight_bytes().unwrap_or(0);
     println!(
-        "\n== {} — {} layers, hidden {}, {} ({:.0} MB of int8 weights, loaded in {load_s:.1} s)",
+        "\n== {} — {} layers, hidden {}, {} ({:.0} MB of int8 weights read per step, loaded in {load_s:.1} s)",
         llm.model_id(),
         cfg.n_layers,
         cfg.hidden,
@@ -268,8 +274,9 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
     }
     for b in [1, 32] {
         llm.set_max_batch(b);
-        print_profile(&llm, b, new_tokens);
+        print_profile(&llm, &format!("decode batch {b:>2}"), &decode_requests(b, new_tokens));
     }
+    print_profile(&llm, "prefill", &[prefill_request()]);
     drop(llm);
     if std::env::var("CANTANTE_BENCH_F32").as_deref() != Ok("0") {
         let opts = EngineOptions {

@@ -34,5 +34,26 @@ fn main() {
             }
             println!("{line}");
         }
+        // Decode from DRAM: 24 matrices (about 100 MB, far beyond the caches), m = 1.
+        let many: Vec<QMatrix> = (0..24).map(|_| plain.clone()).collect();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+        let mut acts = QActs::default();
+        acts.quantize(&x, 1, k);
+        let mut out = vec![0f32; n];
+        let bytes: usize = many.iter().map(QMatrix::bytes).sum();
+        let start = Instant::now();
+        for _ in 0..3 {
+            for w in &many {
+                matmul(tier, w, &acts, &mut out, n);
+            }
+        }
+        let s = start.elapsed().as_secs_f64() / 3.0;
+        println!(
+            "{:<7} m=1 streaming {} MB: {:.1} GB/s, {:.1} GMAC/s",
+            tier.name(),
+            bytes / 1_000_000,
+            bytes as f64 / s / 1e9,
+            (24 * n * k) as f64 / s / 1e9
+        );
     }
 }

@@ -102,20 +102,50 @@ pub struct RawChunk<'a> {
     pub tokens: &'a [u32],
 }
 
+/// Elements below which row-wise ops run on the calling thread.
+const PAR_ELEMS: usize = 1 << 16;
+
 fn add_into(x: &mut [f32], o: &[f32]) {
-    for (a, b) in x.iter_mut().zip(o) {
-        *a += b;
+    let f = |(a, b): (&mut [f32], &[f32])| {
+        for (a, b) in a.iter_mut().zip(b) {
+            *a += b;
+        }
+    };
+    if x.len() >= PAR_ELEMS {
+        x.par_chunks_mut(4096).zip(o.par_chunks(4096)).for_each(f);
+    } else {
+        f((x, o));
     }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
-    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+    let f = |(xr, or): (&[f32], &mut [f32])| {
         let ss: f32 = xr.iter().map(|v| v * v).sum();
         let scale = 1.0 / (ss / h as f32 + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * scale * g;
         }
+    };
+    if x.len() >= PAR_ELEMS {
+        x.par_chunks_exact(h).zip(out.par_chunks_exact_mut(h)).for_each(f);
+    } else {
+        x.chunks_exact(h).zip(out.chunks_exact_mut(h)).for_each(f);
+    }
+}
+
+/// `act = silu(gate) · up` per row of `gu = [gate | up]`.
+fn silu_mul(gu: &[f32], act: &mut [f32], inter: usize) {
+    let f = |(g, a): (&[f32], &mut [f32])| {
+        let (gate, up) = g.split_at(inter);
+        for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+            *a = g / (1.0 + (-g).exp()) * u;
+        }
+    };
+    if act.len() >= PAR_ELEMS {
+        gu.par_chunks_exact(2 * inter).zip(act.par_chunks_exact_mut(inter)).for_each(f);
+    } else {
+        gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)).for_each(f);
     }
 }
 
@@ -129,11 +159,64 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    let mut s = super::kernels::scalar::hsum8(acc);
+    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }
     s
+}
+
+/// [`dot_f32`] with AVX2 registers: the same lanes and sum order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(a.as_ptr().add(i));
+        let y = _mm256_loadu_ps(b.as_ptr().add(i));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+        i += 8;
+    }
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+    while i < n {
+        s += a[i] * b[i];
+        i += 1;
+    }
+    s
+}
+
+/// `acc += p · v` (AVX2 registers; element-wise, so the same bits as the plain loop).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn axpy_avx2(acc: &mut [f32], p: f32, v: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = acc.len().min(v.len());
+    let pv = _mm256_set1_ps(p);
+    let mut i = 0;
+    while i + 8 <= n {
+        let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+        let x = _mm256_loadu_ps(v.as_ptr().add(i));
+        _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_add_ps(a, _mm256_mul_ps(pv, x)));
+        i += 8;
+    }
+    while i < n {
+        acc[i] += p * v[i];
+        i += 1;
+    }
+}
+
+#[inline(always)]
+fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a += p * x;
+    }
 }
 
 struct SyncPtr(*mut f32);
@@ -185,14 +268,15 @@ impl Int8Model {
         self.tier
     }
 
-    /// Bytes of weights held.
-    pub fn weight_bytes(&self) -> usize {
+    /// Bytes of weights read per forward: every layer's matmuls and the output
+    /// head (the embedding only when it is the tied head).
+    pub fn streamed_weight_bytes(&self) -> usize {
         let l: usize = self
             .layers
             .iter()
             .map(|l| l.qkv.bytes() + l.wo.bytes() + l.gate_up.bytes() + l.down.bytes())
             .sum();
-        l + self.embed.bytes() + self.lm_head.as_ref().map_or(0, QMatrix::bytes)
+        l + self.lm_head.as_ref().unwrap_or(&self.embed).bytes()
     }
 
     fn rope(&self, cfg: &ModelConfig, v: &mut [f32], pos: usize) {
@@ -282,14 +366,7 @@ impl Int8Model {
                 acts.quantize(&hbuf, t, h);
             });
             time(Phase::Matmul, || layer.gate_up.apply(tier, &acts, &mut gu));
-            time(Phase::Elementwise, || {
-                for (g, a) in gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
-                    let (gate, up) = g.split_at(inter);
-                    for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                        *a = g / (1.0 + (-g).exp()) * u;
-                    }
-                }
-            });
+            time(Phase::Elementwise, || silu_mul(&gu, &mut act, inter));
             time(Phase::NormQuant, || acts.quantize(&act, t, inter));
             time(Phase::Matmul, || layer.down.apply(tier, &acts, &mut o));
             time(Phase::Elementwise, || add_into(&mut x, &o));
@@ -313,7 +390,8 @@ impl Int8Model {
     }
 
     /// Causal attention of each chunk's new tokens over its whole KV, written to
-    /// `y (t × n_heads·head_dim)`; one work item per (chunk, kv-head).
+    /// `y (t × n_heads·head_dim)`; one work item per (chunk, kv-head, range of up
+    /// to 32 new tokens), each reading its K/V rows once for the whole GQA group.
     fn attention(
         &self,
         cfg: &ModelConfig,
@@ -323,63 +401,135 @@ impl Int8Model {
         qkv: &[f32],
         y: &mut [f32],
     ) {
-        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let groups = nh / nkv;
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let qkv_w = qd + 2 * kvd;
-        let scale = 1.0 / (hd as f32).sqrt();
-        let items: Vec<(usize, usize)> = (0..chunks.len())
-            .flat_map(|c| (0..nkv).map(move |g| (c, g)))
-            .collect();
-        let out = SyncPtr(y.as_mut_ptr());
-        let work = |&(ci, g): &(usize, usize)| {
-            let c = &chunks[ci];
-            let kv = &c.kv[li];
-            let total = c.past + c.tokens.len();
-            let mut scores = vec![0f32; total];
-            let mut acc = vec![0f32; hd];
-            for i in 0..c.tokens.len() {
-                let row = offs[ci] + i;
-                let visible = c.past + i + 1;
-                for qh in g * groups..(g + 1) * groups {
-                    let q = &qkv[row * qkv_w + qh * hd..row * qkv_w + (qh + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores[..visible].iter_mut().enumerate() {
-                        let k = &kv.k[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        *s = dot_f32(q, k) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores[..visible].iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    acc.fill(0.0);
-                    for (j, &p) in scores[..visible].iter().enumerate() {
-                        let v = &kv.v[j * kvd + g * hd..j * kvd + (g + 1) * hd];
-                        for (a, &vv) in acc.iter_mut().zip(v) {
-                            *a += p * vv;
-                        }
-                    }
-                    let inv = 1.0 / sum;
-                    // SAFETY: (row, qh) is written by this work item only.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(out.get().add(row * qd + qh * hd), hd)
-                    };
-                    for (d, a) in dst.iter_mut().zip(&acc) {
-                        *d = a * inv;
-                    }
+        const RANGE: usize = 32;
+        let nkv = cfg.n_kv_heads;
+        let mut items = Vec::new();
+        for (ci, c) in chunks.iter().enumerate() {
+            for g in 0..nkv {
+                for i0 in (0..c.tokens.len()).step_by(RANGE) {
+                    items.push((ci, g, i0, (i0 + RANGE).min(c.tokens.len())));
                 }
             }
+        }
+        let out = SyncPtr(y.as_mut_ptr());
+        let tier = self.tier;
+        let work = |&(ci, g, i0, i1): &(usize, usize, usize, usize)| {
+            let c = &chunks[ci];
+            let job = AttnJob {
+                cfg,
+                kv: &c.kv[li],
+                past: c.past,
+                g,
+                rows: (offs[ci] + i0, i1 - i0, i0),
+                qkv,
+            };
+            // SAFETY: rows offs[ci]+i0..offs[ci]+i1 of kv-head g's q-heads are
+            // written by this work item only.
+            unsafe { job.run(tier, &out) };
         };
         let cost: usize = chunks
             .iter()
             .map(|c| c.tokens.len() * (c.past + c.tokens.len()))
             .sum();
-        if items.len() > 1 && cost * nh * hd > 1 << 16 {
+        if items.len() > 1 && cost * cfg.n_heads * cfg.head_dim > 1 << 16 {
             items.par_iter().for_each(work);
         } else {
             items.iter().for_each(work);
+        }
+    }
+}
+
+/// One attention work item: new tokens `rows = (first packed row, count, index
+/// of the first in its chunk)` of one chunk, for the q-heads of kv-head `g`.
+struct AttnJob<'a> {
+    cfg: &'a ModelConfig,
+    kv: &'a RawKv,
+    past: usize,
+    g: usize,
+    rows: (usize, usize, usize),
+    qkv: &'a [f32],
+}
+
+impl AttnJob<'_> {
+    /// Run with the widest f32 code generation the tier allows (same bits: no
+    /// fused multiply-add, same operation order).
+    unsafe fn run(&self, tier: Tier, out: &SyncPtr) {
+        #[cfg(target_arch = "x86_64")]
+        if tier == Tier::Avx2 {
+            return self.run_avx2(out);
+        }
+        let _ = tier;
+        self.body::<false>(out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, out: &SyncPtr) {
+        self.body::<true>(out)
+    }
+
+    #[inline(always)]
+    unsafe fn body<const AVX2: bool>(&self, out: &SyncPtr) {
+        let dot = |a: &[f32], b: &[f32]| {
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                return dot_f32_avx2(a, b);
+            }
+            dot_f32(a, b)
+        };
+        let axpy = |acc: &mut [f32], p: f32, v: &[f32]| {
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                return axpy_avx2(acc, p, v);
+            }
+            axpy(acc, p, v)
+        };
+        let cfg = self.cfg;
+        let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let groups = nh / nkv;
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let qkv_w = qd + 2 * kvd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (row0, n, first) = self.rows;
+        let total = self.past + first + n;
+        let g = self.g;
+        let mut scores = vec![0f32; groups * total];
+        let mut acc = vec![0f32; groups * hd];
+        let mut inv = vec![0f32; groups];
+        for i in 0..n {
+            let row = row0 + i;
+            let visible = self.past + first + i + 1;
+            let q = &self.qkv[row * qkv_w + g * groups * hd..row * qkv_w + (g + 1) * groups * hd];
+            for j in 0..visible {
+                let k = &self.kv.k[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                for h in 0..groups {
+                    scores[h * total + j] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
+                }
+            }
+            for h in 0..groups {
+                let s = &mut scores[h * total..h * total + visible];
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for v in s.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                inv[h] = 1.0 / sum;
+            }
+            acc.fill(0.0);
+            for j in 0..visible {
+                let v = &self.kv.v[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+                for h in 0..groups {
+                    axpy(&mut acc[h * hd..(h + 1) * hd], scores[h * total + j], v);
+                }
+            }
+            for h in 0..groups {
+                let qh = g * groups + h;
+                let dst = std::slice::from_raw_parts_mut(out.get().add(row * qd + qh * hd), hd);
+                for (d, a) in dst.iter_mut().zip(&acc[h * hd..(h + 1) * hd]) {
+                    *d = a * inv[h];
+                }
+            }
         }
     }
 }

@@ -578,7 +578,7 @@ impl Model {
     pub fn int8_weight_bytes(&self) -> Option<usize> {
         match &self.exec {
             Exec::Candle(_) => None,
-            Exec::Int8(m) => Some(m.weight_bytes()),
+            Exec::Int8(m) => Some(m.streamed_weight_bytes()),
         }
     }
 

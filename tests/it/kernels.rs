@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use cantante::llm::kernels::{matmul, scalar, QActs, QMatrix, Tier};
+use cantante::llm::kernels::{matmul, scalar, QActs, QMatrix, Tier, TILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -79,16 +79,17 @@ fn every_tier_matches_the_scalar_reference_bit_for_bit() {
     assert!(tiers.contains(&Tier::Scalar));
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     for dt in FORMATS {
-        let (w, wf) = qmatrix(&mut rng, dt, 5, 768);
+        let (w, wf) = qmatrix(&mut rng, dt, 13, 768);
         let x = randn(&mut rng, 9 * 768);
         let mut acts = QActs::default();
         acts.quantize(&x, 9, 768);
         let rows: Vec<_> = (0..9).map(|r| acts.row(r)).collect();
         for c in 0..w.rows {
-            let want: Vec<f32> = rows.iter().map(|a| scalar::dot(&w.row(c), a)).collect();
+            let want: Vec<f32> = rows.iter().map(|a| scalar::dot(&w, c, a)).collect();
             for &tier in &tiers {
-                let mut got = vec![0f32; rows.len()];
-                tier.dot_rows(&w.row(c), &rows, &mut got);
+                let mut got = vec![[0f32; TILE]; rows.len()];
+                tier.tile_rows(&w, c / TILE, &rows, &mut got);
+                let got: Vec<f32> = got.iter().map(|o| o[c % TILE]).collect();
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{dt:?} tier {tier:?} row {c}");
             }

@@ -10,6 +10,12 @@
 //! quantized to Q8_0-style blocks. Activations are quantized once per matmul to
 //! the same 32-blocks ([`QActs`]); the dot product then runs in integers inside
 //! a block with one float step per block (see [`super::scalar`]).
+//!
+//! Layout: rows are grouped in tiles of [`TILE`] output features; within a tile,
+//! block `b` of its 8 rows is contiguous (`[tile][block][row][32]` for the values,
+//! `[tile][block][row]` for scales, offsets and sub-scales), so a kernel reads one
+//! 256-byte run per block and produces 8 outputs at once. The last tile is padded
+//! with zero rows.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
@@ -17,51 +23,105 @@ use half::f16;
 /// Elements per block.
 pub const QK: usize = 32;
 
+/// Output features per tile.
+pub const TILE: usize = 8;
+
 /// A weight matrix `(rows, cols)` (output features × input features) in
-/// int8 blocks of [`QK`] along `cols`.
+/// int8 blocks of [`QK`] along `cols`, tiled by [`TILE`] rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QMatrix {
     /// Output features.
     pub rows: usize,
     /// Input features (a multiple of [`QK`]).
     pub cols: usize,
-    /// `rows × cols` values.
+    /// Values, `[tile][block][row in tile][QK]`.
     pub qs: Vec<i8>,
-    /// One scale per block, `rows × cols/QK`.
+    /// Scales, `[tile][block][row in tile]`.
     pub d: Vec<f32>,
-    /// One offset per block (formats with a min), else `None`.
+    /// Offsets (formats with a min), same layout as `d`, else `None`.
     pub m: Option<Vec<f32>>,
-    /// Two sub-scales per block (one per 16 values; Q6_K), else `None`.
+    /// Sub-scales per 16 values (Q6_K), same layout as `d`, else `None`.
     pub sub: Option<Vec<[i16; 2]>>,
 }
 
-/// One weight row, borrowed.
-#[derive(Clone, Copy)]
-pub struct RowView<'a> {
-    /// `cols` values.
-    pub qs: &'a [i8],
-    /// Block scales.
-    pub d: &'a [f32],
-    /// Block offsets.
-    pub m: Option<&'a [f32]>,
-    /// Block sub-scales.
-    pub sub: Option<&'a [[i16; 2]]>,
+/// One block of one row, as the file defines it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Block {
+    /// Values.
+    pub q: [i8; QK],
+    /// Scale.
+    pub d: f32,
+    /// Offset (0 when the format has none).
+    pub m: f32,
+    /// Sub-scales of the two 16-value halves (1 when the format has none).
+    pub sub: [i16; 2],
+}
+
+impl Default for Block {
+    fn default() -> Self {
+        Self {
+            q: [0; QK],
+            d: 0.0,
+            m: 0.0,
+            sub: [1, 1],
+        }
+    }
 }
 
 impl QMatrix {
+    /// A zero matrix with room for `rows × cols` (rows padded to whole tiles).
+    pub fn zeros(rows: usize, cols: usize, has_min: bool, has_sub: bool) -> Self {
+        assert_eq!(cols % QK, 0, "{cols} input features are not a multiple of {QK}");
+        let blocks = rows.div_ceil(TILE) * TILE * (cols / QK);
+        Self {
+            rows,
+            cols,
+            qs: vec![0; blocks * QK],
+            d: vec![0.0; blocks],
+            m: has_min.then(|| vec![0.0; blocks]),
+            sub: has_sub.then(|| vec![[1, 1]; blocks]),
+        }
+    }
+
     /// Blocks per row.
     pub fn blocks_per_row(&self) -> usize {
         self.cols / QK
     }
 
-    /// Row `r`.
-    pub fn row(&self, r: usize) -> RowView<'_> {
-        let nb = self.blocks_per_row();
-        RowView {
-            qs: &self.qs[r * self.cols..(r + 1) * self.cols],
-            d: &self.d[r * nb..(r + 1) * nb],
-            m: self.m.as_ref().map(|m| &m[r * nb..(r + 1) * nb]),
-            sub: self.sub.as_ref().map(|s| &s[r * nb..(r + 1) * nb]),
+    /// Number of tiles.
+    pub fn tiles(&self) -> usize {
+        self.rows.div_ceil(TILE)
+    }
+
+    /// Index of block `b` of row `r` in `d`/`m`/`sub` (times [`QK`] in `qs`).
+    #[inline]
+    pub fn index(&self, r: usize, b: usize) -> usize {
+        ((r / TILE) * self.blocks_per_row() + b) * TILE + r % TILE
+    }
+
+    /// Block `b` of row `r`.
+    pub fn block(&self, r: usize, b: usize) -> Block {
+        let i = self.index(r, b);
+        let mut q = [0i8; QK];
+        q.copy_from_slice(&self.qs[i * QK..(i + 1) * QK]);
+        Block {
+            q,
+            d: self.d[i],
+            m: self.m.as_ref().map_or(0.0, |m| m[i]),
+            sub: self.sub.as_ref().map_or([1, 1], |s| s[i]),
+        }
+    }
+
+    /// Store block `b` of row `r`.
+    pub fn set_block(&mut self, r: usize, b: usize, blk: &Block) {
+        let i = self.index(r, b);
+        self.qs[i * QK..(i + 1) * QK].copy_from_slice(&blk.q);
+        self.d[i] = blk.d;
+        if let Some(m) = self.m.as_mut() {
+            m[i] = blk.m;
+        }
+        if let Some(s) = self.sub.as_mut() {
+            s[i] = blk.sub;
         }
     }
 
@@ -75,13 +135,11 @@ impl QMatrix {
 
     /// Write row `r` as f32 values (the exact stored values).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let v = self.row(r);
         for (b, chunk) in out[..self.cols].chunks_exact_mut(QK).enumerate() {
-            let m = v.m.map_or(0.0, |m| m[b]);
-            let sub = v.sub.map_or([1, 1], |s| s[b]);
+            let blk = self.block(r, b);
             for (e, o) in chunk.iter_mut().enumerate() {
-                let ds = v.d[b] * sub[e / 16] as f32;
-                *o = ds * v.qs[b * QK + e] as f32 + m;
+                let ds = blk.d * blk.sub[e / 16] as f32;
+                *o = ds * blk.q[e] as f32 + blk.m;
             }
         }
     }
@@ -98,24 +156,13 @@ impl QMatrix {
     /// Quantize dense row-major f32 values to Q8_0-style blocks.
     pub fn quantize_f32(values: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(values.len(), rows * cols);
-        assert_eq!(cols % QK, 0);
-        let mut qs = vec![0i8; rows * cols];
-        let mut d = vec![0f32; rows * cols / QK];
-        for (b, (x, q)) in values
-            .chunks_exact(QK)
-            .zip(qs.chunks_exact_mut(QK))
-            .enumerate()
-        {
-            d[b] = quantize_block(x, q).0;
+        let mut out = Self::zeros(rows, cols, false, false);
+        let mut blk = Block::default();
+        for (i, x) in values.chunks_exact(QK).enumerate() {
+            blk.d = quantize_block(x, &mut blk.q).0;
+            out.set_block(i / (cols / QK), i % (cols / QK), &blk);
         }
-        Self {
-            rows,
-            cols,
-            qs,
-            d,
-            m: None,
-            sub: None,
-        }
+        out
     }
 
     /// Stack matrices with the same number of columns and the same optional
@@ -130,23 +177,16 @@ impl QMatrix {
         if !same {
             return None;
         }
-        let mut out = QMatrix {
-            rows: parts.iter().map(|p| p.rows).sum(),
-            cols: first.cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: first.m.as_ref().map(|_| Vec::new()),
-            sub: first.sub.as_ref().map(|_| Vec::new()),
-        };
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut out = Self::zeros(rows, first.cols, first.m.is_some(), first.sub.is_some());
+        let mut r0 = 0;
         for p in parts {
-            out.qs.extend_from_slice(&p.qs);
-            out.d.extend_from_slice(&p.d);
-            if let (Some(o), Some(m)) = (out.m.as_mut(), p.m.as_ref()) {
-                o.extend_from_slice(m);
+            for r in 0..p.rows {
+                for b in 0..p.blocks_per_row() {
+                    out.set_block(r0 + r, b, &p.block(r, b));
+                }
             }
-            if let (Some(o), Some(s)) = (out.sub.as_mut(), p.sub.as_ref()) {
-                o.extend_from_slice(s);
-            }
+            r0 += p.rows;
         }
         Some(out)
     }
@@ -162,9 +202,7 @@ impl QMatrix {
         if cols % QK != 0 {
             candle_core::bail!("{cols} input features are not a multiple of {QK}");
         }
-        let data = t.data()?;
-        let lossless = Converter::for_dtype(t.dtype());
-        let Some(conv) = lossless else {
+        let Some(conv) = Converter::for_dtype(t.dtype()) else {
             let f = t
                 .dequantize(&candle_core::Device::Cpu)?
                 .flatten_all()?
@@ -172,21 +210,9 @@ impl QMatrix {
             return Ok(Self::quantize_f32(&f, rows, cols));
         };
         if cols % conv.elems != 0 {
-            candle_core::bail!(
-                "{cols} columns are not a multiple of the {:?} block",
-                t.dtype()
-            );
+            candle_core::bail!("{cols} columns are not a multiple of the {:?} block", t.dtype());
         }
-        let nblocks = rows * cols / QK;
-        let mut out = QMatrix {
-            rows,
-            cols,
-            qs: vec![0; rows * cols],
-            d: vec![0.0; nblocks],
-            m: conv.has_min.then(|| vec![0.0; nblocks]),
-            sub: conv.has_sub.then(|| vec![[1, 1]; nblocks]),
-        };
-        let per = conv.elems / QK;
+        let data = t.data()?;
         let expected = rows * cols / conv.elems * conv.bytes;
         if data.len() != expected {
             candle_core::bail!(
@@ -195,19 +221,15 @@ impl QMatrix {
                 data.len()
             );
         }
+        let mut out = Self::zeros(rows, cols, conv.has_min, conv.has_sub);
+        let per = conv.elems / QK;
+        let nb = cols / QK;
         let mut blk = [Block::default(); 8];
         for (s, src) in data.chunks_exact(conv.bytes).enumerate() {
             (conv.f)(src, &mut blk[..per]);
             for (i, b) in blk[..per].iter().enumerate() {
                 let bi = s * per + i;
-                out.qs[bi * QK..(bi + 1) * QK].copy_from_slice(&b.q);
-                out.d[bi] = b.d;
-                if let Some(m) = out.m.as_mut() {
-                    m[bi] = b.m;
-                }
-                if let Some(sub) = out.sub.as_mut() {
-                    sub[bi] = b.sub;
-                }
+                out.set_block(bi / nb, bi % nb, b);
             }
         }
         Ok(out)
@@ -265,14 +287,25 @@ impl QActs {
         self.qs.resize(rows * cols, 0);
         self.d.resize(rows * cols / QK, 0.0);
         self.s.resize(rows * cols / QK, 0.0);
-        for (b, (xb, qb)) in x
-            .chunks_exact(QK)
-            .zip(self.qs.chunks_exact_mut(QK))
-            .enumerate()
-        {
-            let (d, sum) = quantize_block(xb, qb);
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+        let nb = cols / QK;
+        let f = |((xr, qr), (dr, sr)): ((&[f32], &mut [i8]), (&mut [f32], &mut [f32]))| {
+            for b in 0..nb {
+                let (d, sum) = quantize_block(&xr[b * QK..(b + 1) * QK], &mut qr[b * QK..(b + 1) * QK]);
+                dr[b] = d;
+                sr[b] = d * sum as f32;
+            }
+        };
+        if rows * cols >= 1 << 16 {
+            use rayon::prelude::*;
+            x.par_chunks_exact(cols)
+                .zip(self.qs.par_chunks_exact_mut(cols))
+                .zip(self.d.par_chunks_exact_mut(nb).zip(self.s.par_chunks_exact_mut(nb)))
+                .for_each(f);
+        } else {
+            x.chunks_exact(cols)
+                .zip(self.qs.chunks_exact_mut(cols))
+                .zip(self.d.chunks_exact_mut(nb).zip(self.s.chunks_exact_mut(nb)))
+                .for_each(f);
         }
     }
 
@@ -283,25 +316,6 @@ impl QActs {
             qs: &self.qs[r * self.cols..(r + 1) * self.cols],
             d: &self.d[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Block {
-    q: [i8; QK],
-    d: f32,
-    m: f32,
-    sub: [i16; 2],
-}
-
-impl Default for Block {
-    fn default() -> Self {
-        Self {
-            q: [0; QK],
-            d: 0.0,
-            m: 0.0,
-            sub: [1, 1],
         }
     }
 }

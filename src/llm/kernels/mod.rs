@@ -14,7 +14,7 @@ pub mod avx2;
 pub mod blocks;
 pub mod scalar;
 
-pub use blocks::{ActRow, QActs, QMatrix, RowView, QK};
+pub use blocks::{ActRow, Block, QActs, QMatrix, QK, TILE};
 
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -64,15 +64,15 @@ impl Tier {
         }
     }
 
-    /// `out[r] = w · a[r]` for one weight row.
-    pub fn dot_rows(self, w: &RowView<'_>, a: &[ActRow<'_>], out: &mut [f32]) {
+    /// `out[j][c] = w[tile·TILE + c] · a[j]` for one tile of weight rows.
+    pub fn tile_rows(self, w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
         match self {
-            Tier::Scalar => scalar::dot_rows(w, a, out),
+            Tier::Scalar => scalar::tile_rows(w, tile, a, out),
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: an Avx2 tier is only constructed when the CPU has AVX2 and FMA.
-            Tier::Avx2 => unsafe { avx2::dot_rows(w, a, out) },
+            // SAFETY: an Avx2 tier is only used when the CPU has AVX2 and FMA.
+            Tier::Avx2 => unsafe { avx2::tile_rows(w, tile, a, out) },
             #[cfg(not(target_arch = "x86_64"))]
-            Tier::Avx2 => scalar::dot_rows(w, a, out),
+            Tier::Avx2 => scalar::tile_rows(w, tile, a, out),
         }
     }
 }
@@ -99,26 +99,32 @@ pub fn matmul(tier: Tier, w: &QMatrix, acts: &QActs, out: &mut [f32], ldo: usize
     assert_eq!(w.cols, acts.cols, "matmul: inner dimensions differ");
     let (t, n) = (acts.rows, w.rows);
     assert!(ldo >= n && (t == 0 || out.len() >= (t - 1) * ldo + n));
+    let tiles = w.tiles();
     let threads = rayon::current_num_threads().max(1);
     let parts = if t * n * w.cols < PARALLEL_MACS || threads == 1 {
         1
     } else {
-        threads.min(n)
+        threads.min(tiles)
     };
     let ptr = OutPtr(out.as_mut_ptr());
     let run = |part: usize| {
-        let lo = n * part / parts;
-        let hi = n * (part + 1) / parts;
-        let mut col = [0f32; ROW_TILE];
+        let lo = tiles * part / parts;
+        let hi = tiles * (part + 1) / parts;
+        let mut buf = [[0f32; TILE]; ROW_TILE];
         let mut r0 = 0;
         while r0 < t {
             let r1 = (r0 + ROW_TILE).min(t);
             let rows: Vec<ActRow<'_>> = (r0..r1).map(|r| acts.row(r)).collect();
-            for c in lo..hi {
-                tier.dot_rows(&w.row(c), &rows, &mut col[..r1 - r0]);
-                for (i, v) in col[..r1 - r0].iter().enumerate() {
-                    // SAFETY: (r0+i, c) is inside out, and column c belongs to this part only.
-                    unsafe { *ptr.get().add((r0 + i) * ldo + c) = *v };
+            for tile in lo..hi {
+                tier.tile_rows(w, tile, &rows, &mut buf[..r1 - r0]);
+                let c0 = tile * TILE;
+                let width = TILE.min(n - c0);
+                for (i, v) in buf[..r1 - r0].iter().enumerate() {
+                    // SAFETY: row r0+i, columns c0..c0+width are inside out and
+                    // belong to this part's tiles only.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.get().add((r0 + i) * ldo + c0), width)
+                    };
                 }
             }
             r0 = r1;
