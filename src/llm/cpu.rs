@@ -13,7 +13,7 @@
 use super::kernels::{matmul, QActs, QMatrix, Tier};
 use super::model::ModelConfig;
 use super::profile::{time, Phase};
-use rayon::prelude::*;
+use super::team::{self, SharedMut};
 
 /// A weight matrix in int8 blocks, or a group of matrices applied to the same
 /// input whose outputs are concatenated (fused into one when their formats agree).
@@ -102,51 +102,53 @@ pub struct RawChunk<'a> {
     pub tokens: &'a [u32],
 }
 
-/// Elements below which row-wise ops run on the calling thread.
-const PAR_ELEMS: usize = 1 << 16;
+/// Rows per part for row-wise ops split over the team (small ops stay serial).
+fn min_rows(row_len: usize) -> usize {
+    (1usize << 15).div_ceil(row_len.max(1))
+}
 
 fn add_into(x: &mut [f32], o: &[f32]) {
-    let f = |(a, b): (&mut [f32], &[f32])| {
-        for (a, b) in a.iter_mut().zip(b) {
+    let xs = SharedMut::new(x);
+    team::for_ranges(o.len(), 1 << 15, &|r| {
+        // SAFETY: ranges are disjoint.
+        let x = unsafe { xs.range(r.start, r.end) };
+        for (a, b) in x.iter_mut().zip(&o[r]) {
             *a += b;
         }
-    };
-    if x.len() >= PAR_ELEMS {
-        x.par_chunks_mut(4096).zip(o.par_chunks(4096)).for_each(f);
-    } else {
-        f((x, o));
-    }
+    });
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
-    let f = |(xr, or): (&[f32], &mut [f32])| {
-        let ss: f32 = xr.iter().map(|v| v * v).sum();
-        let scale = 1.0 / (ss / h as f32 + eps).sqrt();
-        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
-            *o = v * scale * g;
+    let outs = SharedMut::new(out);
+    team::for_ranges(x.len() / h, min_rows(h), &|rows| {
+        // SAFETY: row ranges are disjoint.
+        let out = unsafe { outs.range(rows.start * h, rows.end * h) };
+        let xs = &x[rows.start * h..rows.end * h];
+        for (xr, or) in xs.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+            let ss: f32 = xr.iter().map(|v| v * v).sum();
+            let scale = 1.0 / (ss / h as f32 + eps).sqrt();
+            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+                *o = v * scale * g;
+            }
         }
-    };
-    if x.len() >= PAR_ELEMS {
-        x.par_chunks_exact(h).zip(out.par_chunks_exact_mut(h)).for_each(f);
-    } else {
-        x.chunks_exact(h).zip(out.chunks_exact_mut(h)).for_each(f);
-    }
+    });
 }
 
 /// `act = silu(gate) · up` per row of `gu = [gate | up]`.
 fn silu_mul(gu: &[f32], act: &mut [f32], inter: usize) {
-    let f = |(g, a): (&[f32], &mut [f32])| {
-        let (gate, up) = g.split_at(inter);
-        for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-            *a = g / (1.0 + (-g).exp()) * u;
+    let acts = SharedMut::new(act);
+    team::for_ranges(gu.len() / (2 * inter).max(1), min_rows(inter), &|rows| {
+        // SAFETY: row ranges are disjoint.
+        let act = unsafe { acts.range(rows.start * inter, rows.end * inter) };
+        let g = &gu[rows.start * 2 * inter..rows.end * 2 * inter];
+        for (g, a) in g.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)) {
+            let (gate, up) = g.split_at(inter);
+            for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
+                *a = g / (1.0 + (-g).exp()) * u;
+            }
         }
-    };
-    if act.len() >= PAR_ELEMS {
-        gu.par_chunks_exact(2 * inter).zip(act.par_chunks_exact_mut(inter)).for_each(f);
-    } else {
-        gu.chunks_exact(2 * inter).zip(act.chunks_exact_mut(inter)).for_each(f);
-    }
+    });
 }
 
 #[inline]
@@ -216,17 +218,6 @@ unsafe fn axpy_avx2(acc: &mut [f32], p: f32, v: &[f32]) {
 fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
     for (a, &x) in acc.iter_mut().zip(v) {
         *a += p * x;
-    }
-}
-
-struct SyncPtr(*mut f32);
-// SAFETY: work items write disjoint parts of the output.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -411,7 +402,7 @@ impl Int8Model {
                 }
             }
         }
-        let out = SyncPtr(y.as_mut_ptr());
+        let out = SharedMut::new(y);
         let tier = self.tier;
         let work = |&(ci, g, i0, i1): &(usize, usize, usize, usize)| {
             let c = &chunks[ci];
@@ -432,7 +423,7 @@ impl Int8Model {
             .map(|c| c.tokens.len() * (c.past + c.tokens.len()))
             .sum();
         if items.len() > 1 && cost * cfg.n_heads * cfg.head_dim > 1 << 16 {
-            items.par_iter().for_each(work);
+            team::run(items.len(), &|i| work(&items[i]));
         } else {
             items.iter().for_each(work);
         }
@@ -453,7 +444,7 @@ struct AttnJob<'a> {
 impl AttnJob<'_> {
     /// Run with the widest f32 code generation the tier allows (same bits: no
     /// fused multiply-add, same operation order).
-    unsafe fn run(&self, tier: Tier, out: &SyncPtr) {
+    unsafe fn run(&self, tier: Tier, out: &SharedMut<f32>) {
         #[cfg(target_arch = "x86_64")]
         if tier == Tier::Avx2 {
             return self.run_avx2(out);
@@ -464,12 +455,12 @@ impl AttnJob<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, out: &SyncPtr) {
+    unsafe fn run_avx2(&self, out: &SharedMut<f32>) {
         self.body::<true>(out)
     }
 
     #[inline(always)]
-    unsafe fn body<const AVX2: bool>(&self, out: &SyncPtr) {
+    unsafe fn body<const AVX2: bool>(&self, out: &SharedMut<f32>) {
         let dot = |a: &[f32], b: &[f32]| {
             #[cfg(target_arch = "x86_64")]
             if AVX2 {
@@ -525,7 +516,7 @@ impl AttnJob<'_> {
             }
             for h in 0..groups {
                 let qh = g * groups + h;
-                let dst = std::slice::from_raw_parts_mut(out.get().add(row * qd + qh * hd), hd);
+                let dst = out.range(row * qd + qh * hd, row * qd + (qh + 1) * hd);
                 for (d, a) in dst.iter_mut().zip(&acc[h * hd..(h + 1) * hd]) {
                     *d = a * inv[h];
                 }

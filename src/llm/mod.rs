@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod model;
 pub mod profile;
 pub mod sampling;
+pub mod team;
 pub mod scripted;
 pub mod tiny;
 pub mod tokenizer;

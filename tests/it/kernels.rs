@@ -109,7 +109,7 @@ fn every_tier_matches_the_scalar_reference_bit_for_bit() {
 }
 
 #[test]
-fn matmul_rows_do_not_depend_on_batch_tiling_or_threads() {
+fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let (w, _) = qmatrix(&mut rng, GgmlDType::Q4K, 96, 512);
     let t = 70; // crosses the 4-row groups and the 64-row tile
@@ -119,21 +119,21 @@ fn matmul_rows_do_not_depend_on_batch_tiling_or_threads() {
     for tier in Tier::available() {
         let mut full = vec![0f32; t * w.rows];
         matmul(tier, &w, &acts, &mut full, w.rows);
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for r in [0, 3, 4, 63, 64, 69] {
-                let mut one = QActs::default();
-                one.quantize(&x[r * 512..(r + 1) * 512], 1, 512);
-                let mut out = vec![0f32; w.rows];
-                pool.install(|| matmul(tier, &w, &one, &mut out, w.rows));
-                assert_eq!(
-                    out,
-                    full[r * w.rows..(r + 1) * w.rows],
-                    "tier {tier:?} row {r} threads {threads}"
-                );
+        // Alone (one part on one thread) equals inside the batch (split over the team).
+        for r in [0, 3, 4, 63, 64, 69] {
+            let mut one = QActs::default();
+            one.quantize(&x[r * 512..(r + 1) * 512], 1, 512);
+            let mut out = vec![0f32; w.rows];
+            matmul(tier, &w, &one, &mut out, w.rows);
+            assert_eq!(out, full[r * w.rows..(r + 1) * w.rows], "tier {tier:?} row {r}");
+        }
+        // And equals the tiles computed one by one on this thread.
+        let rows: Vec<_> = (0..t).map(|r| acts.row(r)).collect();
+        for tile in 0..w.rows / TILE {
+            let mut o = vec![[0f32; TILE]; t];
+            tier.tile_rows(&w, tile, &rows, &mut o);
+            for (r, o) in o.iter().enumerate() {
+                assert_eq!(&o[..], &full[r * w.rows + tile * TILE..r * w.rows + (tile + 1) * TILE]);
             }
         }
         // Writing into a wider output leaves the other columns alone.

@@ -18,6 +18,7 @@
 //! with zero rows.
 
 use candle_core::quantized::{GgmlDType, QTensor};
+use crate::llm::team::{self, SharedMut};
 use half::f16;
 
 /// Elements per block.
@@ -288,25 +289,27 @@ impl QActs {
         self.d.resize(rows * cols / QK, 0.0);
         self.s.resize(rows * cols / QK, 0.0);
         let nb = cols / QK;
-        let f = |((xr, qr), (dr, sr)): ((&[f32], &mut [i8]), (&mut [f32], &mut [f32]))| {
-            for b in 0..nb {
-                let (d, sum) = quantize_block(&xr[b * QK..(b + 1) * QK], &mut qr[b * QK..(b + 1) * QK]);
-                dr[b] = d;
-                sr[b] = d * sum as f32;
+        let (qs, d, s) = (
+            SharedMut::new(&mut self.qs),
+            SharedMut::new(&mut self.d),
+            SharedMut::new(&mut self.s),
+        );
+        team::for_ranges(rows, (1usize << 15).div_ceil(cols), &|r| {
+            // SAFETY: row ranges are disjoint.
+            let (qr, dr, sr) = unsafe {
+                (
+                    qs.range(r.start * cols, r.end * cols),
+                    d.range(r.start * nb, r.end * nb),
+                    s.range(r.start * nb, r.end * nb),
+                )
+            };
+            let xr = &x[r.start * cols..r.end * cols];
+            for (i, xb) in xr.chunks_exact(QK).enumerate() {
+                let (di, sum) = quantize_block(xb, &mut qr[i * QK..(i + 1) * QK]);
+                dr[i] = di;
+                sr[i] = di * sum as f32;
             }
-        };
-        if rows * cols >= 1 << 16 {
-            use rayon::prelude::*;
-            x.par_chunks_exact(cols)
-                .zip(self.qs.par_chunks_exact_mut(cols))
-                .zip(self.d.par_chunks_exact_mut(nb).zip(self.s.par_chunks_exact_mut(nb)))
-                .for_each(f);
-        } else {
-            x.chunks_exact(cols)
-                .zip(self.qs.chunks_exact_mut(cols))
-                .zip(self.d.chunks_exact_mut(nb).zip(self.s.chunks_exact_mut(nb)))
-                .for_each(f);
-        }
+        });
     }
 
     /// Row `r`.

@@ -16,7 +16,7 @@ pub mod scalar;
 
 pub use blocks::{ActRow, Block, QActs, QMatrix, QK, TILE};
 
-use rayon::prelude::*;
+use crate::llm::team::{self, SharedMut};
 use std::sync::OnceLock;
 
 /// An instruction-set tier of the int8 kernels.
@@ -82,17 +82,6 @@ const ROW_TILE: usize = 64;
 /// Below this many multiply-adds a matmul runs on the calling thread.
 const PARALLEL_MACS: usize = 1 << 17;
 
-struct OutPtr(*mut f32);
-// SAFETY: threads write disjoint columns of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out[r·ldo + c] = (acts · wᵀ)[r, c]` for `c < w.rows`, threads splitting the
 /// output columns (`ldo ≥ w.rows` lets several matrices fill one wide output).
 pub fn matmul(tier: Tier, w: &QMatrix, acts: &QActs, out: &mut [f32], ldo: usize) {
@@ -100,40 +89,26 @@ pub fn matmul(tier: Tier, w: &QMatrix, acts: &QActs, out: &mut [f32], ldo: usize
     let (t, n) = (acts.rows, w.rows);
     assert!(ldo >= n && (t == 0 || out.len() >= (t - 1) * ldo + n));
     let tiles = w.tiles();
-    let threads = rayon::current_num_threads().max(1);
-    let parts = if t * n * w.cols < PARALLEL_MACS || threads == 1 {
-        1
-    } else {
-        threads.min(tiles)
-    };
-    let ptr = OutPtr(out.as_mut_ptr());
-    let run = |part: usize| {
-        let lo = tiles * part / parts;
-        let hi = tiles * (part + 1) / parts;
+    let out = SharedMut::new(out);
+    let min_tiles = (PARALLEL_MACS / (t * TILE * w.cols).max(1)).max(1);
+    team::for_ranges(tiles, min_tiles, &|range| {
         let mut buf = [[0f32; TILE]; ROW_TILE];
         let mut r0 = 0;
         while r0 < t {
             let r1 = (r0 + ROW_TILE).min(t);
             let rows: Vec<ActRow<'_>> = (r0..r1).map(|r| acts.row(r)).collect();
-            for tile in lo..hi {
+            for tile in range.clone() {
                 tier.tile_rows(w, tile, &rows, &mut buf[..r1 - r0]);
                 let c0 = tile * TILE;
                 let width = TILE.min(n - c0);
                 for (i, v) in buf[..r1 - r0].iter().enumerate() {
-                    // SAFETY: row r0+i, columns c0..c0+width are inside out and
-                    // belong to this part's tiles only.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.get().add((r0 + i) * ldo + c0), width)
-                    };
+                    let at = (r0 + i) * ldo + c0;
+                    // SAFETY: row r0+i, columns c0..c0+width belong to this
+                    // range's tiles only.
+                    unsafe { out.range(at, at + width) }.copy_from_slice(&v[..width]);
                 }
             }
             r0 = r1;
         }
-    };
-    if parts == 1 {
-        run(0);
-    } else {
-        let run = &run;
-        (0..parts).into_par_iter().for_each(|p| run(p));
-    }
+    });
 }
