@@ -3,18 +3,25 @@
 //! at decode- and prefill-shaped sizes of the default model's MLP (k = 896,
 //! n = 4864), with all threads.
 
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use cantante::llm::kernels::{matmul, QActs, QMatrix, Tier};
 use std::time::Instant;
 
 fn main() {
-    let (n, k) = (4864, 896);
+    let (n, k) = (4864, 1024);
     let vals: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
-    let plain = QMatrix::quantize_f32(&vals, n, k);
-    let mut with_min = plain.clone();
-    with_min.m = Some(vec![0.01; plain.d.len()]);
+    let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+    let mats: Vec<(String, QMatrix)> = [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q6K]
+        .iter()
+        .map(|&dt| {
+            let q = QTensor::quantize(&t, dt).unwrap();
+            (format!("{dt:?}"), QMatrix::from_qtensor(&q).unwrap())
+        })
+        .collect();
     for tier in Tier::available() {
-        for (name, w) in [("plain", &plain), ("min", &with_min)] {
-            let mut line = format!("{:<7} {name:<6}", tier.name());
+        for (name, w) in &mats {
+            let mut line = format!("{:<7} {name:<5} ({:.2} B/weight)", tier.name(), w.bytes() as f64 / (n * k) as f64);
             for t in [1, 4, 32, 256] {
                 let x: Vec<f32> = (0..t * k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
                 let mut acts = QActs::default();
@@ -34,8 +41,8 @@ fn main() {
             }
             println!("{line}");
         }
-        // Decode from DRAM: 24 matrices (about 100 MB, far beyond the caches), m = 1.
-        let many: Vec<QMatrix> = (0..24).map(|_| plain.clone()).collect();
+        // Decode from DRAM: 24 matrices (far beyond the caches), m = 1.
+        let many: Vec<QMatrix> = (0..24).map(|i| mats[i % mats.len()].1.clone()).collect();
         let x: Vec<f32> = (0..k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
         let mut acts = QActs::default();
         acts.quantize(&x, 1, k);

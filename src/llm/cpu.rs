@@ -259,6 +259,13 @@ impl Int8Model {
         self.tier
     }
 
+    /// Use another kernel tier (it must be one of [`Tier::available`]).
+    pub fn set_tier(&mut self, tier: Tier) {
+        if Tier::available().contains(&tier) {
+            self.tier = tier;
+        }
+    }
+
     /// Bytes of weights read per forward: every layer's matmuls and the output
     /// head (the embedding only when it is the tied head).
     pub fn streamed_weight_bytes(&self) -> usize {

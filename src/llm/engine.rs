@@ -300,6 +300,11 @@ impl CandleLlm {
         &self.model
     }
 
+    /// The model, mutably (e.g. to pick a kernel tier).
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
     /// Engine options in force.
     pub fn options(&self) -> &EngineOptions {
         &self.opts

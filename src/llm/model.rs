@@ -582,6 +582,14 @@ impl Model {
         }
     }
 
+    /// Run the int8 executor on another kernel tier (no effect on candle or on a
+    /// tier this CPU lacks); every tier gives the same bits.
+    pub fn set_kernel_tier(&mut self, tier: super::kernels::Tier) {
+        if let Exec::Int8(m) = &mut self.exec {
+            m.set_tier(tier);
+        }
+    }
+
     /// The executor in use, for logs and benchmarks (e.g. `int8 kernels (avx2)`).
     pub fn executor(&self) -> String {
         match &self.exec {

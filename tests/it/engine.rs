@@ -331,3 +331,26 @@ fn every_weight_format_keeps_batched_equal_to_sequential() {
         "int8 and f32 diverge early: {same} of {total} chars agree"
     );
 }
+
+#[test]
+fn every_kernel_tier_generates_the_same_text() {
+    use cantante::llm::kernels::Tier;
+    for arch in ["qwen2", "llama"] {
+        let (_d, p) = tiny(TinySpec {
+            arch,
+            seed: 8,
+            quantized: true,
+        });
+        let reqs = mixed_requests();
+        let mut outs = Vec::new();
+        for tier in Tier::available() {
+            let mut llm = load(&p, 32);
+            llm.model_mut().set_kernel_tier(tier);
+            assert!(llm.model().executor().contains(tier.name()));
+            outs.push((tier, llm.generate(&reqs).unwrap()));
+        }
+        for (tier, o) in &outs[1..] {
+            assert_eq!(o, &outs[0].1, "{arch}: tier {tier:?} differs from scalar");
+        }
+    }
+}

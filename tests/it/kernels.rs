@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use cantante::llm::kernels::{matmul, scalar, QActs, QMatrix, Tier, TILE};
+use cantante::llm::kernels::{matmul, scalar, Packing, QActs, QMatrix, Tier, TILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -56,6 +56,15 @@ fn gguf_blocks_convert_losslessly() {
         assert_eq!(m.dequantize(), reference, "{dt:?}");
         let k_quant = matches!(dt, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         assert_eq!(m.sub.is_some(), dt == GgmlDType::Q6K, "{dt:?}");
+        // Bit widths are kept: 4-, 5-, 6- and 8-bit values stay that wide.
+        let packing = match dt {
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Packing::U4,
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Packing::U5,
+            GgmlDType::Q6K => Packing::U6,
+            _ => Packing::I8,
+        };
+        assert_eq!(m.packing, packing, "{dt:?}");
+        assert_eq!(m.qs.len(), m.d.len() * packing.bytes());
         assert_eq!(
             m.m.is_some(),
             matches!(dt, GgmlDType::Q4_1 | GgmlDType::Q5_1) || (k_quant && dt != GgmlDType::Q6K),
@@ -111,12 +120,12 @@ fn every_tier_matches_the_scalar_reference_bit_for_bit() {
 #[test]
 fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let (w, _) = qmatrix(&mut rng, GgmlDType::Q4K, 96, 512);
-    let t = 70; // crosses the 4-row groups and the 64-row tile
+    let t = 70; // crosses the row pairs and the 64-row tile
     let x = randn(&mut rng, t * 512);
     let mut acts = QActs::default();
     acts.quantize(&x, t, 512);
-    for tier in Tier::available() {
+    for (dt, tier) in FORMATS.iter().flat_map(|&dt| Tier::available().into_iter().map(move |t| (dt, t))) {
+        let (w, _) = qmatrix(&mut rng, dt, 96, 512);
         let mut full = vec![0f32; t * w.rows];
         matmul(tier, &w, &acts, &mut full, w.rows);
         // Alone (one part on one thread) equals inside the batch (split over the team).

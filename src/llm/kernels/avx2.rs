@@ -9,7 +9,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::blocks::{ActRow, QMatrix, QK, TILE};
+use super::blocks::{ActRow, Packing, QMatrix, QK, TILE};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -28,34 +28,69 @@ pub fn available() -> bool {
 /// `out[j][c] = w[tile·8 + c] · a[j]`. Caller guarantees [`available`].
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
-    match (w.sub.is_some(), w.m.is_some()) {
-        (false, false) => rows::<false, false>(w, tile, a, out),
-        (false, true) => rows::<false, true>(w, tile, a, out),
-        (true, false) => rows::<true, false>(w, tile, a, out),
-        (true, true) => rows::<true, true>(w, tile, a, out),
+    match w.packing {
+        Packing::I8 => rows::<0>(w, tile, a, out),
+        Packing::U4 => rows::<1>(w, tile, a, out),
+        Packing::U5 => rows::<2>(w, tile, a, out),
+        Packing::U6 => rows::<3>(w, tile, a, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn rows<const SUB: bool, const MIN: bool>(
-    w: &QMatrix,
-    tile: usize,
-    a: &[ActRow<'_>],
-    out: &mut [[f32; TILE]],
-) {
+unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
     let mut j = 0;
     while j + 2 <= a.len() {
-        let r = kernel::<2, SUB, MIN>(w, tile, [&a[j], &a[j + 1]]);
+        let r = kernel::<2, P>(w, tile, [&a[j], &a[j + 1]]);
         for (k, v) in r.iter().enumerate() {
             _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
         }
         j += 2;
     }
     if j < a.len() {
-        let r = kernel::<1, SUB, MIN>(w, tile, [&a[j]]);
+        let r = kernel::<1, P>(w, tile, [&a[j]]);
         _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
     }
+}
+
+/// 0xFF in byte `e` where bit `e` of the little-endian u32 at `p` is set (ggml's
+/// `bytes_from_bits_32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bit_bytes(p: *const u8) -> __m256i {
+    let x = std::ptr::read_unaligned(p as *const u32) as i32;
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// The 32 stored values of the packed block at `p` as bytes (`u`, or `q` for I8).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_values<const P: u8>(p: *const u8) -> __m256i {
+    if P == 0 {
+        return _mm256_loadu_si256(p as *const __m256i);
+    }
+    let x = _mm_loadu_si128(p as *const __m128i);
+    let m4 = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(x, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m4);
+    let mut u = _mm256_set_m128i(hi, lo);
+    if P >= 2 {
+        u = _mm256_or_si256(u, _mm256_and_si256(bit_bytes(p.add(16)), _mm256_set1_epi8(0x10)));
+    }
+    if P == 3 {
+        u = _mm256_or_si256(u, _mm256_and_si256(bit_bytes(p.add(20)), _mm256_set1_epi8(0x20)));
+    }
+    u
 }
 
 /// Fold 8 vectors of 8 i32 lanes into one vector of their 8 totals.
@@ -78,17 +113,16 @@ unsafe fn fold8(v: [__m256i; 8]) -> __m256i {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel<const R: usize, const SUB: bool, const MIN: bool>(
-    w: &QMatrix,
-    tile: usize,
-    a: [&ActRow<'_>; R],
-) -> [__m256; R] {
+unsafe fn kernel<const R: usize, const P: u8>(w: &QMatrix, tile: usize, a: [&ActRow<'_>; R]) -> [__m256; R] {
     let nb = w.blocks_per_row();
     let base = tile * nb * TILE;
-    let qs = w.qs.as_ptr().add(base * QK);
+    let bpb = w.packing.bytes();
+    let qs = w.qs.as_ptr().add(base * bpb);
     let d = w.d.as_ptr().add(base);
-    let m = if MIN { w.m.as_ref().unwrap_unchecked().as_ptr().add(base) } else { d };
-    let sub = if SUB { w.sub.as_ref().unwrap_unchecked().as_ptr().add(base) } else { std::ptr::null() };
+    let unsigned = P == 1 || P == 2;
+    let m = w.m.as_ref().map(|m| m.as_ptr().add(base));
+    let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
+    let negz = _mm256_set1_ps(-(w.zero as f32));
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
@@ -97,34 +131,49 @@ unsafe fn kernel<const R: usize, const SUB: bool, const MIN: bool>(
         for r in 0..R {
             av[r] = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
         }
-        let wb = qs.add(b * TILE * QK);
+        let wb = qs.add(b * TILE * bpb);
         let mut v = [[_mm256_setzero_si256(); 8]; R];
         for c in 0..TILE {
-            let wv = _mm256_loadu_si256(wb.add(c * QK) as *const __m256i);
-            let aw = _mm256_sign_epi8(wv, wv);
-            let scale = if SUB {
-                let s = *sub.add(b * TILE + c);
-                _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]))
-            } else {
-                ones
+            let mut wv = load_values::<P>(wb.add(c * bpb));
+            let scale = match sub {
+                Some(s) => {
+                    let s = *s.add(b * TILE + c);
+                    _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]))
+                }
+                None => ones,
             };
-            for r in 0..R {
-                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
-                v[r][c] = _mm256_madd_epi16(p, scale);
+            if unsigned {
+                for r in 0..R {
+                    v[r][c] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[r]), scale);
+                }
+            } else {
+                if P == 3 {
+                    wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(32));
+                }
+                let aw = _mm256_sign_epi8(wv, wv);
+                for r in 0..R {
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
+                    v[r][c] = _mm256_madd_epi16(p, scale);
+                }
             }
         }
         let dw = _mm256_loadu_ps(d.add(b * TILE));
+        let off = if unsigned {
+            let mv = m.map_or(_mm256_setzero_ps(), |m| _mm256_loadu_ps(m.add(b * TILE)));
+            _mm256_fmadd_ps(negz, dw, mv)
+        } else {
+            _mm256_setzero_ps()
+        };
         for r in 0..R {
             let isum = fold8(v[r]);
             let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
-            if MIN {
-                let mv = _mm256_loadu_ps(m.add(b * TILE));
-                macc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+            if unsigned {
+                macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
             }
         }
     }
-    if MIN {
+    if unsigned {
         for r in 0..R {
             acc[r] = _mm256_add_ps(acc[r], macc[r]);
         }

@@ -1,21 +1,28 @@
 //! Weight and activation block formats of the int8 kernels, and the lossless
 //! conversion of GGUF block formats into them.
 //!
-//! Every weight matrix becomes rows of 32-element blocks of `i8` values with one
-//! f32 scale `d`, an optional f32 offset `m` (the "min" of Q4_1/Q5_1/Q4_K/Q5_K)
-//! and optional integer sub-scales per 16 elements (Q6_K). A weight value is
-//! `(d · sub) · q + m`, exactly the value the GGUF file stores: Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are expanded without loss (checked in
-//! the tests against candle's dequantization); other types (F32, F16, …) are
-//! quantized to Q8_0-style blocks. Activations are quantized once per matmul to
-//! the same 32-blocks ([`QActs`]); the dot product then runs in integers inside
-//! a block with one float step per block (see [`super::scalar`]).
+//! Every weight matrix is rows of 32-element blocks with one f32 scale `d`, an
+//! optional f32 offset `m` (the "min" of Q4_1/Q5_1/Q4_K/Q5_K) and optional
+//! integer sub-scales per 16 values (Q6_K); a weight value is `(d · sub) · q + m`,
+//! exactly the value the GGUF file stores: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+//! Q5_K and Q6_K convert without loss (checked in the tests against candle's
+//! dequantization); other types (F32, F16, …) are quantized to Q8_0-style blocks.
+//!
+//! Values keep their bit width ([`Packing`]): 8-bit as `i8`, 4-bit as nibbles,
+//! 5-bit as nibbles plus a bit plane, 6-bit as nibbles plus two bit planes, so a
+//! decode step streams about the GGUF's bytes. 4- and 5-bit values are stored
+//! unsigned (`u = q + zero`) and the kernels multiply them unsigned; the signed
+//! offset of Q4_0/Q5_0 becomes `−zero · d` in the offset term.
+//!
+//! Activations are quantized once per matmul to the same 32-blocks ([`QActs`]);
+//! the dot product runs in integers inside a block with one float step per block
+//! (see [`super::scalar`]).
 //!
 //! Layout: rows are grouped in tiles of [`TILE`] output features; within a tile,
-//! block `b` of its 8 rows is contiguous (`[tile][block][row][32]` for the values,
-//! `[tile][block][row]` for scales, offsets and sub-scales), so a kernel reads one
-//! 256-byte run per block and produces 8 outputs at once. The last tile is padded
-//! with zero rows.
+//! block `b` of its 8 rows is contiguous (`[tile][block][row][bytes]` for the
+//! values, `[tile][block][row]` for scales, offsets and sub-scales), so a kernel
+//! reads one run per block and produces 8 outputs at once. The last tile is
+//! padded with zero rows.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use crate::llm::team::{self, SharedMut};
@@ -27,16 +34,46 @@ pub const QK: usize = 32;
 /// Output features per tile.
 pub const TILE: usize = 8;
 
+/// How a matrix stores its values (bytes per 32-block and row in parentheses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packing {
+    /// Signed 8-bit values (32): Q8_0 and requantized f32/f16.
+    I8,
+    /// Unsigned 4-bit values (16): byte `j` holds values `j` (low nibble) and `j+16`.
+    U4,
+    /// Unsigned 5-bit values (20): nibbles as [`Packing::U4`], then 32 bits of bit 4.
+    U5,
+    /// 6-bit values `q + 32` (24): nibbles, then 32 bits of bit 4, 32 bits of bit 5.
+    U6,
+}
+
+impl Packing {
+    /// Bytes per block and row.
+    pub fn bytes(self) -> usize {
+        match self {
+            Packing::I8 => 32,
+            Packing::U4 => 16,
+            Packing::U5 => 20,
+            Packing::U6 => 24,
+        }
+    }
+}
+
 /// A weight matrix `(rows, cols)` (output features × input features) in
-/// int8 blocks of [`QK`] along `cols`, tiled by [`TILE`] rows.
+/// blocks of [`QK`] along `cols`, tiled by [`TILE`] rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QMatrix {
     /// Output features.
     pub rows: usize,
     /// Input features (a multiple of [`QK`]).
     pub cols: usize,
-    /// Values, `[tile][block][row in tile][QK]`.
-    pub qs: Vec<i8>,
+    /// How values are stored.
+    pub packing: Packing,
+    /// For [`Packing::U4`]/[`Packing::U5`]: stored `u = q + zero` (8 for Q4_0,
+    /// 16 for Q5_0, 0 for formats with a min).
+    pub zero: i8,
+    /// Values, `[tile][block][row in tile][packing.bytes()]`.
+    pub qs: Vec<u8>,
     /// Scales, `[tile][block][row in tile]`.
     pub d: Vec<f32>,
     /// Offsets (formats with a min), same layout as `d`, else `None`.
@@ -69,18 +106,69 @@ impl Default for Block {
     }
 }
 
+/// Pack 32 unsigned values (< 64) into `out` as `packing` lays them out.
+fn pack(u: &[u8; QK], packing: Packing, out: &mut [u8]) {
+    match packing {
+        Packing::I8 => out.copy_from_slice(u),
+        _ => {
+            for j in 0..16 {
+                out[j] = (u[j] & 0xF) | ((u[j + 16] & 0xF) << 4);
+            }
+            let plane = |bit: u8| -> [u8; 4] {
+                let mut v = 0u32;
+                for (e, &x) in u.iter().enumerate() {
+                    v |= (((x >> bit) & 1) as u32) << e;
+                }
+                v.to_le_bytes()
+            };
+            if packing != Packing::U4 {
+                out[16..20].copy_from_slice(&plane(4));
+            }
+            if packing == Packing::U6 {
+                out[20..24].copy_from_slice(&plane(5));
+            }
+        }
+    }
+}
+
+/// The 32 stored values of a packed block (`u`, or `q` for [`Packing::I8`]).
+pub fn unpack(p: &[u8], packing: Packing) -> [u8; QK] {
+    let mut u = [0u8; QK];
+    match packing {
+        Packing::I8 => u.copy_from_slice(&p[..QK]),
+        _ => {
+            for j in 0..16 {
+                u[j] = p[j] & 0xF;
+                u[j + 16] = p[j] >> 4;
+            }
+            let bit = |at: usize, e: usize| (p[at + e / 8] >> (e % 8)) & 1;
+            for (e, x) in u.iter_mut().enumerate() {
+                if packing != Packing::U4 {
+                    *x |= bit(16, e) << 4;
+                }
+                if packing == Packing::U6 {
+                    *x |= bit(20, e) << 5;
+                }
+            }
+        }
+    }
+    u
+}
+
 impl QMatrix {
     /// A zero matrix with room for `rows × cols` (rows padded to whole tiles).
-    pub fn zeros(rows: usize, cols: usize, has_min: bool, has_sub: bool) -> Self {
+    pub fn zeros(rows: usize, cols: usize, packing: Packing, zero: i8, has_min: bool) -> Self {
         assert_eq!(cols % QK, 0, "{cols} input features are not a multiple of {QK}");
         let blocks = rows.div_ceil(TILE) * TILE * (cols / QK);
         Self {
             rows,
             cols,
-            qs: vec![0; blocks * QK],
+            packing,
+            zero,
+            qs: vec![0; blocks * packing.bytes()],
             d: vec![0.0; blocks],
             m: has_min.then(|| vec![0.0; blocks]),
-            sub: has_sub.then(|| vec![[1, 1]; blocks]),
+            sub: (packing == Packing::U6).then(|| vec![[1, 1]; blocks]),
         }
     }
 
@@ -94,17 +182,43 @@ impl QMatrix {
         self.rows.div_ceil(TILE)
     }
 
-    /// Index of block `b` of row `r` in `d`/`m`/`sub` (times [`QK`] in `qs`).
+    /// Index of block `b` of row `r` in `d`/`m`/`sub` (times `packing.bytes()` in `qs`).
     #[inline]
     pub fn index(&self, r: usize, b: usize) -> usize {
         ((r / TILE) * self.blocks_per_row() + b) * TILE + r % TILE
     }
 
+    /// The stored bytes of block `b` of row `r`.
+    pub fn packed(&self, r: usize, b: usize) -> &[u8] {
+        let n = self.packing.bytes();
+        let i = self.index(r, b);
+        &self.qs[i * n..(i + 1) * n]
+    }
+
+    /// Offset of block index `i` as the kernels use it: `m − zero · d`.
+    #[inline]
+    pub fn offset(&self, i: usize) -> f32 {
+        let m = self.m.as_ref().map_or(0.0, |m| m[i]);
+        (-(self.zero as f32)).mul_add(self.d[i], m)
+    }
+
+    /// Whether the kernels apply an offset term (4- and 5-bit packings).
+    pub fn has_offset(&self) -> bool {
+        matches!(self.packing, Packing::U4 | Packing::U5)
+    }
+
     /// Block `b` of row `r`.
     pub fn block(&self, r: usize, b: usize) -> Block {
         let i = self.index(r, b);
+        let u = unpack(self.packed(r, b), self.packing);
         let mut q = [0i8; QK];
-        q.copy_from_slice(&self.qs[i * QK..(i + 1) * QK]);
+        for (q, &u) in q.iter_mut().zip(&u) {
+            *q = match self.packing {
+                Packing::I8 => u as i8,
+                Packing::U6 => u as i8 - 32,
+                _ => u as i8 - self.zero,
+            };
+        }
         Block {
             q,
             d: self.d[i],
@@ -113,10 +227,19 @@ impl QMatrix {
         }
     }
 
-    /// Store block `b` of row `r`.
+    /// Store block `b` of row `r` (its values must fit the packing).
     pub fn set_block(&mut self, r: usize, b: usize, blk: &Block) {
         let i = self.index(r, b);
-        self.qs[i * QK..(i + 1) * QK].copy_from_slice(&blk.q);
+        let mut u = [0u8; QK];
+        for (u, &q) in u.iter_mut().zip(&blk.q) {
+            *u = match self.packing {
+                Packing::I8 => q as u8,
+                Packing::U6 => (q + 32) as u8,
+                _ => (q + self.zero) as u8,
+            };
+        }
+        let n = self.packing.bytes();
+        pack(&u, self.packing, &mut self.qs[i * n..(i + 1) * n]);
         self.d[i] = blk.d;
         if let Some(m) = self.m.as_mut() {
             m[i] = blk.m;
@@ -157,7 +280,7 @@ impl QMatrix {
     /// Quantize dense row-major f32 values to Q8_0-style blocks.
     pub fn quantize_f32(values: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(values.len(), rows * cols);
-        let mut out = Self::zeros(rows, cols, false, false);
+        let mut out = Self::zeros(rows, cols, Packing::I8, 0, false);
         let mut blk = Block::default();
         for (i, x) in values.chunks_exact(QK).enumerate() {
             blk.d = quantize_block(x, &mut blk.q).0;
@@ -172,14 +295,15 @@ impl QMatrix {
         let first = parts.first()?;
         let same = parts.iter().all(|p| {
             p.cols == first.cols
+                && p.packing == first.packing
+                && p.zero == first.zero
                 && p.m.is_some() == first.m.is_some()
-                && p.sub.is_some() == first.sub.is_some()
         });
         if !same {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = Self::zeros(rows, first.cols, first.m.is_some(), first.sub.is_some());
+        let mut out = Self::zeros(rows, first.cols, first.packing, first.zero, first.m.is_some());
         let mut r0 = 0;
         for p in parts {
             for r in 0..p.rows {
@@ -222,7 +346,7 @@ impl QMatrix {
                 data.len()
             );
         }
-        let mut out = Self::zeros(rows, cols, conv.has_min, conv.has_sub);
+        let mut out = Self::zeros(rows, cols, conv.packing, conv.zero, conv.has_min);
         let per = conv.elems / QK;
         let nb = cols / QK;
         let mut blk = [Block::default(); 8];
@@ -328,8 +452,9 @@ struct Converter {
     elems: usize,
     /// Bytes per source block.
     bytes: usize,
+    packing: Packing,
+    zero: i8,
     has_min: bool,
-    has_sub: bool,
     f: fn(&[u8], &mut [Block]),
 }
 
@@ -351,30 +476,31 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 impl Converter {
     fn for_dtype(dt: GgmlDType) -> Option<Converter> {
-        let c = |elems, bytes, has_min, has_sub, f| {
+        let c = |elems, bytes, packing, zero, has_min, f| {
             Some(Converter {
                 elems,
                 bytes,
+                packing,
+                zero,
                 has_min,
-                has_sub,
                 f,
             })
         };
         match dt {
-            GgmlDType::Q8_0 => c(32, 34, false, false, |s, o| {
+            GgmlDType::Q8_0 => c(32, 34, Packing::I8, 0, false, |s, o| {
                 o[0].d = h(s, 0);
                 for (q, &b) in o[0].q.iter_mut().zip(&s[2..34]) {
                     *q = b as i8;
                 }
             }),
-            GgmlDType::Q4_0 => c(32, 18, false, false, |s, o| {
+            GgmlDType::Q4_0 => c(32, 18, Packing::U4, 8, false, |s, o| {
                 o[0].d = h(s, 0);
                 for j in 0..16 {
                     o[0].q[j] = (s[2 + j] & 0xF) as i8 - 8;
                     o[0].q[j + 16] = (s[2 + j] >> 4) as i8 - 8;
                 }
             }),
-            GgmlDType::Q4_1 => c(32, 20, true, false, |s, o| {
+            GgmlDType::Q4_1 => c(32, 20, Packing::U4, 0, true, |s, o| {
                 o[0].d = h(s, 0);
                 o[0].m = h(s, 2);
                 for j in 0..16 {
@@ -382,7 +508,7 @@ impl Converter {
                     o[0].q[j + 16] = (s[4 + j] >> 4) as i8;
                 }
             }),
-            GgmlDType::Q5_0 => c(32, 22, false, false, |s, o| {
+            GgmlDType::Q5_0 => c(32, 22, Packing::U5, 16, false, |s, o| {
                 o[0].d = h(s, 0);
                 let qh = u32::from_le_bytes([s[2], s[3], s[4], s[5]]);
                 for j in 0..16 {
@@ -392,7 +518,7 @@ impl Converter {
                     o[0].q[j + 16] = ((s[6 + j] >> 4) | h1) as i8 - 16;
                 }
             }),
-            GgmlDType::Q5_1 => c(32, 24, true, false, |s, o| {
+            GgmlDType::Q5_1 => c(32, 24, Packing::U5, 0, true, |s, o| {
                 o[0].d = h(s, 0);
                 o[0].m = h(s, 2);
                 let qh = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
@@ -403,7 +529,7 @@ impl Converter {
                     o[0].q[j + 16] = ((s[8 + j] >> 4) | h1) as i8;
                 }
             }),
-            GgmlDType::Q4K => c(256, 144, true, false, |s, o| {
+            GgmlDType::Q4K => c(256, 144, Packing::U4, 0, true, |s, o| {
                 let (d, dmin) = (h(s, 0), h(s, 2));
                 let scales = &s[4..16];
                 let qs = &s[16..144];
@@ -420,7 +546,7 @@ impl Converter {
                     }
                 }
             }),
-            GgmlDType::Q5K => c(256, 176, true, false, |s, o| {
+            GgmlDType::Q5K => c(256, 176, Packing::U5, 0, true, |s, o| {
                 let (d, dmin) = (h(s, 0), h(s, 2));
                 let scales = &s[4..16];
                 let qh = &s[16..48];
@@ -440,7 +566,7 @@ impl Converter {
                     }
                 }
             }),
-            GgmlDType::Q6K => c(256, 210, false, true, |s, o| {
+            GgmlDType::Q6K => c(256, 210, Packing::U6, 0, false, |s, o| {
                 let ql = &s[0..128];
                 let qh = &s[128..192];
                 let sc = &s[192..208];

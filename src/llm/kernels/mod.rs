@@ -14,7 +14,7 @@ pub mod avx2;
 pub mod blocks;
 pub mod scalar;
 
-pub use blocks::{ActRow, Block, QActs, QMatrix, QK, TILE};
+pub use blocks::{ActRow, Block, Packing, QActs, QMatrix, QK, TILE};
 
 use crate::llm::team::{self, SharedMut};
 use std::sync::OnceLock;
