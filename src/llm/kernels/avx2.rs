@@ -4,7 +4,7 @@
 //! |a| ≤ 127), `madd` with the sub-scales (or ones) into 8 i32 lanes, then a
 //! `hadd` tree folds the 8 rows' lanes into one vector holding each row's exact
 //! block sum; one vector FMA per block applies `d_w · d_a` to all 8 rows.
-//! Activation rows are processed in pairs sharing the weight loads.
+//! Up to four activation rows share each unpacked weight block.
 //! Bit-identical to [`super::scalar`].
 
 #![allow(unsafe_op_in_unsafe_fn)]
@@ -39,17 +39,19 @@ pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+    const RM: usize = 4;
     let mut j = 0;
-    while j + 2 <= a.len() {
-        let r = kernel::<2, P>(w, tile, [&a[j], &a[j + 1]]);
+    while j + RM <= a.len() {
+        let r = kernel::<RM, P>(w, tile, std::array::from_fn(|k| &a[j + k]));
         for (k, v) in r.iter().enumerate() {
             _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
         }
-        j += 2;
+        j += RM;
     }
-    if j < a.len() {
+    while j < a.len() {
         let r = kernel::<1, P>(w, tile, [&a[j]]);
         _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
+        j += 1;
     }
 }
 
@@ -93,17 +95,14 @@ unsafe fn load_values<const P: u8>(p: *const u8) -> __m256i {
     u
 }
 
-/// Fold 8 vectors of 8 i32 lanes into one vector of their 8 totals.
+/// Fold the pairwise `hadd`s of 8 vectors of 8 i32 lanes (`h[k] = hadd(v₂ₖ,
+/// v₂ₖ₊₁)`) into one vector of the 8 vectors' totals.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn fold8(v: [__m256i; 8]) -> __m256i {
-    let h01 = _mm256_hadd_epi32(v[0], v[1]);
-    let h23 = _mm256_hadd_epi32(v[2], v[3]);
-    let h45 = _mm256_hadd_epi32(v[4], v[5]);
-    let h67 = _mm256_hadd_epi32(v[6], v[7]);
-    let h0123 = _mm256_hadd_epi32(h01, h23);
-    let h4567 = _mm256_hadd_epi32(h45, h67);
+unsafe fn fold_pairs(h: [__m256i; 4]) -> __m256i {
+    let h0123 = _mm256_hadd_epi32(h[0], h[1]);
+    let h4567 = _mm256_hadd_epi32(h[2], h[3]);
     _mm256_add_epi32(
         _mm256_permute2x128_si256::<0x20>(h0123, h4567),
         _mm256_permute2x128_si256::<0x31>(h0123, h4567),
@@ -132,29 +131,38 @@ unsafe fn kernel<const R: usize, const P: u8>(w: &QMatrix, tile: usize, a: [&Act
             av[r] = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
         }
         let wb = qs.add(b * TILE * bpb);
-        let mut v = [[_mm256_setzero_si256(); 8]; R];
-        for c in 0..TILE {
-            let mut wv = load_values::<P>(wb.add(c * bpb));
-            let scale = match sub {
-                Some(s) => {
-                    let s = *s.add(b * TILE + c);
-                    _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]))
+        // Column pairs are folded as soon as they are computed (hadd), which
+        // keeps the live registers at about 4·R.
+        let mut h = [[_mm256_setzero_si256(); 4]; R];
+        for pair in 0..TILE / 2 {
+            let mut v = [[_mm256_setzero_si256(); 2]; R];
+            for k in 0..2 {
+                let c = 2 * pair + k;
+                let mut wv = load_values::<P>(wb.add(c * bpb));
+                let scale = match sub {
+                    Some(s) => {
+                        let s = *s.add(b * TILE + c);
+                        _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]))
+                    }
+                    None => ones,
+                };
+                if unsigned {
+                    for r in 0..R {
+                        v[r][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[r]), scale);
+                    }
+                } else {
+                    if P == 3 {
+                        wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(32));
+                    }
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    for r in 0..R {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
+                        v[r][k] = _mm256_madd_epi16(p, scale);
+                    }
                 }
-                None => ones,
-            };
-            if unsigned {
-                for r in 0..R {
-                    v[r][c] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[r]), scale);
-                }
-            } else {
-                if P == 3 {
-                    wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(32));
-                }
-                let aw = _mm256_sign_epi8(wv, wv);
-                for r in 0..R {
-                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
-                    v[r][c] = _mm256_madd_epi16(p, scale);
-                }
+            }
+            for r in 0..R {
+                h[r][pair] = _mm256_hadd_epi32(v[r][0], v[r][1]);
             }
         }
         let dw = _mm256_loadu_ps(d.add(b * TILE));
@@ -165,7 +173,7 @@ unsafe fn kernel<const R: usize, const P: u8>(w: &QMatrix, tile: usize, a: [&Act
             _mm256_setzero_ps()
         };
         for r in 0..R {
-            let isum = fold8(v[r]);
+            let isum = fold_pairs(h[r]);
             let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
             if unsigned {
