@@ -11,9 +11,9 @@
 //!   **ours and llama.cpp's side by side with the ratio** (llama.cpp through
 //!   `benches/llama_cpp.sh`, fed the exact same token ids; "absent" when it is
 //!   not installed), how close we are to the machine's limits, a profile of
-//!   where a step's time goes at batch 1 and 32, and the candle f32 executor
-//!   (`--weights f32`) at batch 1 and 32 for comparison (`CANTANTE_BENCH_F32=0`
-//!   skips it).
+//!   where a step's time goes at batch 1 and 32 and in prefill, and (first model
+//!   only) the candle f32 executor (`--weights f32`) at batch 1 and 32 for
+//!   comparison (`CANTANTE_BENCH_F32=0` skips it).
 //!
 //! Both engines decode greedily, time from the first prefill to the last token,
 //! and count generated tokens / seconds; model load is excluded.
@@ -217,7 +217,7 @@ fn ratio(ours: f64, theirs: Option<f64>) -> String {
     }
 }
 
-fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak: Option<f64>) {
+fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak: Option<f64>, with_f32: bool) {
     let t = Instant::now();
     let llm = CandleLlm::load(model, EngineOptions::default()).unwrap();
     let load_s = t.elapsed().as_secs_f64();
@@ -278,7 +278,7 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
     }
     print_profile(&llm, "prefill", &[prefill_request()]);
     drop(llm);
-    if std::env::var("CANTANTE_BENCH_F32").as_deref() != Ok("0") {
+    if with_f32 && std::env::var("CANTANTE_BENCH_F32").as_deref() != Ok("0") {
         let opts = EngineOptions {
             weights: Some(WeightFormat::F32),
             ..Default::default()
@@ -340,9 +340,9 @@ fn main() {
             .map(|f| format!("{home}/.cache/cantante/models/{f}"))
             .collect(),
     };
-    for m in models {
-        if std::path::Path::new(&m).exists() {
-            bench_model(&m, &batches, new_tokens, bw, peak);
+    for (i, m) in models.iter().enumerate() {
+        if std::path::Path::new(m).exists() {
+            bench_model(m, &batches, new_tokens, bw, peak, i == 0);
         } else {
             println!("\n({m} not found; run models/fetch.sh [large] to bench it)");
         }

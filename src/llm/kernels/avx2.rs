@@ -4,7 +4,8 @@
 //! |a| ≤ 127), `madd` with the sub-scales (or ones) into 8 i32 lanes, then a
 //! `hadd` tree folds the 8 rows' lanes into one vector holding each row's exact
 //! block sum; one vector FMA per block applies `d_w · d_a` to all 8 rows.
-//! Up to four activation rows share each unpacked weight block.
+//! Up to four activation rows share each unpacked weight block; from eight rows
+//! on, a tile is unpacked to bytes once and every row group reads those.
 //! Bit-identical to [`super::scalar`].
 
 #![allow(unsafe_op_in_unsafe_fn)]
@@ -39,17 +40,60 @@ pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+    let nb = w.blocks_per_row();
+    let bpb = w.packing.bytes();
+    let packed = w.qs.as_ptr().add(tile * nb * TILE * bpb);
+    if P != 0 && a.len() >= EXPAND_ROWS {
+        // Many rows: unpack the tile once and run the byte kernels over it.
+        EXPANDED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.resize(nb * TILE * QK, 0);
+            for i in 0..nb * TILE {
+                let mut v = load_values::<P>(packed.add(i * bpb));
+                if P == 3 {
+                    v = _mm256_sub_epi8(v, _mm256_set1_epi8(32));
+                }
+                _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
+            }
+            if P == 3 {
+                row_groups::<0>(w, tile, buf.as_ptr(), QK, a, out);
+            } else {
+                row_groups::<4>(w, tile, buf.as_ptr(), QK, a, out);
+            }
+        });
+    } else {
+        row_groups::<P>(w, tile, packed, bpb, a, out);
+    }
+}
+
+/// Activation rows from which [`rows`] unpacks a tile once instead of per row group.
+const EXPAND_ROWS: usize = 8;
+
+thread_local! {
+    static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_groups<const P: u8>(
+    w: &QMatrix,
+    tile: usize,
+    qs: *const u8,
+    bpb: usize,
+    a: &[ActRow<'_>],
+    out: &mut [[f32; TILE]],
+) {
     const RM: usize = 4;
     let mut j = 0;
     while j + RM <= a.len() {
-        let r = kernel::<RM, P>(w, tile, std::array::from_fn(|k| &a[j + k]));
+        let r = kernel::<RM, P>(w, tile, qs, bpb, std::array::from_fn(|k| &a[j + k]));
         for (k, v) in r.iter().enumerate() {
             _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
         }
         j += RM;
     }
     while j < a.len() {
-        let r = kernel::<1, P>(w, tile, [&a[j]]);
+        let r = kernel::<1, P>(w, tile, qs, bpb, [&a[j]]);
         _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
         j += 1;
     }
@@ -78,7 +122,7 @@ unsafe fn bit_bytes(p: *const u8) -> __m256i {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn load_values<const P: u8>(p: *const u8) -> __m256i {
-    if P == 0 {
+    if P == 0 || P == 4 {
         return _mm256_loadu_si256(p as *const __m256i);
     }
     let x = _mm_loadu_si128(p as *const __m128i);
@@ -112,13 +156,18 @@ unsafe fn fold_pairs(h: [__m256i; 4]) -> __m256i {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel<const R: usize, const P: u8>(w: &QMatrix, tile: usize, a: [&ActRow<'_>; R]) -> [__m256; R] {
+unsafe fn kernel<const R: usize, const P: u8>(
+    w: &QMatrix,
+    tile: usize,
+    qs: *const u8,
+    bpb: usize,
+    a: [&ActRow<'_>; R],
+) -> [__m256; R] {
     let nb = w.blocks_per_row();
     let base = tile * nb * TILE;
-    let bpb = w.packing.bytes();
-    let qs = w.qs.as_ptr().add(base * bpb);
     let d = w.d.as_ptr().add(base);
-    let unsigned = P == 1 || P == 2;
+    // P: 0 = signed bytes, 1/2/3 = packed U4/U5/U6, 4 = unsigned bytes.
+    let unsigned = P == 1 || P == 2 || P == 4;
     let m = w.m.as_ref().map(|m| m.as_ptr().add(base));
     let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
     let negz = _mm256_set1_ps(-(w.zero as f32));
