@@ -25,6 +25,8 @@ struct Shared {
     state: AtomicU64,
     /// Parts finished in the current epoch.
     done: AtomicUsize,
+    /// A part of the current epoch panicked.
+    panicked: AtomicBool,
     /// The current job (valid while its epoch has unfinished parts).
     job: UnsafeCell<Option<Job>>,
     sleeping: Vec<AtomicBool>,
@@ -60,6 +62,7 @@ fn team() -> &'static Team {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             state: AtomicU64::new(0),
             done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
             job: UnsafeCell::new(None),
             sleeping: (1..n).map(|_| AtomicBool::new(false)).collect(),
         }));
@@ -98,7 +101,12 @@ fn drain(shared: &Shared, epoch: u64) {
         // SAFETY: part `next` of this epoch is claimed and unfinished, so the
         // caller is still waiting and the job pointer is the live closure.
         let job = unsafe { (*shared.job.get()).unwrap_unchecked() };
-        unsafe { (*job)(next as usize) };
+        // A panicking part still counts as done (so nobody waits forever); the
+        // caller re-raises it once every part has finished.
+        let part = std::panic::AssertUnwindSafe(|| unsafe { (*job)(next as usize) });
+        if std::panic::catch_unwind(part).is_err() {
+            shared.panicked.store(true, Ordering::Release);
+        }
         shared.done.fetch_add(1, Ordering::AcqRel);
     }
 }
@@ -152,6 +160,7 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f) };
     unsafe { *shared.job.get() = Some(job) };
     shared.done.store(0, Ordering::Release);
+    shared.panicked.store(false, Ordering::Release);
     shared
         .state
         .store((epoch << 32) | ((parts as u64) << 16), Ordering::SeqCst);
@@ -164,7 +173,11 @@ pub fn run(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     while shared.done.load(Ordering::Acquire) < parts {
         std::hint::spin_loop();
     }
+    let panicked = shared.panicked.load(Ordering::Acquire);
     drop(guard);
+    if panicked {
+        panic!("a part of a CPU-executor job panicked (see the message above)");
+    }
 }
 
 /// Split `0..n` into contiguous ranges of at least `min_len` items (at most

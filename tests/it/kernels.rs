@@ -154,3 +154,30 @@ fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
         assert_eq!(&wide[w.rows..w.rows + 5], &[7.0; 5]);
     }
 }
+
+#[test]
+fn team_runs_every_part_once_and_survives_a_panicking_part() {
+    use cantante::llm::team;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits: Vec<AtomicUsize> = (0..37).map(|_| AtomicUsize::new(0)).collect();
+    for _ in 0..50 {
+        team::run(hits.len(), &|p| {
+            hits[p].fetch_add(1, Ordering::Relaxed);
+        });
+    }
+    assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 50));
+    let r = std::panic::catch_unwind(|| {
+        team::run(8, &|p| {
+            if p == 5 {
+                panic!("part 5 fails");
+            }
+        })
+    });
+    assert!(r.is_err(), "a panicking part must surface in the caller");
+    // The team still works after a panic.
+    let n = AtomicUsize::new(0);
+    team::for_ranges(1000, 10, &|r| {
+        n.fetch_add(r.len(), Ordering::Relaxed);
+    });
+    assert_eq!(n.load(Ordering::Relaxed), 1000);
+}
