@@ -97,7 +97,10 @@ fn int8_peak() -> Option<f64> {
         let threads = rayon::current_num_threads();
         let iters = 20_000_000;
         let t = Instant::now();
-        let s: i32 = (0..threads).into_par_iter().map(|_| unsafe { run(iters) }).sum();
+        let s: i32 = (0..threads)
+            .into_par_iter()
+            .map(|_| unsafe { run(iters) })
+            .sum();
         std::hint::black_box(s);
         Some((threads * iters * 8 * 32) as f64 / t.elapsed().as_secs_f64())
     }
@@ -135,7 +138,10 @@ fn prefill_rate(llm: &CandleLlm) -> (usize, f64) {
     llm.clear_prefix_cache();
     let t = Instant::now();
     let g = llm.generate(&[prefill_request()]).unwrap().remove(0);
-    (g.prompt_tokens, g.prompt_tokens as f64 / t.elapsed().as_secs_f64())
+    (
+        g.prompt_tokens,
+        g.prompt_tokens as f64 / t.elapsed().as_secs_f64(),
+    )
 }
 
 fn token_ids(llm: &CandleLlm, r: &Request) -> Vec<u32> {
@@ -206,7 +212,10 @@ fn print_profile(llm: &CandleLlm, label: &str, reqs: &[Request]) {
     for (p, s) in phases {
         line += &format!(" {p:?} {:.1}%", 100.0 * s / wall);
     }
-    line += &format!(" | other (scheduler, dispatch) {:.1}%", 100.0 * (wall - timed).max(0.0) / wall);
+    line += &format!(
+        " | other (scheduler, dispatch) {:.1}%",
+        100.0 * (wall - timed).max(0.0) / wall
+    );
     println!("{line}");
 }
 
@@ -217,7 +226,14 @@ fn ratio(ours: f64, theirs: Option<f64>) -> String {
     }
 }
 
-fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak: Option<f64>, with_f32: bool) {
+fn bench_model(
+    model: &str,
+    batches: &[usize],
+    new_tokens: usize,
+    bw: f64,
+    peak: Option<f64>,
+    with_f32: bool,
+) {
     let t = Instant::now();
     let llm = CandleLlm::load(model, EngineOptions::default()).unwrap();
     let load_s = t.elapsed().as_secs_f64();
@@ -251,9 +267,19 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
     for &b in batches {
         let r = ours[&b];
         let t = ld.as_ref().and_then(|d| d.get(&b).copied());
-        println!("{:<22} {:>9.1} {}", format!("decode batch {b} tok/s"), r, ratio(r, t));
+        println!(
+            "{:<22} {:>9.1} {}",
+            format!("decode batch {b} tok/s"),
+            r,
+            ratio(r, t)
+        );
     }
-    println!("{:<22} {:>9.1} {}", format!("prefill {pre_tokens} tok/s"), pre, ratio(pre, lp));
+    println!(
+        "{:<22} {:>9.1} {}",
+        format!("prefill {pre_tokens} tok/s"),
+        pre,
+        ratio(pre, lp)
+    );
     let macs = cfg.matmul_params() as f64;
     if let Some(&r1) = ours.get(&1) {
         println!(
@@ -274,7 +300,11 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
     }
     for b in [1, 32] {
         llm.set_max_batch(b);
-        print_profile(&llm, &format!("decode batch {b:>2}"), &decode_requests(b, new_tokens));
+        print_profile(
+            &llm,
+            &format!("decode batch {b:>2}"),
+            &decode_requests(b, new_tokens),
+        );
     }
     print_profile(&llm, "prefill", &[prefill_request()]);
     drop(llm);
@@ -288,7 +318,10 @@ fn bench_model(model: &str, batches: &[usize], new_tokens: usize, bw: f64, peak:
         for b in [1, 32] {
             f.set_max_batch(b);
             let r = decode_rate(&f, b, new_tokens);
-            line += &format!(" batch {b} {r:.1} tok/s ({:.2}x int8);", r / ours.get(&b).copied().unwrap_or(f64::NAN));
+            line += &format!(
+                " batch {b} {r:.1} tok/s ({:.2}x int8);",
+                r / ours.get(&b).copied().unwrap_or(f64::NAN)
+            );
         }
         f.set_max_batch(32);
         let (_, p) = prefill_rate(&f);
@@ -302,7 +335,11 @@ fn main() {
     let new_tokens = env_list("CANTANTE_BENCH_NEW", &[64])[0];
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let bw = bandwidth();
     let peak = int8_peak();
@@ -322,7 +359,10 @@ fn main() {
     write_tiny_gguf(&p, TinySpec::default()).unwrap();
     let mut tiny = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
     let layers = tiny.model().config().n_layers;
-    print!("\n== tiny (2 layers, hidden 64), {}:", tiny.model().executor());
+    print!(
+        "\n== tiny (2 layers, hidden 64), {}:",
+        tiny.model().executor()
+    );
     for &b in &batches {
         tiny.set_max_batch(b);
         let r = decode_rate(&tiny, b, 64);
@@ -335,10 +375,13 @@ fn main() {
     let home = std::env::var("HOME").unwrap_or_default();
     let models: Vec<String> = match std::env::var("CANTANTE_BENCH_MODELS") {
         Ok(s) => s.split(',').map(str::to_string).collect(),
-        Err(_) => ["qwen2.5-coder-0.5b-instruct.gguf", "qwen2.5-coder-1.5b-instruct.gguf"]
-            .iter()
-            .map(|f| format!("{home}/.cache/cantante/models/{f}"))
-            .collect(),
+        Err(_) => [
+            "qwen2.5-coder-0.5b-instruct.gguf",
+            "qwen2.5-coder-1.5b-instruct.gguf",
+        ]
+        .iter()
+        .map(|f| format!("{home}/.cache/cantante/models/{f}"))
+        .collect(),
     };
     for (i, m) in models.iter().enumerate() {
         if std::path::Path::new(m).exists() {

@@ -10,20 +10,33 @@ use std::time::Instant;
 
 fn main() {
     let (n, k) = (4864, 1024);
-    let vals: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
-    let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
-    let mats: Vec<(String, QMatrix)> = [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q6K]
-        .iter()
-        .map(|&dt| {
-            let q = QTensor::quantize(&t, dt).unwrap();
-            (format!("{dt:?}"), QMatrix::from_qtensor(&q).unwrap())
-        })
+    let vals: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
         .collect();
+    let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+    let mats: Vec<(String, QMatrix)> = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5_0,
+        GgmlDType::Q6K,
+    ]
+    .iter()
+    .map(|&dt| {
+        let q = QTensor::quantize(&t, dt).unwrap();
+        (format!("{dt:?}"), QMatrix::from_qtensor(&q).unwrap())
+    })
+    .collect();
     for tier in Tier::available() {
         for (name, w) in &mats {
-            let mut line = format!("{:<7} {name:<5} ({:.2} B/weight)", tier.name(), w.bytes() as f64 / (n * k) as f64);
+            let mut line = format!(
+                "{:<7} {name:<5} ({:.2} B/weight)",
+                tier.name(),
+                w.bytes() as f64 / (n * k) as f64
+            );
             for t in [1, 4, 32, 256] {
-                let x: Vec<f32> = (0..t * k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+                let x: Vec<f32> = (0..t * k)
+                    .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
+                    .collect();
                 let mut acts = QActs::default();
                 acts.quantize(&x, t, k);
                 let mut out = vec![0f32; t * n];
@@ -34,7 +47,11 @@ fn main() {
                     matmul(tier, w, &acts, &mut out, n);
                 }
                 let s = start.elapsed().as_secs_f64() / reps as f64;
-                line += &format!("  m={t}: {:.1} GMAC/s ({:.2} ms)", (t * n * k) as f64 / s / 1e9, s * 1e3);
+                line += &format!(
+                    "  m={t}: {:.1} GMAC/s ({:.2} ms)",
+                    (t * n * k) as f64 / s / 1e9,
+                    s * 1e3
+                );
                 if tier == Tier::Scalar && t >= 4 {
                     break;
                 }
@@ -43,7 +60,9 @@ fn main() {
         }
         // Decode from DRAM: 24 matrices (far beyond the caches), m = 1.
         let many: Vec<QMatrix> = (0..24).map(|i| mats[i % mats.len()].1.clone()).collect();
-        let x: Vec<f32> = (0..k).map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0).collect();
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
+            .collect();
         let mut acts = QActs::default();
         acts.quantize(&x, 1, k);
         let mut out = vec![0f32; n];

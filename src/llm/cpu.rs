@@ -205,7 +205,10 @@ unsafe fn axpy_avx2(acc: &mut [f32], p: f32, v: &[f32]) {
     while i + 8 <= n {
         let a = _mm256_loadu_ps(acc.as_ptr().add(i));
         let x = _mm256_loadu_ps(v.as_ptr().add(i));
-        _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_add_ps(a, _mm256_mul_ps(pv, x)));
+        _mm256_storeu_ps(
+            acc.as_mut_ptr().add(i),
+            _mm256_add_ps(a, _mm256_mul_ps(pv, x)),
+        );
         i += 8;
     }
     while i < n {
@@ -383,7 +386,9 @@ impl Int8Model {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.rows;
         let mut logits = vec![0f32; n * vocab];
-        time(Phase::Matmul, || matmul(tier, head, &acts, &mut logits, vocab));
+        time(Phase::Matmul, || {
+            matmul(tier, head, &acts, &mut logits, vocab)
+        });
         logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     }
 

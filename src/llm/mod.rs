@@ -14,8 +14,8 @@ pub mod kernels;
 pub mod model;
 pub mod profile;
 pub mod sampling;
-pub mod team;
 pub mod scripted;
+pub mod team;
 pub mod tiny;
 pub mod tokenizer;
 

@@ -511,7 +511,7 @@ impl Model {
                 Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
             };
             let mut layers = Vec::with_capacity(raw.layers.len());
-            for l in &raw.layers {
+            for l in raw.layers {
                 let qkv_bias = match (&l.bq, &l.bk, &l.bv) {
                     (Some(q), Some(k), Some(v)) => Some([vec(q)?, vec(k)?, vec(v)?].concat()),
                     _ => None,

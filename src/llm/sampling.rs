@@ -138,7 +138,11 @@ mod tests {
         let want = 1.0 / (1.0 + (-1f64).exp() + (-2f64).exp());
         assert!((p10 - want).abs() < 0.05, "{p10} vs {want}");
         // top-k by selection keeps the k best.
-        let s = Sampling { temperature: 1.0, top_p: 1.0, top_k: 2 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 2,
+        };
         for _ in 0..200 {
             assert!([10, 20].contains(&sample(&l, &s, &mut r)));
         }

@@ -217,7 +217,10 @@ impl<T> SharedMut<T> {
     /// original slice must outlive them.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn range(&self, start: usize, end: usize) -> &mut [T] {
-        assert!(start <= end && end <= self.len, "SharedMut range out of bounds");
+        assert!(
+            start <= end && end <= self.len,
+            "SharedMut range out of bounds"
+        );
         std::slice::from_raw_parts_mut(self.ptr.add(start), end - start)
     }
 }

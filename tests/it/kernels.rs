@@ -124,7 +124,10 @@ fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
     let x = randn(&mut rng, t * 512);
     let mut acts = QActs::default();
     acts.quantize(&x, t, 512);
-    for (dt, tier) in FORMATS.iter().flat_map(|&dt| Tier::available().into_iter().map(move |t| (dt, t))) {
+    for (dt, tier) in FORMATS
+        .iter()
+        .flat_map(|&dt| Tier::available().into_iter().map(move |t| (dt, t)))
+    {
         let (w, _) = qmatrix(&mut rng, dt, 96, 512);
         let mut full = vec![0f32; t * w.rows];
         matmul(tier, &w, &acts, &mut full, w.rows);
@@ -134,7 +137,11 @@ fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
             one.quantize(&x[r * 512..(r + 1) * 512], 1, 512);
             let mut out = vec![0f32; w.rows];
             matmul(tier, &w, &one, &mut out, w.rows);
-            assert_eq!(out, full[r * w.rows..(r + 1) * w.rows], "tier {tier:?} row {r}");
+            assert_eq!(
+                out,
+                full[r * w.rows..(r + 1) * w.rows],
+                "tier {tier:?} row {r}"
+            );
         }
         // And equals the tiles computed one by one on this thread.
         let rows: Vec<_> = (0..t).map(|r| acts.row(r)).collect();
@@ -142,7 +149,10 @@ fn matmul_rows_do_not_depend_on_batch_tiling_or_thread_split() {
             let mut o = vec![[0f32; TILE]; t];
             tier.tile_rows(&w, tile, &rows, &mut o);
             for (r, o) in o.iter().enumerate() {
-                assert_eq!(&o[..], &full[r * w.rows + tile * TILE..r * w.rows + (tile + 1) * TILE]);
+                assert_eq!(
+                    &o[..],
+                    &full[r * w.rows + tile * TILE..r * w.rows + (tile + 1) * TILE]
+                );
             }
         }
         // Writing into a wider output leaves the other columns alone.

@@ -131,10 +131,16 @@ unsafe fn load_values<const P: u8>(p: *const u8) -> __m256i {
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m4);
     let mut u = _mm256_set_m128i(hi, lo);
     if P >= 2 {
-        u = _mm256_or_si256(u, _mm256_and_si256(bit_bytes(p.add(16)), _mm256_set1_epi8(0x10)));
+        u = _mm256_or_si256(
+            u,
+            _mm256_and_si256(bit_bytes(p.add(16)), _mm256_set1_epi8(0x10)),
+        );
     }
     if P == 3 {
-        u = _mm256_or_si256(u, _mm256_and_si256(bit_bytes(p.add(20)), _mm256_set1_epi8(0x20)));
+        u = _mm256_or_si256(
+            u,
+            _mm256_and_si256(bit_bytes(p.add(20)), _mm256_set1_epi8(0x20)),
+        );
     }
     u
 }

@@ -24,8 +24,8 @@
 //! reads one run per block and produces 8 outputs at once. The last tile is
 //! padded with zero rows.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use crate::llm::team::{self, SharedMut};
+use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 
 /// Elements per block.
@@ -158,7 +158,11 @@ pub fn unpack(p: &[u8], packing: Packing) -> [u8; QK] {
 impl QMatrix {
     /// A zero matrix with room for `rows × cols` (rows padded to whole tiles).
     pub fn zeros(rows: usize, cols: usize, packing: Packing, zero: i8, has_min: bool) -> Self {
-        assert_eq!(cols % QK, 0, "{cols} input features are not a multiple of {QK}");
+        assert_eq!(
+            cols % QK,
+            0,
+            "{cols} input features are not a multiple of {QK}"
+        );
         let blocks = rows.div_ceil(TILE) * TILE * (cols / QK);
         Self {
             rows,
@@ -303,7 +307,13 @@ impl QMatrix {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut out = Self::zeros(rows, first.cols, first.packing, first.zero, first.m.is_some());
+        let mut out = Self::zeros(
+            rows,
+            first.cols,
+            first.packing,
+            first.zero,
+            first.m.is_some(),
+        );
         let mut r0 = 0;
         for p in parts {
             for r in 0..p.rows {
@@ -335,7 +345,10 @@ impl QMatrix {
             return Ok(Self::quantize_f32(&f, rows, cols));
         };
         if cols % conv.elems != 0 {
-            candle_core::bail!("{cols} columns are not a multiple of the {:?} block", t.dtype());
+            candle_core::bail!(
+                "{cols} columns are not a multiple of the {:?} block",
+                t.dtype()
+            );
         }
         let data = t.data()?;
         let expected = rows * cols / conv.elems * conv.bytes;

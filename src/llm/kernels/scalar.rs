@@ -24,7 +24,8 @@ pub fn dot(w: &QMatrix, r: usize, a: &ActRow<'_>) -> f32 {
             _ => {
                 let bias = if w.packing == Packing::U6 { 32 } else { 0 };
                 let q = |e: usize| (u[e] as i8).wrapping_sub(bias) as i32;
-                let half = |h: usize| -> i32 { (16 * h..16 * h + 16).map(|e| q(e) * aq[e] as i32).sum() };
+                let half =
+                    |h: usize| -> i32 { (16 * h..16 * h + 16).map(|e| q(e) * aq[e] as i32).sum() };
                 let sub = w.sub.as_ref().map_or([1, 1], |s| s[i]);
                 half(0) * sub[0] as i32 + half(1) * sub[1] as i32
             }
