@@ -960,6 +960,7 @@ mod tests {
                 truncation_rate: BTreeMap::new(),
                 run_errors: 0,
                 wall_secs: 5.0,
+                engine: None,
             },
             machine: machine(),
             reused_from: None,

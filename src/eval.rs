@@ -202,6 +202,10 @@ pub struct EvalSummary {
     pub run_errors: usize,
     /// Wall time in seconds (filled by the caller).
     pub wall_secs: f64,
+    /// The backend's work counters during this evaluation (decode batch fill,
+    /// prefix reuse), when the backend keeps them (filled by the caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::llm::EngineStats>,
 }
 
 /// Summarise the runs of one configuration.
@@ -247,6 +251,7 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             .collect(),
         run_errors: runs.iter().filter(|r| r.result.error.is_some()).count(),
         wall_secs: 0.0,
+        engine: None,
     }
 }
 

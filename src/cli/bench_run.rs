@@ -60,6 +60,12 @@ pub struct BenchRunArgs {
     /// Only rebuild results.md and results.json from the finished parts.
     #[arg(long)]
     pub table_only: bool,
+    /// How runs share the engine (continuous | super-step); never changes results.
+    #[arg(long, default_value = "continuous")]
+    pub schedule: crate::graph::Schedule,
+    /// Threads executing tool calls while the engine decodes (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub tool_workers: usize,
 }
 
 /// What one (task, seed) needs: the loaded task, setup and options.
@@ -114,6 +120,8 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             temperature: protocol.temperature,
             system: protocol.system.clone(),
             format_repairs: protocol.format_repairs,
+            schedule: a.schedule,
+            tool_workers: a.tool_workers,
         };
         let (task, setup) = mas.load()?;
         check_setup(&a.out.join(task_name), &mas.setup, &setup)?;
@@ -341,6 +349,9 @@ fn test_part(
         summary.mean_input_tokens + summary.mean_output_tokens,
         summary.wall_secs
     );
+    if let Some(st) = &summary.engine {
+        println!("{label} engine: {}", st.summary());
+    }
     eval::write_traces(
         &ctx.dir
             .join(format!("{}_test_traces.jsonl", method.as_str())),
@@ -436,6 +447,9 @@ fn optimize_part(
     bars.finish();
     let result = result.with_context(|| format!("{label} ({})", run_dir.display()))?;
     write_timing()?;
+    if let Some(st) = ctx.llm.engine_stats() {
+        println!("{label} engine (since load): {}", st.summary());
+    }
     println!(
         "{label}: {} rounds ({:?}), validation {:.3} -> {:.3}, tokens task {} meta {}",
         result.rounds_completed,

@@ -2,7 +2,7 @@
 
 use super::common::{load_llm, ModelArgs};
 use crate::eval::{self, EvalOptions};
-use crate::graph::runtime::RunOptions;
+use crate::graph::runtime::{RunOptions, Schedule};
 use crate::graph::setup::Validation;
 use crate::graph::{PromptSet, Setup};
 use crate::llm::Sampling;
@@ -39,6 +39,15 @@ pub struct MasArgs {
     /// (0 = off, as in the reference implementation).
     #[arg(long, default_value_t = 1)]
     pub format_repairs: usize,
+    /// How runs share the engine: `continuous` (each run's next request joins
+    /// the running batch at once) or `super-step` (all runs in lock-step, the
+    /// reference's order). Both give the same traces.
+    #[arg(long, default_value = "continuous")]
+    pub schedule: Schedule,
+    /// Threads executing tool calls (e.g. the MBPP sandbox) while the engine
+    /// decodes; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    pub tool_workers: usize,
 }
 
 impl MasArgs {
@@ -50,6 +59,8 @@ impl MasArgs {
             field_token_cap: self.field_cap,
             sampling: Sampling::temperature(self.temperature),
             format_repairs: self.format_repairs,
+            schedule: self.schedule,
+            tool_workers: self.tool_workers,
             ..RunOptions::default()
         }
     }
@@ -121,6 +132,7 @@ pub fn evaluate_config(
 ) -> Result<(Vec<eval::ScoredRun>, eval::EvalSummary)> {
     let bar = super::common::bar(examples.len() as u64, label);
     let t0 = Instant::now();
+    let before = llm.engine_stats();
     let cb = |n: usize| bar.set_position(n as u64);
     let mut runs = eval::execute(
         llm,
@@ -135,6 +147,9 @@ pub fn evaluate_config(
     let runs = runs.remove(0);
     let mut summary = eval::summarize(&runs);
     summary.wall_secs = t0.elapsed().as_secs_f64();
+    summary.engine = llm
+        .engine_stats()
+        .map(|now| before.map_or(now.clone(), |b| now.since(&b)));
     Ok((runs, summary))
 }
 
@@ -205,6 +220,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         println!("runs ended abnormally: {}", summary.run_errors);
     }
     println!("wall time: {:.1}s", summary.wall_secs);
+    if let Some(st) = &summary.engine {
+        println!("engine: {}", st.summary());
+    }
     if let Some(out) = &a.out {
         std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         let j = serde_json::json!({

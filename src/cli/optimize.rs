@@ -248,6 +248,9 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         );
     }
     println!("best prompts: {}", dir.join("best_prompts.yaml").display());
+    if let Some(st) = llm.engine_stats() {
+        println!("engine (task model): {}", st.summary());
+    }
     Ok(())
 }
 

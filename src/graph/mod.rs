@@ -2,6 +2,7 @@
 //! prompt pools), the per-query tool environment seam, and the batched
 //! super-step executor (reference spec §1: graph semantics and the agent call).
 
+mod continuous;
 pub mod runtime;
 pub mod setup;
 
@@ -9,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub use runtime::{
-    run_batch, write_trace_jsonl, AgentCall, RunOptions, RunResult, RunSpec, ToolCallRecord,
-    TraceRecord,
+    run_batch, write_trace_jsonl, AgentCall, RunOptions, RunResult, RunSpec, Schedule,
+    ToolCallRecord, TraceRecord,
 };
 pub use setup::Validation;
 
@@ -53,7 +54,7 @@ pub enum GraphError {
         /// What is wrong.
         message: String,
     },
-    /// The language model failed on a whole batch (see [`runtime::run_batch`]).
+    /// The language model failed (see [`runtime::run_batch`]).
     #[error("LLM failed in super-step {step}: {source}")]
     Llm {
         /// Super-step (0-based) in which the batch failed.

@@ -1,8 +1,13 @@
-//! Batched super-step executor of the agent graph (reference spec §1.3, §1.4,
-//! with the §10 defects fixed).
+//! Batched executor of the agent graph (reference spec §1.3, §1.4, with the
+//! §10 defects fixed).
 //!
 //! [`run_batch`] executes many runs (one prompt configuration × one query
-//! each) together. Every super-step, each run's ready agents are rendered
+//! each) together. By default ([`Schedule::Continuous`], in
+//! `graph/continuous.rs`) every run advances on its own and its requests
+//! join the backend's running batch as soon as they are known; the
+//! super-step order below is what each run follows, and
+//! [`Schedule::SuperStep`] runs all runs in that lock-step (the reference's
+//! order). Both give byte-identical traces. Every super-step, each run's ready agents are rendered
 //! against the state as it was before the step, and **all ready agent calls of
 //! all runs go to the model as one [`Llm::generate`] batch**; each further
 //! tool-loop turn of the agents still talking to tools is again one batch.
@@ -134,6 +139,34 @@ impl RunSpec {
     }
 }
 
+/// How [`run_batch`] schedules the runs' model calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Every run advances on its own: a run's next request joins the
+    /// backend's running batch as soon as it is known ([`Llm::serve`]); tool
+    /// calls run on a worker pool meanwhile. Same traces as `super-step`.
+    #[default]
+    Continuous,
+    /// Lock-step super-steps: the ready calls of all runs are one
+    /// [`Llm::generate`] batch, and the next turn waits for the slowest reply
+    /// (the reference's order; kept as a baseline and for comparison).
+    SuperStep,
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "continuous" => Ok(Self::Continuous),
+            "super-step" | "superstep" => Ok(Self::SuperStep),
+            _ => Err(format!(
+                "unknown schedule `{s}` (expected continuous or super-step)"
+            )),
+        }
+    }
+}
+
 /// Settings shared by all runs of a [`run_batch`] call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunOptions {
@@ -155,6 +188,10 @@ pub struct RunOptions {
     /// reply and a user message naming the missing tags only, and reads those
     /// tags from the answer; the original reply's tags are never overwritten.
     pub format_repairs: usize,
+    /// How model calls of different runs are scheduled (never changes traces).
+    pub schedule: Schedule,
+    /// Threads executing tool calls under [`Schedule::Continuous`] (0 = one per core).
+    pub tool_workers: usize,
 }
 
 impl Default for RunOptions {
@@ -169,6 +206,8 @@ impl Default for RunOptions {
             sampling: Sampling::temperature(0.7),
             step_limit: 30,
             format_repairs: 0,
+            schedule: Schedule::Continuous,
+            tool_workers: 0,
         }
     }
 }
@@ -325,18 +364,18 @@ pub fn write_trace_jsonl(
 // Graph preparation
 
 /// Routing data derived once from the setup.
-struct Graph<'s> {
-    setup: &'s Setup,
+pub(super) struct Graph<'s> {
+    pub(super) setup: &'s Setup,
     /// Out-edges per agent (indices into `setup.edges`).
-    out: Vec<Vec<usize>>,
+    pub(super) out: Vec<Vec<usize>>,
     /// Out-edges of `__start__`.
-    start_out: Vec<usize>,
+    pub(super) start_out: Vec<usize>,
     /// Agents with two or more distinct predecessors.
-    join: Vec<bool>,
+    pub(super) join: Vec<bool>,
     /// `reach[x][j]`: agent `j` is reachable from agent `x`.
-    reach: Vec<Vec<bool>>,
+    pub(super) reach: Vec<Vec<bool>>,
     /// Every variable an agent reads or writes, plus `query`.
-    vars: BTreeSet<&'s str>,
+    pub(super) vars: BTreeSet<&'s str>,
 }
 
 /// A node index: an agent, or `__end__`.
@@ -593,45 +632,45 @@ fn execute_tool(
 // ---------------------------------------------------------------------------
 // Runs
 
-struct Run {
-    prompts: Arc<PromptSet>,
-    few_shots: Vec<String>,
-    tools: Option<Box<dyn ToolEnv>>,
-    seed: u64,
-    state: BTreeMap<String, String>,
+pub(super) struct Run {
+    pub(super) prompts: Arc<PromptSet>,
+    pub(super) few_shots: Vec<String>,
+    pub(super) tools: Option<Box<dyn ToolEnv>>,
+    pub(super) seed: u64,
+    pub(super) state: BTreeMap<String, String>,
     /// Scheduled agents, ascending.
-    frontier: Vec<usize>,
-    steps: usize,
-    n_calls: usize,
+    pub(super) frontier: Vec<usize>,
+    pub(super) steps: usize,
+    pub(super) n_calls: usize,
     /// Retry counter per conditional edge index.
-    retries: HashMap<usize, u32>,
-    calls: Vec<AgentCall>,
-    error: Option<String>,
-    done: bool,
+    pub(super) retries: HashMap<usize, u32>,
+    pub(super) calls: Vec<AgentCall>,
+    pub(super) error: Option<String>,
+    pub(super) done: bool,
 }
 
 /// An agent call in progress during a super-step.
-struct Pending {
-    run: usize,
-    agent: usize,
-    call_index: usize,
-    messages: Vec<Message>,
-    turn: usize,
-    tools_used: usize,
-    call: AgentCall,
+pub(super) struct Pending {
+    pub(super) run: usize,
+    pub(super) agent: usize,
+    pub(super) call_index: usize,
+    pub(super) messages: Vec<Message>,
+    pub(super) turn: usize,
+    pub(super) tools_used: usize,
+    pub(super) call: AgentCall,
     /// Output tags read from format-repair answers.
-    recovered: BTreeMap<String, String>,
+    pub(super) recovered: BTreeMap<String, String>,
     /// Set when a repair request was rejected: no further repair turns.
-    repair_closed: bool,
-    finished: bool,
-    failed: Option<String>,
+    pub(super) repair_closed: bool,
+    pub(super) finished: bool,
+    pub(super) failed: Option<String>,
 }
 
-struct ToolJob {
-    pending: usize,
-    name: String,
-    args: serde_json::Value,
-    result: String,
+pub(super) struct ToolJob {
+    pub(super) pending: usize,
+    pub(super) name: String,
+    pub(super) args: serde_json::Value,
+    pub(super) result: String,
 }
 
 /// Run every spec through the graph of `setup`, batching model calls across
@@ -690,6 +729,9 @@ pub fn run_batch(
         if let Some(p) = progress {
             p(finished);
         }
+    }
+    if opts.schedule == Schedule::Continuous {
+        super::continuous::run_continuous(llm, &g, &mut runs, opts, progress)?;
     }
     let mut step = 0;
     while runs.iter().any(|r| !r.done) {
@@ -831,6 +873,233 @@ fn repair_message(missing: &[String]) -> String {
     )
 }
 
+/// The first-turn state of a call of `agent` in run `ri` (rendered against the
+/// run's current state); counts the call in the run.
+fn new_pending(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    run: &mut Run,
+    ri: usize,
+    agent: usize,
+    opts: &RunOptions,
+) -> Pending {
+    let prompt = render_prompt(llm, g, run, agent, opts);
+    let mut messages = Vec::with_capacity(2);
+    if !opts.system_prompt.is_empty() {
+        messages.push(Message::system(opts.system_prompt.clone()));
+    }
+    messages.push(Message::user(prompt.clone()));
+    let p = Pending {
+        run: ri,
+        agent,
+        call_index: run.n_calls,
+        messages,
+        turn: 0,
+        tools_used: 0,
+        call: AgentCall {
+            agent: g.setup.agents[agent].name.clone(),
+            prompt,
+            reply: String::new(),
+            outputs: BTreeMap::new(),
+            input_tokens: 0,
+            output_tokens: 0,
+            format_failures: Vec::new(),
+            repaired: Vec::new(),
+            repair_replies: Vec::new(),
+            truncated: false,
+            tool_calls: Vec::new(),
+        },
+        recovered: BTreeMap::new(),
+        repair_closed: false,
+        finished: false,
+        failed: None,
+    };
+    run.n_calls += 1;
+    p
+}
+
+/// The calls a run starts this step (its ready agents, in agent order) and
+/// the scheduled agents that wait (joins).
+pub(super) fn start_step(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    run: &mut Run,
+    ri: usize,
+    opts: &RunOptions,
+) -> (Vec<Pending>, Vec<usize>) {
+    let ready = g.runnable(&run.frontier);
+    let deferred = run
+        .frontier
+        .iter()
+        .copied()
+        .filter(|a| !ready.contains(a))
+        .collect();
+    let pend = ready
+        .into_iter()
+        .map(|agent| new_pending(llm, g, run, ri, agent, opts))
+        .collect();
+    (pend, deferred)
+}
+
+/// The next model turn of an unfinished call, and whether it is a tool turn
+/// (the agent has tools and tool budget left: the request stops at `</tool_call>`).
+pub(super) fn turn_request(
+    g: &Graph<'_>,
+    run_seed: u64,
+    p: &Pending,
+    opts: &RunOptions,
+) -> (Request, bool) {
+    let a = &g.setup.agents[p.agent];
+    let tool_turn = !a.tools.is_empty() && p.tools_used < a.max_tool_calls as usize;
+    let req = Request {
+        messages: p.messages.clone(),
+        max_new_tokens: opts.max_new_tokens,
+        sampling: opts.sampling,
+        seed: request_seed(run_seed, &a.name, p.call_index, p.turn),
+        stop: if tool_turn {
+            vec![TOOL_CALL_CLOSE.to_string()]
+        } else {
+            Vec::new()
+        },
+    };
+    (req, tool_turn)
+}
+
+/// Take a turn's answer into its call. Returns the tool call to execute, if
+/// the reply makes one; otherwise the call is finished (final reply, or the
+/// request was rejected).
+pub(super) fn absorb_turn(
+    p: &mut Pending,
+    gen: Result<Generation, String>,
+    tool_turn: bool,
+) -> Option<(String, serde_json::Value)> {
+    let gen = match gen {
+        Ok(gen) => gen,
+        Err(msg) => {
+            p.failed = Some(msg);
+            p.finished = true;
+            return None;
+        }
+    };
+    if p.turn == 0 {
+        p.call.input_tokens += gen.prompt_tokens;
+    }
+    p.call.output_tokens += gen.completion_tokens;
+    p.turn += 1;
+    let mut text = gen.text;
+    if tool_turn && gen.stop_reason == StopReason::StopString {
+        text.push_str(TOOL_CALL_CLOSE);
+    }
+    match tool_turn.then(|| parse_tool_call(&text)).flatten() {
+        Some(Ok((name, args, end))) => {
+            p.messages.push(Message::assistant(text[..end].to_string()));
+            Some((name, args))
+        }
+        // No tool call, invalid call JSON, or no tool budget: final reply.
+        _ => {
+            p.call.reply = text;
+            p.call.truncated = gen.stop_reason == StopReason::Length;
+            p.finished = true;
+            None
+        }
+    }
+}
+
+/// Execute a run's tool jobs of one turn, in order, in the run's environment.
+pub(super) fn execute_jobs(
+    g: &Graph<'_>,
+    tools: Option<&mut (dyn ToolEnv + '_)>,
+    agents: &[usize],
+    jobs: &mut [ToolJob],
+) {
+    let mut tools = tools;
+    for j in jobs.iter_mut() {
+        let allowed = g.setup.agents[agents[j.pending]].tools.as_slice();
+        let (r, _) = execute_tool(tools.as_deref_mut(), allowed, &j.name, &j.args);
+        j.result = r;
+    }
+}
+
+/// Hand an executed tool call's result back to its call as a user message.
+pub(super) fn absorb_tool(llm: &dyn Llm, opts: &RunOptions, p: &mut Pending, j: ToolJob) {
+    let result = prompt::cap_field(&j.result, opts.field_token_cap, &|t, n| {
+        llm.truncate_tokens(t, n)
+    });
+    let mut keys: Vec<&String> = j
+        .args
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    keys.sort();
+    let payload = serde_json::json!({ "name": j.name, "argument_keys": keys, "result": result });
+    let msg = format!("<tool_result>{payload}</tool_result>");
+    p.call.input_tokens += llm.count_tokens(&msg);
+    p.messages.push(Message::user(msg));
+    p.call.tool_calls.push(ToolCallRecord {
+        tool: j.name,
+        arguments: j.args,
+        result,
+    });
+    p.tools_used += 1;
+}
+
+/// The format-repair requests of one attempt: for every successful call of
+/// `pend` still missing output tags, `(index in pend, missing tags, request)`.
+pub(super) fn repair_requests(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    run_seed: &dyn Fn(usize) -> u64,
+    pend: &mut [Pending],
+    opts: &RunOptions,
+) -> Vec<(usize, Vec<String>, Request)> {
+    let mut out = Vec::new();
+    for (i, p) in pend.iter_mut().enumerate() {
+        if p.failed.is_some() || p.repair_closed {
+            continue;
+        }
+        let missing = missing_tags(g, p);
+        if missing.is_empty() {
+            continue;
+        }
+        let last = p
+            .call
+            .repair_replies
+            .last()
+            .unwrap_or(&p.call.reply)
+            .clone();
+        let msg = repair_message(&missing);
+        p.call.input_tokens += llm.count_tokens(&msg);
+        p.messages.push(Message::assistant(last));
+        p.messages.push(Message::user(msg));
+        let req = Request {
+            messages: p.messages.clone(),
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling,
+            seed: request_seed(run_seed(p.run), &p.call.agent, p.call_index, p.turn),
+            stop: Vec::new(),
+        };
+        p.turn += 1;
+        out.push((i, missing, req));
+    }
+    out
+}
+
+/// Take a repair answer into its call. A rejected repair request (e.g.
+/// context too long) just ends that call's repair.
+pub(super) fn absorb_repair(p: &mut Pending, missing: &[String], gen: Result<Generation, String>) {
+    let Ok(gen) = gen else {
+        p.repair_closed = true;
+        return;
+    };
+    p.call.output_tokens += gen.completion_tokens;
+    for var in missing {
+        if let Some(v) = prompt::extract_tag(&gen.text, var) {
+            p.recovered.insert(var.clone(), v);
+        }
+    }
+    p.call.repair_replies.push(gen.text);
+}
+
 /// One format-repair attempt for every successful call still missing output
 /// tags, as one batch. Returns whether any request was sent.
 fn repair_turn(
@@ -841,246 +1110,30 @@ fn repair_turn(
     opts: &RunOptions,
     step: usize,
 ) -> Result<bool, GraphError> {
-    let mut todo: Vec<(usize, Vec<String>)> = Vec::new();
-    for (i, p) in pend.iter().enumerate() {
-        if p.failed.is_none() && !p.repair_closed {
-            let missing = missing_tags(g, p);
-            if !missing.is_empty() {
-                todo.push((i, missing));
-            }
-        }
-    }
+    let todo = repair_requests(llm, g, &|r| runs[r].seed, pend, opts);
     if todo.is_empty() {
         return Ok(false);
     }
-    let mut reqs = Vec::with_capacity(todo.len());
-    for (i, missing) in &todo {
-        let p = &mut pend[*i];
-        let last = p
-            .call
-            .repair_replies
-            .last()
-            .unwrap_or(&p.call.reply)
-            .clone();
-        let msg = repair_message(missing);
-        p.call.input_tokens += llm.count_tokens(&msg);
-        p.messages.push(Message::assistant(last));
-        p.messages.push(Message::user(msg));
-        reqs.push(Request {
-            messages: p.messages.clone(),
-            max_new_tokens: opts.max_new_tokens,
-            sampling: opts.sampling,
-            seed: request_seed(runs[p.run].seed, &p.call.agent, p.call_index, p.turn),
-            stop: Vec::new(),
-        });
-        p.turn += 1;
-    }
-    // A rejected repair request (e.g. context too long) just ends that call's repair.
+    let (meta, reqs): (Vec<_>, Vec<_>) = todo.into_iter().map(|(i, m, r)| ((i, m), r)).unzip();
     let gens = generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
-    for ((i, missing), gen) in todo.iter().zip(gens) {
-        let p = &mut pend[*i];
-        let Ok(gen) = gen else {
-            p.repair_closed = true;
-            continue;
-        };
-        p.call.output_tokens += gen.completion_tokens;
-        for var in missing {
-            if let Some(v) = prompt::extract_tag(&gen.text, var) {
-                p.recovered.insert(var.clone(), v);
-            }
-        }
-        p.call.repair_replies.push(gen.text);
+    for ((i, missing), gen) in meta.iter().zip(gens) {
+        absorb_repair(&mut pend[*i], missing, gen);
     }
     Ok(true)
 }
 
-fn super_step(
-    llm: &dyn Llm,
+/// End a run's step: apply its calls' outputs (agent order, last write wins),
+/// record the calls, then follow the out-edges of the agents that ran.
+pub(super) fn finish_step(
     g: &Graph<'_>,
-    runs: &mut [Run],
+    run: &mut Run,
+    pend: Vec<Pending>,
+    deferred: &[usize],
     opts: &RunOptions,
-    step: usize,
-) -> Result<(), GraphError> {
-    // 1. Ready calls of every live run, rendered against the pre-step state.
-    let mut pend: Vec<Pending> = Vec::new();
-    let mut deferred: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
-    for (ri, run) in runs.iter_mut().enumerate() {
-        if run.done {
-            continue;
-        }
-        let ready = g.runnable(&run.frontier);
-        deferred[ri] = run
-            .frontier
-            .iter()
-            .copied()
-            .filter(|a| !ready.contains(a))
-            .collect();
-        for agent in ready {
-            let prompt = render_prompt(llm, g, run, agent, opts);
-            let mut messages = Vec::with_capacity(2);
-            if !opts.system_prompt.is_empty() {
-                messages.push(Message::system(opts.system_prompt.clone()));
-            }
-            messages.push(Message::user(prompt.clone()));
-            pend.push(Pending {
-                run: ri,
-                agent,
-                call_index: run.n_calls,
-                messages,
-                turn: 0,
-                tools_used: 0,
-                call: AgentCall {
-                    agent: g.setup.agents[agent].name.clone(),
-                    prompt,
-                    reply: String::new(),
-                    outputs: BTreeMap::new(),
-                    input_tokens: 0,
-                    output_tokens: 0,
-                    format_failures: Vec::new(),
-                    repaired: Vec::new(),
-                    repair_replies: Vec::new(),
-                    truncated: false,
-                    tool_calls: Vec::new(),
-                },
-                recovered: BTreeMap::new(),
-                repair_closed: false,
-                finished: false,
-                failed: None,
-            });
-            run.n_calls += 1;
-        }
-    }
-
-    // 2. Turns: every unfinished call of every run is one batch.
-    loop {
-        let live: Vec<usize> = (0..pend.len()).filter(|&i| !pend[i].finished).collect();
-        if live.is_empty() {
-            break;
-        }
-        let tool_turn: Vec<bool> = live
-            .iter()
-            .map(|&i| {
-                let a = &g.setup.agents[pend[i].agent];
-                !a.tools.is_empty() && pend[i].tools_used < a.max_tool_calls as usize
-            })
-            .collect();
-        let reqs: Vec<Request> = live
-            .iter()
-            .zip(&tool_turn)
-            .map(|(&i, &tt)| {
-                let p = &pend[i];
-                let agent = &g.setup.agents[p.agent].name;
-                Request {
-                    messages: p.messages.clone(),
-                    max_new_tokens: opts.max_new_tokens,
-                    sampling: opts.sampling,
-                    seed: request_seed(runs[p.run].seed, agent, p.call_index, p.turn),
-                    stop: if tt {
-                        vec![TOOL_CALL_CLOSE.to_string()]
-                    } else {
-                        Vec::new()
-                    },
-                }
-            })
-            .collect();
-        let gens =
-            generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
-        let mut jobs: Vec<Vec<ToolJob>> = (0..runs.len()).map(|_| Vec::new()).collect();
-        for ((&i, gen), tt) in live.iter().zip(gens).zip(tool_turn) {
-            let p = &mut pend[i];
-            let gen = match gen {
-                Ok(gen) => gen,
-                Err(msg) => {
-                    p.failed = Some(msg);
-                    p.finished = true;
-                    continue;
-                }
-            };
-            if p.turn == 0 {
-                p.call.input_tokens += gen.prompt_tokens;
-            }
-            p.call.output_tokens += gen.completion_tokens;
-            p.turn += 1;
-            let mut text = gen.text;
-            if tt && gen.stop_reason == StopReason::StopString {
-                text.push_str(TOOL_CALL_CLOSE);
-            }
-            match tt.then(|| parse_tool_call(&text)).flatten() {
-                Some(Ok((name, args, end))) => {
-                    p.messages.push(Message::assistant(text[..end].to_string()));
-                    jobs[p.run].push(ToolJob {
-                        pending: i,
-                        name,
-                        args,
-                        result: String::new(),
-                    });
-                }
-                // No tool call, invalid call JSON, or no tool budget: final reply.
-                _ => {
-                    p.call.reply = text;
-                    p.call.truncated = gen.stop_reason == StopReason::Length;
-                    p.finished = true;
-                }
-            }
-        }
-        if jobs.iter().all(Vec::is_empty) {
-            continue;
-        }
-        // Tools: sequential within a run, parallel across runs.
-        let allowed: Vec<&[String]> = pend
-            .iter()
-            .map(|p| g.setup.agents[p.agent].tools.as_slice())
-            .collect();
-        runs.par_iter_mut()
-            .zip(jobs.par_iter_mut())
-            .for_each(|(run, js)| {
-                for j in js.iter_mut() {
-                    let (r, _) = execute_tool(
-                        run.tools.as_deref_mut(),
-                        allowed[j.pending],
-                        &j.name,
-                        &j.args,
-                    );
-                    j.result = r;
-                }
-            });
-        for j in jobs.into_iter().flatten() {
-            let p = &mut pend[j.pending];
-            let result = prompt::cap_field(&j.result, opts.field_token_cap, &|t, n| {
-                llm.truncate_tokens(t, n)
-            });
-            let mut keys: Vec<&String> = j
-                .args
-                .as_object()
-                .map(|o| o.keys().collect())
-                .unwrap_or_default();
-            keys.sort();
-            let payload =
-                serde_json::json!({ "name": j.name, "argument_keys": keys, "result": result });
-            let msg = format!("<tool_result>{payload}</tool_result>");
-            p.call.input_tokens += llm.count_tokens(&msg);
-            p.messages.push(Message::user(msg));
-            p.call.tool_calls.push(ToolCallRecord {
-                tool: j.name,
-                arguments: j.args,
-                result,
-            });
-            p.tools_used += 1;
-        }
-    }
-
-    // 2b. Format repair: calls whose final reply lacks output tags, one batch per attempt.
-    for _ in 0..opts.format_repairs {
-        if !repair_turn(llm, g, runs, &mut pend, opts, step)? {
-            break;
-        }
-    }
-
-    // 3. Apply outputs (agent order within a run), then route.
-    let mut executed: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
+) {
+    let mut executed = Vec::with_capacity(pend.len());
     for mut p in pend {
-        let run = &mut runs[p.run];
-        executed[p.run].push(p.agent);
+        executed.push(p.agent);
         if let Some(msg) = p.failed.take() {
             if run.error.is_none() {
                 run.error = Some(format!(
@@ -1113,31 +1166,104 @@ fn super_step(
         }
         run.calls.push(p.call);
     }
+    if run.done {
+        return;
+    }
+    run.steps += 1;
+    let mut next: BTreeSet<usize> = deferred.iter().copied().collect();
+    for a in executed {
+        let edges = g.out[a].clone();
+        route(g, run, &edges, &mut next);
+    }
+    run.frontier = next.into_iter().collect();
+    if run.frontier.is_empty() {
+        run.done = true;
+    } else if run.steps >= opts.step_limit {
+        let names: Vec<&str> = run
+            .frontier
+            .iter()
+            .map(|&a| g.setup.agents[a].name.as_str())
+            .collect();
+        run.error = Some(format!(
+            "step limit of {} super-steps reached (still scheduled: {})",
+            opts.step_limit,
+            names.join(", ")
+        ));
+        run.done = true;
+    }
+}
+
+fn super_step(
+    llm: &dyn Llm,
+    g: &Graph<'_>,
+    runs: &mut [Run],
+    opts: &RunOptions,
+    step: usize,
+) -> Result<(), GraphError> {
+    // 1. Ready calls of every live run, rendered against the pre-step state.
+    let mut pend: Vec<Pending> = Vec::new();
+    let mut deferred: Vec<Vec<usize>> = vec![Vec::new(); runs.len()];
     for (ri, run) in runs.iter_mut().enumerate() {
         if run.done {
             continue;
         }
-        run.steps += 1;
-        let mut next: BTreeSet<usize> = deferred[ri].iter().copied().collect();
-        for &a in &executed[ri] {
-            let edges = g.out[a].clone();
-            route(g, run, &edges, &mut next);
+        let (p, d) = start_step(llm, g, run, ri, opts);
+        pend.extend(p);
+        deferred[ri] = d;
+    }
+
+    // 2. Turns: every unfinished call of every run is one batch.
+    loop {
+        let live: Vec<usize> = (0..pend.len()).filter(|&i| !pend[i].finished).collect();
+        if live.is_empty() {
+            break;
         }
-        run.frontier = next.into_iter().collect();
-        if run.frontier.is_empty() {
-            run.done = true;
-        } else if run.steps >= opts.step_limit {
-            let names: Vec<&str> = run
-                .frontier
-                .iter()
-                .map(|&a| g.setup.agents[a].name.as_str())
-                .collect();
-            run.error = Some(format!(
-                "step limit of {} super-steps reached (still scheduled: {})",
-                opts.step_limit,
-                names.join(", ")
-            ));
-            run.done = true;
+        let (reqs, tool_turn): (Vec<Request>, Vec<bool>) = live
+            .iter()
+            .map(|&i| turn_request(g, runs[pend[i].run].seed, &pend[i], opts))
+            .unzip();
+        let gens =
+            generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
+        let mut jobs: Vec<Vec<ToolJob>> = (0..runs.len()).map(|_| Vec::new()).collect();
+        for ((&i, gen), tt) in live.iter().zip(gens).zip(tool_turn) {
+            if let Some((name, args)) = absorb_turn(&mut pend[i], gen, tt) {
+                jobs[pend[i].run].push(ToolJob {
+                    pending: i,
+                    name,
+                    args,
+                    result: String::new(),
+                });
+            }
+        }
+        if jobs.iter().all(Vec::is_empty) {
+            continue;
+        }
+        // Tools: sequential within a run, parallel across runs.
+        let agents: Vec<usize> = pend.iter().map(|p| p.agent).collect();
+        runs.par_iter_mut()
+            .zip(jobs.par_iter_mut())
+            .for_each(|(run, js)| execute_jobs(g, run.tools.as_deref_mut(), &agents, js));
+        for j in jobs.into_iter().flatten() {
+            let i = j.pending;
+            absorb_tool(llm, opts, &mut pend[i], j);
+        }
+    }
+
+    // 2b. Format repair: calls whose final reply lacks output tags, one batch per attempt.
+    for _ in 0..opts.format_repairs {
+        if !repair_turn(llm, g, runs, &mut pend, opts, step)? {
+            break;
+        }
+    }
+
+    // 3. Apply outputs (agent order within a run), then route.
+    let mut by_run: Vec<Vec<Pending>> = (0..runs.len()).map(|_| Vec::new()).collect();
+    for p in pend {
+        by_run[p.run].push(p);
+    }
+    for (ri, (run, p)) in runs.iter_mut().zip(by_run).enumerate() {
+        if !run.done {
+            finish_step(g, run, p, &deferred[ri], opts);
         }
     }
     Ok(())

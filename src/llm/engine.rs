@@ -10,7 +10,8 @@ use super::model::{Chunk, Model, SeqKv, WeightFormat};
 use super::profile::{time, Phase};
 use super::sampling;
 use super::tokenizer::Tokenizer;
-use super::{Generation, Llm, LlmError, Request, Result, StopReason};
+pub use super::EngineStats;
+use super::{Generation, Llm, LlmError, Next, Request, RequestQueue, Result, StopReason};
 use candle_core::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -38,6 +39,8 @@ pub struct EngineOptions {
     pub min_prefix_tokens: usize,
     /// Number of cached prefixes kept between calls.
     pub prefix_cache_entries: usize,
+    /// Memory bound of the cached prefixes' KV, in bytes.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineOptions {
@@ -50,29 +53,17 @@ impl Default for EngineOptions {
             max_step_tokens: 2048,
             prefix_reuse: true,
             min_prefix_tokens: 16,
-            prefix_cache_entries: 32,
+            prefix_cache_entries: 256,
+            prefix_cache_bytes: 2 << 30,
         }
     }
-}
-
-/// Counters of the work the engine did (for benchmarks and reports).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineStats {
-    /// Prompt tokens of all requests.
-    pub prompt_tokens: usize,
-    /// Prompt tokens actually computed (the rest came from reused prefixes).
-    pub prefill_computed: usize,
-    /// Prompt tokens served from reused prefixes.
-    pub prefix_reused: usize,
-    /// Tokens generated.
-    pub generated: usize,
-    /// Packed forward passes run.
-    pub forwards: usize,
 }
 
 struct PrefixEntry {
     tokens: Vec<u32>,
     kv: SeqKv,
+    /// Logical time of the last insertion or use (least recently used goes first).
+    last_used: u64,
 }
 
 /// A model served in-process through Candle.
@@ -85,6 +76,7 @@ pub struct CandleLlm {
     id: String,
     stats: Mutex<EngineStats>,
     prefixes: Mutex<Vec<PrefixEntry>>,
+    clock: std::sync::atomic::AtomicU64,
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> LlmError {
@@ -287,6 +279,7 @@ impl CandleLlm {
             id,
             stats: Mutex::new(EngineStats::default()),
             prefixes: Mutex::new(Vec::new()),
+            clock: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -345,7 +338,7 @@ impl CandleLlm {
         self.chat.render(&req.messages)
     }
 
-    fn plan_prefixes(&self, prompts: &[Vec<u32>]) -> Result<()> {
+    fn plan_prefixes(&self, prompts: &[&[u32]]) -> Result<()> {
         let min = self.opts.min_prefix_tokens.max(1);
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by(|&a, &b| prompts[a].cmp(&prompts[b]));
@@ -416,12 +409,7 @@ impl CandleLlm {
             start = end;
         }
         for (tokens, kv) in wanted.into_iter().zip(kvs) {
-            store.push(PrefixEntry { tokens, kv });
-        }
-        let cap = self.opts.prefix_cache_entries.max(1);
-        if store.len() > cap {
-            let drop = store.len() - cap;
-            store.drain(..drop);
+            self.insert_prefix(&mut store, tokens, kv);
         }
         Ok(())
     }
@@ -431,16 +419,22 @@ impl CandleLlm {
         if !self.opts.prefix_reuse {
             return Ok((SeqKv::new(n_layers), 0));
         }
-        let store = self
+        let mut store = self
             .prefixes
             .lock()
             .map_err(|_| LlmError::Other("prefix cache poisoned".into()))?;
+        // At least the last prompt token is always computed (it yields the logits).
+        let usable = prompt.len().saturating_sub(1);
         let best = store
             .iter()
-            .map(|e| (lcp(&e.tokens, prompt).min(e.kv.len()), e))
+            .enumerate()
+            .map(|(i, e)| (lcp(&e.tokens, prompt).min(e.kv.len()).min(usable), i))
             .max_by_key(|(l, _)| *l);
         match best {
-            Some((l, e)) if l >= self.opts.min_prefix_tokens && l < prompt.len() => {
+            Some((l, i)) if l >= self.opts.min_prefix_tokens.max(1) => {
+                let tick = self.tick();
+                let e = &mut store[i];
+                e.last_used = tick;
                 Ok((e.kv.prefix(l)?, l))
             }
             _ => Ok((SeqKv::new(n_layers), 0)),
@@ -492,7 +486,8 @@ fn hub_download(repo: &str) -> Result<PathBuf> {
 }
 
 struct Seq {
-    idx: usize,
+    id: usize,
+    req: Request,
     kv: SeqKv,
     prompt: Vec<u32>,
     fed: usize,
@@ -500,159 +495,121 @@ struct Seq {
     rng: ChaCha8Rng,
 }
 
-impl Llm for CandleLlm {
-    fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
-        let mut prompts = Vec::with_capacity(requests.len());
-        for (i, r) in requests.iter().enumerate() {
-            if r.messages.is_empty() {
-                return Err(LlmError::BadRequest {
-                    index: i,
-                    message: "no messages".into(),
-                });
-            }
-            let text = self.chat.render(&r.messages)?;
-            let ids = self.tokenizer.encode(&text)?;
-            if ids.len() + r.max_new_tokens.max(1) > self.model.config().max_position {
-                return Err(LlmError::BadRequest {
-                    index: i,
-                    message: format!(
-                        "prompt of {} tokens + {} new tokens exceeds the model context of {}",
-                        ids.len(),
-                        r.max_new_tokens,
-                        self.model.config().max_position
-                    ),
-                });
-            }
-            prompts.push(ids);
+/// A validated request waiting for a slot: its id, the request and its prompt tokens.
+struct Admitted {
+    id: usize,
+    req: Request,
+    prompt: Vec<u32>,
+}
+
+/// Where the scheduler loop gets requests and leaves answers.
+trait Feed {
+    /// Newly arrived requests (validated); `None` once no more will come. With
+    /// `block`, the loop has nothing to run and waits for at least one.
+    fn pull(&mut self, engine: &CandleLlm, block: bool) -> Result<Option<Vec<Admitted>>>;
+    /// A finished request.
+    fn done(&mut self, id: usize, result: Result<Generation>);
+    /// Whether arrivals are a whole batch known in advance (not timing-dependent groups).
+    fn whole_batch(&self) -> bool {
+        false
+    }
+}
+
+/// The whole batch of a [`Llm::generate`] call, validated up front.
+struct BatchFeed {
+    items: Option<Vec<Admitted>>,
+    out: Vec<Option<Generation>>,
+}
+
+impl Feed for BatchFeed {
+    fn pull(&mut self, _: &CandleLlm, _: bool) -> Result<Option<Vec<Admitted>>> {
+        Ok(self.items.take())
+    }
+    fn done(&mut self, id: usize, result: Result<Generation>) {
+        if let Ok(g) = result {
+            self.out[id] = Some(g);
         }
-        let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
-        if let Ok(mut s) = self.stats.lock() {
-            s.prompt_tokens += prompts.iter().map(Vec::len).sum::<usize>();
+    }
+    fn whole_batch(&self) -> bool {
+        true
+    }
+}
+
+/// A caller's [`RequestQueue`] of a [`Llm::serve`] call.
+struct QueueFeed<'q> {
+    queue: &'q mut dyn RequestQueue,
+    closed: bool,
+}
+
+impl Feed for QueueFeed<'_> {
+    fn pull(&mut self, engine: &CandleLlm, block: bool) -> Result<Option<Vec<Admitted>>> {
+        if self.closed {
+            return Ok(None);
         }
-        if self.opts.prefix_reuse && requests.len() > 1 {
-            self.plan_prefixes(&prompts)?;
-        }
-        let kv_per_tok = self.model.config().kv_bytes_per_token().max(1);
-        let budget_tokens = self.opts.kv_budget_bytes / kv_per_tok;
-        let mut pending: VecDeque<usize> = VecDeque::new();
-        for (i, r) in requests.iter().enumerate() {
-            if r.max_new_tokens == 0 {
-                out[i] = Some(Generation {
-                    text: String::new(),
-                    prompt_tokens: prompts[i].len(),
-                    completion_tokens: 0,
-                    stop_reason: StopReason::Length,
-                });
-            } else {
-                pending.push_back(i);
-            }
-        }
-        let mut active: Vec<Seq> = Vec::new();
-        let mut reserved = 0usize;
+        let mut got = Vec::new();
         loop {
-            while active.len() < self.opts.max_batch.max(1) {
-                let Some(&i) = pending.front() else { break };
-                let need = prompts[i].len() + requests[i].max_new_tokens;
-                if !active.is_empty() && reserved + need > budget_tokens {
+            match self.queue.next(block && got.is_empty()) {
+                Next::Ready(id, req) => match engine.validate(id, &req) {
+                    Ok(prompt) => got.push(Admitted { id, req, prompt }),
+                    Err(e) => self.queue.done(id, Err(e)),
+                },
+                Next::Wait => {
+                    if block && got.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
                     break;
                 }
-                pending.pop_front();
-                reserved += need;
-                let (kv, reused) = self.start_kv(&prompts[i])?;
-                if let Ok(mut s) = self.stats.lock() {
-                    s.prefix_reused += reused;
+                Next::Closed => {
+                    self.closed = true;
+                    break;
                 }
-                active.push(Seq {
-                    idx: i,
-                    kv,
-                    prompt: prompts[i].clone(),
-                    fed: reused,
-                    generated: Vec::new(),
-                    rng: ChaCha8Rng::seed_from_u64(requests[i].seed),
-                });
-            }
-            if active.is_empty() {
-                break;
-            }
-            // Build this step's chunks within the token budget: decodes first (1 token
-            // each), then prompt remainders (chunked prefill).
-            let mut budget = self.opts.max_step_tokens.max(active.len());
-            let mut feed: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (active pos, tokens, produces logits)
-            for (k, s) in active.iter().enumerate() {
-                if s.fed >= s.prompt.len() {
-                    let last = *s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]);
-                    feed.push((k, vec![last], true));
-                    budget -= 1;
-                }
-            }
-            for (k, s) in active.iter().enumerate() {
-                if s.fed < s.prompt.len() && budget > 0 {
-                    let n = (s.prompt.len() - s.fed).min(budget);
-                    budget -= n;
-                    feed.push((
-                        k,
-                        s.prompt[s.fed..s.fed + n].to_vec(),
-                        s.fed + n == s.prompt.len(),
-                    ));
-                }
-            }
-            feed.sort_by_key(|f| f.0);
-            let logits = {
-                let mut chunks = Vec::with_capacity(feed.len());
-                let mut fi = feed.iter().peekable();
-                for (k, s) in active.iter_mut().enumerate() {
-                    if let Some(f) = fi.peek() {
-                        if f.0 == k {
-                            chunks.push(Chunk {
-                                kv: &mut s.kv,
-                                tokens: &f.1,
-                            });
-                            fi.next();
-                        }
-                    }
-                }
-                self.model.forward(&mut chunks)?
-            };
-            let mut computed = 0;
-            let mut finished = Vec::new();
-            for (row, (k, toks, produces)) in feed.iter().enumerate() {
-                let s = &mut active[*k];
-                if s.fed < s.prompt.len() {
-                    s.fed += toks.len();
-                    computed += toks.len();
-                }
-                if !produces {
-                    continue;
-                }
-                let req = &requests[s.idx];
-                let tok = time(Phase::Sampling, || {
-                    sampling::sample(&logits[row], &req.sampling, &mut s.rng)
-                });
-                s.generated.push(tok);
-                if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s, req))? {
-                    finished.push((*k, g));
-                }
-            }
-            if let Ok(mut st) = self.stats.lock() {
-                st.prefill_computed += computed;
-                st.forwards += 1;
-            }
-            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
-            for (k, g) in finished {
-                let s = active.swap_remove(k);
-                reserved -= prompts[s.idx].len() + requests[s.idx].max_new_tokens;
-                if let Ok(mut st) = self.stats.lock() {
-                    st.generated += g.completion_tokens;
-                }
-                out[s.idx] = Some(g);
             }
         }
-        out.into_iter()
+        if got.is_empty() && self.closed {
+            return Ok(None);
+        }
+        Ok(Some(got))
+    }
+    fn done(&mut self, id: usize, result: Result<Generation>) {
+        self.queue.done(id, result);
+    }
+}
+
+impl Llm for CandleLlm {
+    fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
+        let mut items = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let prompt = self.validate(i, r)?;
+            items.push(Admitted {
+                id: i,
+                req: r.clone(),
+                prompt,
+            });
+        }
+        let mut feed = BatchFeed {
+            items: Some(items),
+            out: vec![None; requests.len()],
+        };
+        self.schedule(&mut feed)?;
+        feed.out
+            .into_iter()
             .enumerate()
             .map(|(i, g)| {
                 g.ok_or_else(|| LlmError::Other(format!("request {i} produced no generation")))
             })
             .collect()
+    }
+
+    fn serve(&self, queue: &mut dyn RequestQueue) -> Result<()> {
+        self.schedule(&mut QueueFeed {
+            queue,
+            closed: false,
+        })
+    }
+
+    fn engine_stats(&self) -> Option<super::EngineStats> {
+        Some(self.stats())
     }
 
     fn count_tokens(&self, text: &str) -> usize {
@@ -669,7 +626,257 @@ impl Llm for CandleLlm {
 }
 
 impl CandleLlm {
-    fn check_finished(&self, s: &Seq, req: &Request) -> Result<Option<Generation>> {
+    /// Render and tokenize request `index`, checking it fits the context.
+    fn validate(&self, index: usize, r: &Request) -> Result<Vec<u32>> {
+        if r.messages.is_empty() {
+            return Err(LlmError::BadRequest {
+                index,
+                message: "no messages".into(),
+            });
+        }
+        let text = self.chat.render(&r.messages)?;
+        let ids = self.tokenizer.encode(&text)?;
+        if ids.len() + r.max_new_tokens.max(1) > self.model.config().max_position {
+            return Err(LlmError::BadRequest {
+                index,
+                message: format!(
+                    "prompt of {} tokens + {} new tokens exceeds the model context of {}",
+                    ids.len(),
+                    r.max_new_tokens,
+                    self.model.config().max_position
+                ),
+            });
+        }
+        Ok(ids)
+    }
+
+    /// The continuous-batching loop: requests join the running batch at the
+    /// next step (admission bounded by `max_batch` and the KV budget), each
+    /// step packs one token per decoding sequence plus prompt chunks, and a
+    /// finished sequence's answer leaves at once.
+    fn schedule(&self, feed: &mut dyn Feed) -> Result<()> {
+        let kv_per_tok = self.model.config().kv_bytes_per_token().max(1);
+        let budget_tokens = self.opts.kv_budget_bytes / kv_per_tok;
+        let max_batch = self.opts.max_batch.max(1);
+        let mut pending: VecDeque<Admitted> = VecDeque::new();
+        let mut active: Vec<Seq> = Vec::new();
+        let mut reserved = 0usize;
+        let mut open = true;
+        loop {
+            if open {
+                let idle = active.is_empty() && pending.is_empty();
+                match feed.pull(self, idle)? {
+                    None => open = false,
+                    Some(arrived) => {
+                        if let Ok(mut s) = self.stats.lock() {
+                            s.prompt_tokens +=
+                                arrived.iter().map(|a| a.prompt.len()).sum::<usize>();
+                            s.max_batch = max_batch;
+                        }
+                        // Shared prefixes of a group of arrivals are computed once. With an
+                        // executor that is not batch-invariant this only happens for a whole
+                        // `generate` batch, so streamed text never depends on arrival timing.
+                        if self.opts.prefix_reuse
+                            && arrived.len() > 1
+                            && (self.model.batch_invariant() || feed.whole_batch())
+                        {
+                            let prompts: Vec<&[u32]> =
+                                arrived.iter().map(|a| a.prompt.as_slice()).collect();
+                            self.plan_prefixes(&prompts)?;
+                        }
+                        for a in arrived {
+                            if a.req.max_new_tokens == 0 {
+                                let g = Generation {
+                                    text: String::new(),
+                                    prompt_tokens: a.prompt.len(),
+                                    completion_tokens: 0,
+                                    stop_reason: StopReason::Length,
+                                };
+                                feed.done(a.id, Ok(g));
+                            } else {
+                                pending.push_back(a);
+                            }
+                        }
+                    }
+                }
+            }
+            while active.len() < max_batch {
+                let Some(a) = pending.front() else { break };
+                let need = a.prompt.len() + a.req.max_new_tokens;
+                if !active.is_empty() && reserved + need > budget_tokens {
+                    break;
+                }
+                let Some(a) = pending.pop_front() else { break };
+                reserved += need;
+                let (kv, reused) = self.start_kv(&a.prompt)?;
+                if let Ok(mut s) = self.stats.lock() {
+                    s.prefix_reused += reused;
+                }
+                active.push(Seq {
+                    id: a.id,
+                    rng: ChaCha8Rng::seed_from_u64(a.req.seed),
+                    req: a.req,
+                    kv,
+                    prompt: a.prompt,
+                    fed: reused,
+                    generated: Vec::new(),
+                });
+            }
+            if active.is_empty() {
+                if open || !pending.is_empty() {
+                    continue;
+                }
+                return Ok(());
+            }
+            // Build this step's chunks within the token budget: decodes first (1 token
+            // each), then prompt remainders (chunked prefill).
+            let mut budget = self.opts.max_step_tokens.max(active.len());
+            let mut feed_rows: Vec<(usize, Vec<u32>, bool)> = Vec::new(); // (active pos, tokens, produces logits)
+            for (k, s) in active.iter().enumerate() {
+                if s.fed >= s.prompt.len() {
+                    let last = *s.generated.last().unwrap_or(&s.prompt[s.prompt.len() - 1]);
+                    feed_rows.push((k, vec![last], true));
+                    budget -= 1;
+                }
+            }
+            let decoding = feed_rows.len();
+            for (k, s) in active.iter().enumerate() {
+                if s.fed < s.prompt.len() && budget > 0 {
+                    let n = (s.prompt.len() - s.fed).min(budget);
+                    budget -= n;
+                    feed_rows.push((
+                        k,
+                        s.prompt[s.fed..s.fed + n].to_vec(),
+                        s.fed + n == s.prompt.len(),
+                    ));
+                }
+            }
+            feed_rows.sort_by_key(|f| f.0);
+            let logits = {
+                let mut chunks = Vec::with_capacity(feed_rows.len());
+                let mut fi = feed_rows.iter().peekable();
+                for (k, s) in active.iter_mut().enumerate() {
+                    if let Some(f) = fi.peek() {
+                        if f.0 == k {
+                            chunks.push(Chunk {
+                                kv: &mut s.kv,
+                                tokens: &f.1,
+                            });
+                            fi.next();
+                        }
+                    }
+                }
+                self.model.forward(&mut chunks)?
+            };
+            let mut computed = 0;
+            let mut finished = Vec::new();
+            for (row, (k, toks, produces)) in feed_rows.iter().enumerate() {
+                let s = &mut active[*k];
+                if s.fed < s.prompt.len() {
+                    s.fed += toks.len();
+                    computed += toks.len();
+                }
+                if !produces {
+                    continue;
+                }
+                let tok = time(Phase::Sampling, || {
+                    sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
+                });
+                s.generated.push(tok);
+                if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s))? {
+                    finished.push((*k, g));
+                }
+            }
+            if let Ok(mut st) = self.stats.lock() {
+                st.prefill_computed += computed;
+                st.forwards += 1;
+                if decoding > 0 {
+                    st.decode_steps += 1;
+                    st.decode_rows += decoding;
+                    if decoding >= max_batch {
+                        st.full_steps += 1;
+                    }
+                }
+            }
+            finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+            for (k, g) in finished {
+                let s = active.swap_remove(k);
+                reserved -= s.prompt.len() + s.req.max_new_tokens;
+                if let Ok(mut st) = self.stats.lock() {
+                    st.generated += g.completion_tokens;
+                }
+                feed.done(s.id, Ok(g));
+                self.keep_finished(s);
+            }
+        }
+    }
+
+    /// Keep a finished sequence's KV cache (its prompt and reply) as a
+    /// reusable prefix: a follow-up turn of the same conversation (tool
+    /// result, format repair, next agent over the same history) starts from
+    /// it. Only for executors whose results do not depend on how a sequence
+    /// was split into forwards (the int8 kernels), so reuse never changes text.
+    fn keep_finished(&self, s: Seq) {
+        if !self.opts.prefix_reuse || !self.model.batch_invariant() {
+            return;
+        }
+        let n = s.kv.len();
+        if n < self.opts.min_prefix_tokens.max(1) {
+            return;
+        }
+        let mut tokens = s.prompt;
+        tokens.extend_from_slice(&s.generated);
+        tokens.truncate(n);
+        if let Ok(mut store) = self.prefixes.lock() {
+            self.insert_prefix(&mut store, tokens, s.kv);
+        }
+    }
+
+    /// Add a prefix entry (dropping entries it extends), then evict the least
+    /// recently used entries beyond the entry and byte limits.
+    fn insert_prefix(&self, store: &mut Vec<PrefixEntry>, tokens: Vec<u32>, kv: SeqKv) {
+        if store
+            .iter()
+            .any(|e| e.tokens.len() >= tokens.len() && e.tokens[..tokens.len()] == tokens[..])
+        {
+            return;
+        }
+        store.retain(|e| {
+            !(e.tokens.len() < tokens.len() && tokens[..e.tokens.len()] == e.tokens[..])
+        });
+        let tick = self.tick();
+        store.push(PrefixEntry {
+            tokens,
+            kv,
+            last_used: tick,
+        });
+        let per_tok = self.model.config().kv_bytes_per_token().max(1);
+        let cap = self.opts.prefix_cache_entries.max(1);
+        let max_bytes = self.opts.prefix_cache_bytes;
+        loop {
+            let bytes: usize = store.iter().map(|e| e.kv.len() * per_tok).sum();
+            if store.len() <= cap && bytes <= max_bytes {
+                break;
+            }
+            let Some(oldest) = store
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            store.swap_remove(oldest);
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn check_finished(&self, s: &Seq) -> Result<Option<Generation>> {
+        let req = &s.req;
         let last = *s.generated.last().unwrap_or(&0);
         let n = s.generated.len();
         let make = |ids: &[u32], reason| -> Result<Generation> {

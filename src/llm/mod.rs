@@ -256,12 +256,178 @@ pub struct Generation {
     pub stop_reason: StopReason,
 }
 
+/// What [`RequestQueue::next`] hands to a serving backend.
+#[derive(Debug)]
+pub enum Next {
+    /// A request to start now, under the caller's id.
+    Ready(usize, Request),
+    /// Nothing to start now; more requests may come later.
+    Wait,
+    /// No request will ever come again: finish what is running and return.
+    Closed,
+}
+
+/// The two ends of a streaming [`Llm::serve`] call: the backend pulls requests
+/// from [`RequestQueue::next`] while it runs, and hands each answer to
+/// [`RequestQueue::done`] as soon as it is finished, so a caller can submit a
+/// follow-up request (the next agent of a run) that joins the running batch.
+pub trait RequestQueue {
+    /// The next request to start. With `block` the backend has nothing else to
+    /// do: the queue should wait until it has a request ([`Next::Ready`]) or
+    /// knows none will come ([`Next::Closed`]); [`Next::Wait`] is then treated
+    /// like a short sleep.
+    fn next(&mut self, block: bool) -> Next;
+    /// The answer to request `id`. A request the backend rejects gets
+    /// `Err(LlmError::BadRequest)` here and the call goes on; any other error
+    /// ends [`Llm::serve`] itself.
+    fn done(&mut self, id: usize, result: Result<Generation>);
+}
+
+/// Counters of the work a serving backend did (for benchmarks and reports).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Prompt tokens of all requests.
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest came from reused prefixes).
+    pub prefill_computed: usize,
+    /// Prompt tokens served from reused prefixes.
+    pub prefix_reused: usize,
+    /// Tokens generated.
+    pub generated: usize,
+    /// Packed forward passes run.
+    pub forwards: usize,
+    /// Forward passes that decoded at least one sequence.
+    pub decode_steps: usize,
+    /// Sum over decode steps of the sequences decoded in that step.
+    pub decode_rows: usize,
+    /// Decode steps that ran with as many sequences as the batch limit allows.
+    pub full_steps: usize,
+    /// The batch limit ([`engine::EngineOptions::max_batch`]).
+    pub max_batch: usize,
+}
+
+impl EngineStats {
+    /// Mean number of sequences per decode step.
+    pub fn mean_batch(&self) -> f64 {
+        self.decode_rows as f64 / self.decode_steps.max(1) as f64
+    }
+    /// Mean decode batch as a fraction of the batch limit.
+    pub fn batch_fill(&self) -> f64 {
+        self.mean_batch() / self.max_batch.max(1) as f64
+    }
+    /// Fraction of decode steps at the batch limit.
+    pub fn full_fraction(&self) -> f64 {
+        self.full_steps as f64 / self.decode_steps.max(1) as f64
+    }
+    /// Counters accumulated since `earlier` (same backend).
+    pub fn since(&self, earlier: &EngineStats) -> EngineStats {
+        EngineStats {
+            prompt_tokens: self.prompt_tokens.saturating_sub(earlier.prompt_tokens),
+            prefill_computed: self
+                .prefill_computed
+                .saturating_sub(earlier.prefill_computed),
+            prefix_reused: self.prefix_reused.saturating_sub(earlier.prefix_reused),
+            generated: self.generated.saturating_sub(earlier.generated),
+            forwards: self.forwards.saturating_sub(earlier.forwards),
+            decode_steps: self.decode_steps.saturating_sub(earlier.decode_steps),
+            decode_rows: self.decode_rows.saturating_sub(earlier.decode_rows),
+            full_steps: self.full_steps.saturating_sub(earlier.full_steps),
+            max_batch: self.max_batch,
+        }
+    }
+    /// One line for logs and CLI summaries.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} decode steps, mean batch {:.1} of {} ({:.0}% full), {:.0}% of steps at the limit; prompt tokens {} ({} computed, {} from reused prefixes), {} generated",
+            self.decode_steps,
+            self.mean_batch(),
+            self.max_batch,
+            100.0 * self.batch_fill(),
+            100.0 * self.full_fraction(),
+            self.prompt_tokens,
+            self.prefill_computed,
+            self.prefix_reused,
+            self.generated
+        )
+    }
+}
+
+/// [`Llm::serve`] for a backend that only has [`Llm::generate`]: whatever the
+/// queue holds is sent as one batch, answers are delivered, and the queue is
+/// asked again (a request rejected with [`LlmError::BadRequest`] gets its
+/// error and the rest of the batch is resent).
+pub fn serve_in_batches<L: Llm + ?Sized>(llm: &L, queue: &mut dyn RequestQueue) -> Result<()> {
+    loop {
+        let mut ids = Vec::new();
+        let mut reqs = Vec::new();
+        let mut closed = false;
+        loop {
+            match queue.next(reqs.is_empty()) {
+                Next::Ready(id, r) => {
+                    ids.push(id);
+                    reqs.push(r);
+                }
+                Next::Wait => {
+                    if reqs.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
+                    break;
+                }
+                Next::Closed => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        while !reqs.is_empty() {
+            match llm.generate(&reqs) {
+                Ok(gens) => {
+                    if gens.len() != reqs.len() {
+                        return Err(LlmError::Other(format!(
+                            "model returned {} generations for {} requests",
+                            gens.len(),
+                            reqs.len()
+                        )));
+                    }
+                    for (id, g) in ids.drain(..).zip(gens) {
+                        queue.done(id, Ok(g));
+                    }
+                    reqs.clear();
+                }
+                Err(LlmError::BadRequest { index, message }) if index < reqs.len() => {
+                    reqs.remove(index);
+                    queue.done(
+                        ids.remove(index),
+                        Err(LlmError::BadRequest { index, message }),
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if closed {
+            return Ok(());
+        }
+    }
+}
+
 /// A batched language model. Implementations must return one generation per
 /// request, in request order, and a request's text must not depend on the
 /// other requests of the batch.
 pub trait Llm: Send + Sync {
     /// Generate answers for a batch of requests.
     fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>>;
+    /// Serve requests as they arrive (see [`RequestQueue`]); a request's text
+    /// is the same as [`Llm::generate`] gives it alone. The default sends
+    /// whatever is queued as one `generate` batch at a time; the in-process
+    /// engine admits new requests into its running batch at every decode step.
+    fn serve(&self, queue: &mut dyn RequestQueue) -> Result<()> {
+        serve_in_batches(self, queue)
+    }
+    /// Work counters of the backend since it started, when it keeps them.
+    fn engine_stats(&self) -> Option<EngineStats> {
+        None
+    }
     /// Number of tokens of `text` under this model's tokenizer (no special tokens).
     fn count_tokens(&self, text: &str) -> usize;
     /// Truncate `text` to at most `max_tokens` tokens (token boundary, lossless prefix).

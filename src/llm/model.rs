@@ -590,6 +590,13 @@ impl Model {
         }
     }
 
+    /// Whether a sequence's logits are bit for bit the same however its tokens
+    /// are split into forwards and whatever else is in the batch (true for the
+    /// int8 kernels; candle's matmuls may change reduction order with shape).
+    pub fn batch_invariant(&self) -> bool {
+        matches!(self.exec, Exec::Int8(_))
+    }
+
     /// The executor in use, for logs and benchmarks (e.g. `int8 kernels (avx2)`).
     pub fn executor(&self) -> String {
         match &self.exec {

@@ -354,3 +354,170 @@ fn every_kernel_tier_generates_the_same_text() {
         }
     }
 }
+
+/// A queue that submits a follow-up turn (the reply appended to the history)
+/// as soon as each answer arrives, the way the MAS runtime does, and records
+/// every answer by (conversation, turn).
+struct FollowUps {
+    todo: std::collections::VecDeque<(usize, Request)>,
+    turns: usize,
+    next_id: usize,
+    meta: std::collections::HashMap<usize, (usize, usize, Request)>,
+    answers: std::collections::BTreeMap<(usize, usize), String>,
+}
+
+impl cantante::llm::RequestQueue for FollowUps {
+    fn next(&mut self, _block: bool) -> cantante::llm::Next {
+        match self.todo.pop_front() {
+            Some((id, r)) => cantante::llm::Next::Ready(id, r),
+            None if self.meta.is_empty() => cantante::llm::Next::Closed,
+            None => cantante::llm::Next::Wait,
+        }
+    }
+    fn done(&mut self, id: usize, result: cantante::llm::Result<cantante::llm::Generation>) {
+        let (conv, turn, mut req) = self.meta.remove(&id).unwrap();
+        let g = result.unwrap();
+        self.answers.insert((conv, turn), g.text.clone());
+        if turn + 1 < self.turns {
+            req.messages.push(Message::assistant(g.text));
+            req.messages.push(Message::user("Go on, and be brief."));
+            req.seed += 1;
+            self.push(conv, turn + 1, req);
+        }
+    }
+}
+
+impl FollowUps {
+    fn new(first: &[Request], turns: usize) -> Self {
+        let mut q = Self {
+            todo: Default::default(),
+            turns,
+            next_id: 0,
+            meta: Default::default(),
+            answers: Default::default(),
+        };
+        for (c, r) in first.iter().enumerate() {
+            q.push(c, 0, r.clone());
+        }
+        q
+    }
+    fn push(&mut self, conv: usize, turn: usize, req: Request) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.meta.insert(id, (conv, turn, req.clone()));
+        self.todo.push_back((id, req));
+    }
+}
+
+#[test]
+fn streamed_follow_ups_equal_one_by_one_and_reuse_finished_conversations() {
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 5,
+        quantized: true,
+    });
+    let first: Vec<Request> = mixed_requests()
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.with_sampling(Sampling::temperature(0.8))
+                .with_seed(40 + i as u64)
+        })
+        .collect();
+    // Reference: every turn alone, without any prefix reuse.
+    let mut alone = load(&p, 1);
+    alone.set_prefix_reuse(false);
+    let mut expected = std::collections::BTreeMap::new();
+    for (c, r) in first.iter().enumerate() {
+        let mut req = r.clone();
+        for t in 0..3 {
+            let g = alone
+                .generate(std::slice::from_ref(&req))
+                .unwrap()
+                .remove(0);
+            expected.insert((c, t), g.text.clone());
+            req.messages.push(Message::assistant(g.text));
+            req.messages.push(Message::user("Go on, and be brief."));
+            req.seed += 1;
+        }
+    }
+    for max_batch in [2, 32] {
+        let llm = load(&p, max_batch);
+        let mut q = FollowUps::new(&first, 3);
+        llm.serve(&mut q).unwrap();
+        assert_eq!(q.answers, expected, "max_batch {max_batch}");
+        let st = llm.stats();
+        // Later turns start from the finished conversation's KV cache.
+        assert!(
+            st.prefix_reused * 2 > st.prompt_tokens,
+            "reused {} of {} prompt tokens",
+            st.prefix_reused,
+            st.prompt_tokens
+        );
+        assert!(st.decode_steps > 0 && st.decode_rows >= st.decode_steps);
+        assert_eq!(st.max_batch, max_batch);
+    }
+}
+
+#[test]
+fn continuous_and_super_step_schedules_give_the_same_traces_on_a_model() {
+    use cantante::graph::{run_batch, RunOptions, RunSpec, Schedule, Setup, Validation};
+    let (_d, p) = tiny(TinySpec {
+        arch: "llama",
+        seed: 3,
+        quantized: true,
+    });
+    let setup = Setup::from_yaml(
+        r#"
+edges:
+  - {from: __start__, to: a}
+  - {from: __start__, to: b}
+  - {from: a, to: c}
+  - {from: b, to: c}
+  - {from: c, to: __end__}
+agents:
+  - {name: a, input_vars: [query], output_vars: [x]}
+  - {name: b, input_vars: [query], output_vars: [y]}
+  - {name: c, input_vars: [query, x, y], output_vars: [prediction]}
+init_agent_prompt_pool:
+  a: ["Think about {query} and answer in <x></x> tags."]
+  b: ["Consider {query}; reply inside <y></y>."]
+  c: ["Combine {x} and {y} for {query} into <prediction></prediction>."]
+"#,
+        "t.yaml",
+    )
+    .unwrap();
+    setup.validate(&Validation::default()).unwrap();
+    let prompts = std::sync::Arc::new(setup.pool_config(0));
+    let make = || -> Vec<RunSpec> {
+        (0..6)
+            .map(|i| {
+                RunSpec::new(
+                    prompts.clone(),
+                    format!("question {i}: {}", "word ".repeat(i)),
+                    9 + i as u64,
+                )
+            })
+            .collect()
+    };
+    let mut traces = Vec::new();
+    for schedule in [Schedule::SuperStep, Schedule::Continuous] {
+        let llm = load(&p, 4);
+        let o = RunOptions {
+            max_new_tokens: 12,
+            format_repairs: 1,
+            sampling: Sampling::temperature(0.9),
+            schedule,
+            ..RunOptions::default()
+        };
+        let out = run_batch(&llm, &setup, make(), &o, None).unwrap();
+        let t: Vec<String> = out
+            .iter()
+            .enumerate()
+            .map(|(i, r)| serde_json::to_string(&r.trace(i)).unwrap())
+            .collect();
+        assert!(out.iter().all(|r| r.calls.len() == 3 && r.error.is_none()));
+        traces.push(t);
+    }
+    assert_eq!(traces[0], traces[1]);
+}

@@ -709,7 +709,12 @@ fn tool_loop_is_bounded_and_batched_across_runs() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let llm = tool_llm(seen.clone());
     let (runs, logs) = tool_runs(&setup, &["calls0", "calls1", "calls2", "calls5"]);
-    let out = run_batch(&llm, &setup, runs, &opts(), None).unwrap();
+    // Super-step order: every turn of all runs is one batch.
+    let lock = RunOptions {
+        schedule: cantante::graph::Schedule::SuperStep,
+        ..opts()
+    };
+    let out = run_batch(&llm, &setup, runs, &lock, None).unwrap();
     // Turn 0: 4 requests; turn 1: 3; turn 2: 2 (calls5 has used its budget of 2, its reply is final).
     assert_eq!(llm.batches(), 3);
     assert_eq!(llm.calls(), 9);
@@ -1167,7 +1172,24 @@ fn trace_and_progress() {
         Some(&progress),
     )
     .unwrap();
-    assert_eq!(*seen.lock().unwrap(), [1, 3]);
+    // Continuous schedule: each run is reported as it finishes.
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3]);
+    let lock = RunOptions {
+        schedule: cantante::graph::Schedule::SuperStep,
+        ..opts()
+    };
+    let seen_lock = Mutex::new(Vec::new());
+    let progress = |n: usize| seen_lock.lock().unwrap().push(n);
+    run_batch(
+        &llm,
+        &setup,
+        specs(&setup, &["need0", "need1", "need1"]),
+        &lock,
+        Some(&progress),
+    )
+    .unwrap();
+    // Super-step: reported after each super-step in which some run finished.
+    assert_eq!(*seen_lock.lock().unwrap(), [1, 3]);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("trace.jsonl");
@@ -1286,4 +1308,222 @@ init_agent_prompt_pool:
         p.ends_with(r#"<tool_call>{"name": "<tool_name>", "arguments": {...}}</tool_call>"#),
         "{p}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Continuous schedule == super-step schedule
+
+/// A backend that serves requests in a random order with random delays: it
+/// pulls a random number of queued requests, answers a random one of those it
+/// holds after a short sleep, and repeats. Its answers come from `inner`.
+struct Shuffled {
+    inner: ScriptedLlm,
+    seed: u64,
+}
+
+impl Llm for Shuffled {
+    fn generate(&self, requests: &[Request]) -> cantante::llm::Result<Vec<Generation>> {
+        self.inner.generate(requests)
+    }
+    fn serve(&self, queue: &mut dyn cantante::llm::RequestQueue) -> cantante::llm::Result<()> {
+        use cantante::llm::Next;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+        let mut held: Vec<(usize, Request)> = Vec::new();
+        let mut closed = false;
+        loop {
+            let want = rng.random_range(0..4usize);
+            let mut pulled = 0;
+            while !closed && (pulled < want || held.is_empty()) {
+                match queue.next(held.is_empty()) {
+                    Next::Ready(id, r) => held.push((id, r)),
+                    Next::Wait if held.is_empty() => {
+                        std::thread::sleep(std::time::Duration::from_micros(100))
+                    }
+                    Next::Wait => break,
+                    Next::Closed => closed = true,
+                }
+                pulled += 1;
+            }
+            if held.is_empty() {
+                return Ok(());
+            }
+            let (id, r) = held.swap_remove(rng.random_range(0..held.len()));
+            std::thread::sleep(std::time::Duration::from_micros(rng.random_range(0..300)));
+            match self.inner.generate(std::slice::from_ref(&r)) {
+                Ok(mut g) => queue.done(id, Ok(g.remove(0))),
+                Err(e) => queue.done(id, Err(e)),
+            }
+        }
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        self.inner.count_tokens(text)
+    }
+    fn truncate_tokens(&self, text: &str, max_tokens: usize) -> String {
+        self.inner.truncate_tokens(text, max_tokens)
+    }
+    fn model_id(&self) -> String {
+        self.inner.model_id()
+    }
+}
+
+/// Traces (and tool artifacts) of a whole batch, as one JSON text.
+fn traces_json(out: &[RunResult]) -> String {
+    let lines: Vec<String> = out
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let art = r.tools.as_ref().and_then(|t| t.artifact());
+            format!("{} {art:?}", serde_json::to_string(&r.trace(i)).unwrap())
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// The super-step executor, the continuous one on a batch backend, and the
+/// continuous one on backends answering in random orders give identical traces.
+fn assert_schedules_agree(
+    setup: &Setup,
+    llm: &ScriptedLlm,
+    make_runs: &dyn Fn() -> Vec<RunSpec>,
+    o: &RunOptions,
+) {
+    use cantante::graph::Schedule;
+    let lock = RunOptions {
+        schedule: Schedule::SuperStep,
+        ..o.clone()
+    };
+    let reference = traces_json(&run_batch(llm, setup, make_runs(), &lock, None).unwrap());
+    let cont = RunOptions {
+        schedule: Schedule::Continuous,
+        ..o.clone()
+    };
+    let batch = traces_json(&run_batch(llm, setup, make_runs(), &cont, None).unwrap());
+    assert_eq!(batch, reference, "continuous on a batch backend");
+    for seed in 0..4 {
+        let shuffled = Shuffled {
+            inner: llm.clone(),
+            seed,
+        };
+        let workers = RunOptions {
+            tool_workers: 1 + seed as usize,
+            ..cont.clone()
+        };
+        let got = traces_json(&run_batch(&shuffled, setup, make_runs(), &workers, None).unwrap());
+        assert_eq!(got, reference, "continuous, random completion order {seed}");
+    }
+}
+
+#[test]
+fn continuous_schedule_gives_super_step_traces_in_any_completion_order() {
+    // Fan-out and join, with replies that sometimes lack tags (format repair).
+    let setup = Setup::load(config("gsm8k.yaml")).unwrap();
+    let llm = ScriptedLlm::new(|r| {
+        let who = gsm8k_agent(r);
+        let p = user_prompt(r);
+        let n = p.len() % 7;
+        if r.seed % 3 == 0 && assistant_turns(r) == 0 {
+            return format!("I think it is {n}");
+        }
+        match who.as_str() {
+            "consensus" => format!("<prediction>{n}</prediction>"),
+            e => {
+                let k: u64 = e[1..].parse().unwrap();
+                format!(
+                    "<justification_{k}>j{k}</justification_{k}><proposal_{k}>{n}</proposal_{k}>"
+                )
+            }
+        }
+    });
+    let qs: Vec<String> = (0..12)
+        .map(|i| format!("q{i} {}", "x ".repeat(i)))
+        .collect();
+    let make = || {
+        let q: Vec<&str> = qs.iter().map(String::as_str).collect();
+        specs(&setup, &q)
+    };
+    let o = RunOptions {
+        format_repairs: 1,
+        ..opts()
+    };
+    assert_schedules_agree(&setup, &llm, &make, &o);
+
+    // Conditional retry loops of different lengths per run and a step limit.
+    let setup = yaml(LOOP);
+    let make = || specs(&setup, &["need0", "need3", "need1", "need50", "need2"]);
+    let o = RunOptions {
+        step_limit: 6,
+        ..opts()
+    };
+    assert_schedules_agree(&setup, &loop_llm(), &make, &o);
+
+    // Tool loops of different lengths (a panicking tool included) with a
+    // per-run environment whose call log is part of the trace.
+    let setup = yaml(TOOLS);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let llm = tool_llm(seen);
+    let make = || tool_runs(&setup, &["calls0", "calls2", "calls1", "calls5", "calls2"]).0;
+    assert_schedules_agree(&setup, &llm, &make, &opts());
+}
+
+#[test]
+fn continuous_schedule_isolates_rejected_requests() {
+    let setup = yaml(LOOP);
+    // A request whose history mentions need2 is rejected: that run ends with an
+    // error, the others finish, in both schedules alike.
+    let base = loop_llm();
+    let picky = ScriptedLlm::new(move |r| {
+        base.generate(std::slice::from_ref(r))
+            .unwrap()
+            .remove(0)
+            .text
+    });
+    struct Reject(ScriptedLlm);
+    impl Llm for Reject {
+        fn generate(&self, reqs: &[Request]) -> cantante::llm::Result<Vec<Generation>> {
+            if let Some(i) = reqs.iter().position(|r| {
+                user_prompt(r).contains("need2") && user_prompt(r).contains("attempt=2")
+            }) {
+                return Err(LlmError::BadRequest {
+                    index: i,
+                    message: "too long".into(),
+                });
+            }
+            self.0.generate(reqs)
+        }
+        fn count_tokens(&self, t: &str) -> usize {
+            self.0.count_tokens(t)
+        }
+        fn truncate_tokens(&self, t: &str, n: usize) -> String {
+            self.0.truncate_tokens(t, n)
+        }
+        fn model_id(&self) -> String {
+            "reject".into()
+        }
+    }
+    let llm = Reject(picky);
+    let mut results = Vec::new();
+    for schedule in [
+        cantante::graph::Schedule::SuperStep,
+        cantante::graph::Schedule::Continuous,
+    ] {
+        let o = RunOptions { schedule, ..opts() };
+        let out = run_batch(
+            &llm,
+            &setup,
+            specs(&setup, &["need0", "need2", "need1"]),
+            &o,
+            None,
+        )
+        .unwrap();
+        assert!(
+            out[1].error.as_deref().unwrap().contains("too long"),
+            "{:?}",
+            out[1].error
+        );
+        assert_eq!(out[0].error, None);
+        assert_eq!(out[2].error, None);
+        results.push(traces_json(&out));
+    }
+    assert_eq!(results[0], results[1]);
 }
