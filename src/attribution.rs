@@ -12,11 +12,14 @@
 //! cannot be parsed is retried once with another seed and then gives
 //! **missing** credits (`None`), never 0; the attribution prompt is our own.
 //!
-//! Two implementations of the [`Attributer`] trait: [`LlmAttributer`] (the
-//! method) and [`IdentityAttributer`] (the ablation: every agent gets the
-//! system score, mapped from [0, 1] to [-1, 1] as `2·score − 1`).
+//! Three implementations of the [`Attributer`] trait: [`LlmAttributer`] (the
+//! method: a generated JSON verdict, for strong or remote models),
+//! [`JudgeAttributer`] (for small local models: one closed 1–5 question per
+//! agent and rollout, credit from the label probabilities read off the
+//! logits; not in the paper) and [`IdentityAttributer`] (the ablation: every
+//! agent gets the system score, mapped from [0, 1] to [-1, 1] as `2·score − 1`).
 
-use crate::llm::{Llm, LlmError, Request, Sampling};
+use crate::llm::{ChoiceRequest, ChoiceScores, Llm, LlmError, Message, Request, Sampling};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -358,9 +361,11 @@ pub fn render_attribution_prompt(agents: &[String], n: usize, payload: &str) -> 
         .map(|a| format!("\"{a}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    // A placeholder, not a number: small models copy example values verbatim
+    // (every credit came back as the example's 0.0).
     let example_credits = agents
         .iter()
-        .map(|a| format!("\"{a}\": 0.0"))
+        .map(|a| format!("\"{a}\": <credit>"))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -379,9 +384,210 @@ that was scored; agent_outputs maps each agent to the values it produced.\n\n\
 The runs:\n{payload}\n\n\
 First write a few sentences comparing the runs. Then give your verdict inside <attribution> tags as JSON with a single \
 key \"executions\": a list with exactly {n} entries, one per run in the order shown, each of the form \
-{{\"agent_credits\": {{{example_credits}}}}} with a number in [-1, 1] for every agent. The agents are: {names}. \
+{{\"agent_credits\": {{{example_credits}}}}}, where each <credit> is your own number in [-1, 1] for that agent in that run \
+(written as a plain JSON number). The agents are: {names}. \
 Put nothing but the JSON inside the tags and do not use code fences there.\n"
     )
+}
+
+/// The judge attributer for small local models: instead of generating JSON,
+/// it asks one closed question per (rollout, agent) — "how well did this agent
+/// do its part in this run, 1–5?" — and reads the label probabilities from
+/// the model ([`Llm::score_choices`]). The credit is the probability-weighted
+/// rating mapped to [-1, 1] (`(E[rating] − 3) / 2`); when the model puts less
+/// than [`JudgeAttributer::min_coverage`] of its probability on the labels the
+/// credit is missing (`None`), never 0. The question shows the run's score
+/// beside the other runs' scores of the same query, so the judge contrasts
+/// them as the paper's attributer does. No sampling, so it is deterministic.
+pub struct JudgeAttributer<'a> {
+    /// The judge model (must support [`Llm::score_choices`]).
+    pub llm: &'a dyn Llm,
+    /// Token cap of every string field shown.
+    pub field_cap: usize,
+    /// Minimum total probability on the labels for a credit to count.
+    pub min_coverage: f64,
+}
+
+/// The rating labels and what they mean (1 = clearly hurt … 5 = clearly helped).
+pub const JUDGE_SCALE: [(&str, &str); 5] = [
+    ("1", "its work clearly caused or passed on a mistake"),
+    ("2", "its work mostly hurt"),
+    ("3", "no visible effect, or you cannot tell"),
+    ("4", "its work mostly helped"),
+    ("5", "it clearly did correct, useful work"),
+];
+
+impl<'a> JudgeAttributer<'a> {
+    /// A judge with 256-token fields and a coverage threshold of 0.5.
+    pub fn new(llm: &'a dyn Llm) -> Self {
+        Self {
+            llm,
+            field_cap: 256,
+            min_coverage: 0.5,
+        }
+    }
+
+    fn cap(&self, s: &str) -> String {
+        let t = self.llm.truncate_tokens(s, self.field_cap);
+        if t.len() < s.len() {
+            format!("{t} …[truncated]")
+        } else {
+            t
+        }
+    }
+
+    /// The question about `agent` in rollout `k` of `group` (the shared part
+    /// first, so the questions about one rollout share a cached prefix).
+    pub fn question(
+        &self,
+        agents: &[String],
+        group: &AttributionGroup,
+        k: usize,
+        agent: &str,
+    ) -> String {
+        let r = &group.rollouts[k];
+        let others: Vec<String> = group
+            .rollouts
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != k)
+            .map(|(_, o)| format!("{:.2}", o.score))
+            .collect();
+        let mut outs = String::new();
+        if let Some(vs) = r.agent_outputs.get(agent) {
+            for (var, v) in vs {
+                outs.push_str(&format!("<{var}>\n{}\n</{var}>\n", self.cap(v)));
+            }
+        }
+        if outs.is_empty() {
+            outs.push_str("(no output)\n");
+        }
+        let scale: Vec<String> = JUDGE_SCALE
+            .iter()
+            .map(|(l, m)| format!("{l} = {m}"))
+            .collect();
+        format!(
+            "A team of AI agents ({}) worked on this task:\n{}\n\n\
+This run's final answer: {}\n\
+Its score from the evaluator: {:.2} (higher is better). Other runs of the same task, with different \
+instructions for some agents, scored: {}.\n\n\
+In this run the agent \"{agent}\" produced:\n{outs}\n\
+How well did the agent \"{agent}\" do its part in this run? Answer with one digit: {}.",
+            agents.join(", "),
+            self.cap(&group.query),
+            self.cap(&r.prediction),
+            r.score,
+            if others.is_empty() { "none".to_string() } else { others.join(", ") },
+            scale.join("; ")
+        )
+    }
+
+    fn requests(&self, agents: &[String], groups: &[AttributionGroup]) -> Vec<ChoiceRequest> {
+        let mut out = Vec::new();
+        for g in groups {
+            for k in 0..g.rollouts.len() {
+                for a in agents {
+                    out.push(ChoiceRequest {
+                        messages: vec![Message::user(self.question(agents, g, k, a))],
+                        assistant_prefix: "Rating: ".into(),
+                        choices: JUDGE_SCALE.iter().map(|(l, _)| l.to_string()).collect(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The judge's credit from its label probabilities: `(E[rating] − 3) / 2`,
+/// missing when the coverage is below `min_coverage`.
+pub fn judge_credit(s: &ChoiceScores, min_coverage: f64) -> Option<f64> {
+    if !(s.coverage >= min_coverage) {
+        return None;
+    }
+    let e = s.expectation(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+    Some(((e - 3.0) / 2.0).clamp(-1.0, 1.0))
+}
+
+impl Attributer for JudgeAttributer<'_> {
+    fn attribute(
+        &self,
+        agents: &[String],
+        groups: &[AttributionGroup],
+        allow: BudgetGate,
+    ) -> Result<AttributionOutcome, AttributionError> {
+        let mut out = AttributionOutcome::default();
+        if groups.is_empty() {
+            return Ok(out);
+        }
+        let reqs = self.requests(agents, groups);
+        let prompt_tokens: Vec<usize> = reqs
+            .iter()
+            .map(|r| self.llm.count_tokens(&r.messages[0].content) + 8)
+            .collect();
+        let projected: u64 = prompt_tokens.iter().map(|&t| t as u64).sum();
+        if !allow(projected) {
+            return Err(AttributionError::BudgetRefused {
+                projected,
+                input_tokens: 0,
+                output_tokens: 0,
+            });
+        }
+        let scores = self.llm.score_choices(&reqs)?;
+        if scores.len() != reqs.len() {
+            return Err(AttributionError::BatchSize {
+                expected: reqs.len(),
+                got: scores.len(),
+            });
+        }
+        out.calls = reqs.len();
+        out.input_tokens = prompt_tokens.iter().sum();
+        let mut it = scores.iter();
+        for g in groups {
+            let mut per_group = Vec::with_capacity(g.rollouts.len());
+            let mut missing_any = false;
+            let mut summary = Vec::new();
+            for _ in &g.rollouts {
+                let mut credits = AgentCredits::new();
+                for a in agents {
+                    let sc = it.next().ok_or(AttributionError::BatchSize {
+                        expected: reqs.len(),
+                        got: scores.len(),
+                    })?;
+                    let c = judge_credit(sc, self.min_coverage);
+                    missing_any |= c.is_none();
+                    summary.push(format!(
+                        "{a}: coverage {:.2} probs {:?} credit {:?}",
+                        sc.coverage,
+                        sc.probs
+                            .iter()
+                            .map(|p| (p * 100.0).round() / 100.0)
+                            .collect::<Vec<_>>(),
+                        c
+                    ));
+                    credits.insert(a.clone(), c);
+                }
+                per_group.push(credits);
+            }
+            if missing_any {
+                out.failures += 1;
+            }
+            out.raw_replies.push(summary.join("\n"));
+            out.credits.push(per_group);
+        }
+        Ok(out)
+    }
+
+    fn project_tokens(&self, agents: &[String], groups: &[AttributionGroup]) -> usize {
+        self.requests(agents, groups)
+            .iter()
+            .map(|r| self.llm.count_tokens(&r.messages[0].content) + 8)
+            .sum()
+    }
+
+    fn uses_llm(&self) -> bool {
+        true
+    }
 }
 
 /// Parse an attributer reply into per-rollout credits for `n` rollouts.
@@ -746,5 +952,73 @@ mod tests {
         assert_eq!(s.mean, 2.0);
         assert!((s.std - 1.0).abs() < 1e-12);
         assert_eq!(s.n, 3);
+    }
+
+    /// A planted fault: the scripted judge rates an agent 1 when its output
+    /// says WRONG and 5 otherwise; the credits must say exactly that.
+    #[test]
+    fn judge_credits_follow_label_probabilities_and_low_coverage_is_missing() {
+        let llm = ScriptedLlm::new(|_| String::new()).with_choice_scores(|r| {
+            let q = &r.messages[0].content;
+            assert_eq!(r.choices, ["1", "2", "3", "4", "5"]);
+            assert_eq!(r.assistant_prefix, "Rating: ");
+            let part = q.split("In this run the agent").nth(1).unwrap();
+            if q.contains("unsure-query") {
+                // Little probability on any label: unreliable.
+                return vec![(0.02f64).ln(); 5];
+            }
+            if part.contains("WRONG") {
+                vec![(0.9f64).ln(), (0.1f64).ln(), -30.0, -30.0, -30.0]
+            } else {
+                vec![-30.0, -30.0, -30.0, (0.2f64).ln(), (0.8f64).ln()]
+            }
+        });
+        let att = JudgeAttributer::new(&llm);
+        let mut bad = rollout(0.0, "WRONG answer");
+        bad.agent_outputs.insert(
+            "planner".into(),
+            [("plan".to_string(), "a fine plan".to_string())].into(),
+        );
+        let good = rollout(1.0, "42");
+        let groups = vec![
+            AttributionGroup {
+                query: "q".into(),
+                rollouts: vec![bad.clone(), good.clone()],
+                seed: 1,
+            },
+            AttributionGroup {
+                query: "unsure-query".into(),
+                rollouts: vec![good],
+                seed: 2,
+            },
+        ];
+        let out = att.attribute(&agents(), &groups, &mut |_| true).unwrap();
+        let c = &out.credits[0];
+        // solver wrote WRONG in rollout 0: E = 1.1 → credit −0.95.
+        assert!((c[0]["solver"].unwrap() + 0.95).abs() < 1e-6, "{c:?}");
+        assert!((c[0]["planner"].unwrap() - 0.9).abs() < 1e-6, "{c:?}");
+        assert!((c[1]["solver"].unwrap() - 0.9).abs() < 1e-6, "{c:?}");
+        // Coverage 0.1 < 0.5: missing, never 0.
+        assert_eq!(out.credits[1][0]["solver"], None);
+        assert_eq!(out.failures, 1);
+        assert_eq!(out.calls, 2 * 2 + 2);
+        assert!(out.input_tokens > 0);
+        // The question contrasts the run's score with the other runs'.
+        let q = att.question(&agents(), &groups[0], 0, "solver");
+        assert!(q.contains("scored: 1.00"), "{q}");
+        assert!(q.contains("WRONG answer"));
+        // A backend without probabilities is a clear error, not zero credits.
+        let plain = ScriptedLlm::new(|_| String::new());
+        let e = JudgeAttributer::new(&plain)
+            .attribute(&agents(), &groups, &mut |_| true)
+            .unwrap_err();
+        assert!(e.to_string().contains("unsupported"), "{e}");
+    }
+
+    #[test]
+    fn attribution_prompt_has_no_number_to_copy() {
+        let p = render_attribution_prompt(&agents(), 2, "{}");
+        assert!(!p.contains("0.0"), "{p}");
+        assert!(p.contains("<credit>"));
     }
 }

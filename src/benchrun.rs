@@ -103,6 +103,10 @@ pub struct Protocol {
     /// 0 (the reference behaviour) when absent.
     #[serde(default)]
     pub format_repairs: usize,
+    /// Enforce agents' output tags while decoding (`RunOptions::tag_guard`);
+    /// off (the reference behaviour) when absent.
+    #[serde(default)]
+    pub tag_guard: bool,
     /// Maximum rounds of the identity ablation, which stops at the CANTANTE
     /// run's total token spend; default: 3 × `optimizer.rounds`.
     #[serde(default)]
@@ -958,6 +962,7 @@ mod tests {
                 format_failure_rate: BTreeMap::new(),
                 format_repair_rate: BTreeMap::new(),
                 truncation_rate: BTreeMap::new(),
+                tags: BTreeMap::new(),
                 run_errors: 0,
                 wall_secs: 5.0,
                 engine: None,

@@ -198,6 +198,10 @@ pub struct EvalSummary {
     /// `max_new_tokens` limit ([`AgentCall::truncated`](crate::graph::AgentCall::truncated)).
     #[serde(default)]
     pub truncation_rate: BTreeMap<String, f64>,
+    /// Per agent: its output tags (calls × output variables) written by the
+    /// model, forced by the tag guard when the budget ran out, and missing.
+    #[serde(default)]
+    pub tags: BTreeMap<String, TagCounts>,
     /// Runs that ended abnormally (step limit, rejected request).
     pub run_errors: usize,
     /// Wall time in seconds (filled by the caller).
@@ -208,11 +212,23 @@ pub struct EvalSummary {
     pub engine: Option<crate::llm::EngineStats>,
 }
 
+/// Output tags of one agent's calls, by who wrote them.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagCounts {
+    /// Tags the model wrote itself (in its reply or a repair answer).
+    pub written: usize,
+    /// Tags whose opening or closing literal the tag guard forced.
+    pub forced: usize,
+    /// Tags still missing at the end of the call (format failures).
+    pub missing: usize,
+}
+
 /// Summarise the runs of one configuration.
 pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
     let n = runs.len();
     let nf = n.max(1) as f64;
     let mut calls: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
+    let mut tags: BTreeMap<String, TagCounts> = BTreeMap::new();
     for r in runs {
         for c in &r.result.calls {
             let e = calls.entry(c.agent.clone()).or_default();
@@ -220,6 +236,15 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             e.1 += usize::from(!c.format_failures.is_empty());
             e.2 += usize::from(!c.repaired.is_empty());
             e.3 += usize::from(c.truncated);
+            let t = tags.entry(c.agent.clone()).or_default();
+            let forced = c
+                .outputs
+                .keys()
+                .filter(|k| c.forced_tags.contains(k))
+                .count();
+            t.forced += forced;
+            t.written += c.outputs.len() - forced;
+            t.missing += c.format_failures.len();
         }
     }
     let rate = |n: usize, t: usize| n as f64 / t.max(1) as f64;
@@ -249,6 +274,7 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             .iter()
             .map(|(k, &(t, _, _, c))| (k.clone(), rate(c, t)))
             .collect(),
+        tags,
         run_errors: runs.iter().filter(|r| r.result.error.is_some()).count(),
         wall_secs: 0.0,
         engine: None,

@@ -407,6 +407,8 @@ fn markdown(
         c.group_size,
         if c.identity_attribution {
             "identity (ablation)"
+        } else if c.attributer == crate::optimize::AttributerKind::Judge {
+            "judge (label probabilities)"
         } else {
             "LLM"
         }

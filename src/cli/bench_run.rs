@@ -122,6 +122,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             format_repairs: protocol.format_repairs,
             schedule: a.schedule,
             tool_workers: a.tool_workers,
+            tag_guard: protocol.tag_guard,
         };
         let (task, setup) = mas.load()?;
         check_setup(&a.out.join(task_name), &mas.setup, &setup)?;

@@ -48,6 +48,11 @@ pub struct MasArgs {
     /// decodes; 0 = one per core.
     #[arg(long, default_value_t = 0)]
     pub tool_workers: usize,
+    /// Enforce each agent's output tags while decoding (true | false): no
+    /// end of reply before the tags are closed, tags forced when the token
+    /// budget runs out. `false` is the reference behaviour.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tag_guard: bool,
 }
 
 impl MasArgs {
@@ -61,6 +66,7 @@ impl MasArgs {
             format_repairs: self.format_repairs,
             schedule: self.schedule,
             tool_workers: self.tool_workers,
+            tag_guard: self.tag_guard,
             ..RunOptions::default()
         }
     }
@@ -198,11 +204,15 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .copied()
             .unwrap_or(0.0);
         let cut = summary.truncation_rate.get(agent).copied().unwrap_or(0.0);
+        let t = summary.tags.get(agent).copied().unwrap_or_default();
         println!(
-            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%; replies cut off at --max-tokens: {:.1}%)",
+            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%; replies cut off at --max-tokens: {:.1}%); output tags: {} written by the model, {} forced by the tag guard, {} missing",
             100.0 * rate,
             100.0 * repaired,
-            100.0 * cut
+            100.0 * cut,
+            t.written,
+            t.forced,
+            t.missing
         );
     }
     let worst_cut = summary

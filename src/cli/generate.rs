@@ -44,9 +44,20 @@ pub struct GenerateArgs {
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Output tags every reply must contain (comma-separated, e.g.
+    /// `answer`): the reply cannot end before `<answer>…</answer>` is
+    /// closed, the tags are forced when the token budget runs out, and the
+    /// reply ends after the last one.
+    #[arg(long, value_delimiter = ',')]
+    require_tags: Vec<String>,
     /// Print results as JSONL instead of text.
     #[arg(long)]
     json: bool,
+}
+
+fn constraint(a: &GenerateArgs) -> Option<crate::llm::OutputConstraint> {
+    (!a.require_tags.is_empty())
+        .then(|| crate::llm::OutputConstraint::tags(a.require_tags.iter().cloned()))
 }
 
 fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
@@ -79,6 +90,7 @@ fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
         },
         seed: v["seed"].as_u64().unwrap_or(a.seed),
         stop: a.stop.clone(),
+        constraint: constraint(a),
     })
 }
 
@@ -101,6 +113,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             },
             seed: a.seed,
             stop: a.stop.clone(),
+            constraint: constraint(&a),
         });
     } else if let Some(path) = &a.prompts {
         let f =
@@ -145,7 +158,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             println!(
                 "{}",
                 serde_json::to_string(
-                    &serde_json::json!({"index": i, "text": g.text, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "stop_reason": g.stop_reason})
+                    &serde_json::json!({"index": i, "text": g.text, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens, "stop_reason": g.stop_reason, "forced": g.forced})
                 )?
             );
         } else {

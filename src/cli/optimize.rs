@@ -45,6 +45,10 @@ pub struct OptimizeArgs {
     /// Use the identity attributer (ablation).
     #[arg(long)]
     identity: bool,
+    /// Attributer: `llm` (the paper's generated JSON verdict) or `judge`
+    /// (label probabilities of closed 1-5 questions; for small local models).
+    #[arg(long)]
+    attributer: Option<crate::optimize::AttributerKind>,
     /// Local optimizer.
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerArg>,
@@ -92,6 +96,9 @@ fn load_config(a: &OptimizeArgs) -> Result<OptimizeConfig> {
     }
     if a.identity {
         c.identity_attribution = true;
+    }
+    if let Some(k) = a.attributer {
+        c.attributer = k;
     }
     if let Some(o) = a.optimizer {
         c.optimizer = match o {
@@ -282,15 +289,23 @@ pub struct AttributeArgs {
     /// default); lower it on CPU, where a rambling reply decodes for minutes.
     #[arg(long)]
     attribution_max_tokens: Option<usize>,
+    /// Attributer: `llm` (generated JSON verdict) or `judge` (label
+    /// probabilities of closed 1-5 questions; for small local models).
+    #[arg(long, default_value = "llm")]
+    attributer: crate::optimize::AttributerKind,
 }
 
 /// The optimizer config `attribute` scores with: the defaults, with an
-/// optional cap on attributer replies.
-fn attribute_config(max_tokens: Option<usize>) -> OptimizeConfig {
+/// optional cap on attributer replies and the chosen attributer.
+fn attribute_config(
+    max_tokens: Option<usize>,
+    kind: crate::optimize::AttributerKind,
+) -> OptimizeConfig {
     let mut c = OptimizeConfig::default();
     if let Some(m) = max_tokens {
         c.attribution_max_new_tokens = m;
     }
+    c.attributer = kind;
     c
 }
 
@@ -398,7 +413,7 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         &configs,
         &idx,
         a.seed,
-        &attribute_config(a.attribution_max_tokens),
+        &attribute_config(a.attribution_max_tokens, a.attributer),
     )?;
     b.finish_and_clear();
     println!(

@@ -72,6 +72,15 @@
 //! `eval` reports the rate per agent): its missing tags are usually a token
 //! limit problem, which no repair turn fixes.
 //!
+//! # Tag guard
+//!
+//! With [`RunOptions::tag_guard`] (default; not in the reference) every agent
+//! turn carries an [`OutputConstraint`] for the agent's output variables (a
+//! repair turn: for the missing ones; a tool turn may escape it by opening a
+//! `<tool_call>`). The in-process engine then never ends a reply before its
+//! tags are closed and forces them when the budget runs out
+//! ([`AgentCall::forced_tags`]); backends that cannot constrain ignore it.
+//!
 //! # Tokens
 //!
 //! Per agent call, `input_tokens` = the first turn's `prompt_tokens` (exact,
@@ -95,7 +104,9 @@
 //! are dropped (no run is silently reported as finished).
 
 use super::{GraphError, PromptSet, Setup, ToolEnv, END, START};
-use crate::llm::{Generation, Llm, LlmError, Message, Request, Sampling, StopReason};
+use crate::llm::{
+    Generation, Llm, LlmError, Message, OutputConstraint, Request, Sampling, StopReason,
+};
 use crate::prompt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -192,6 +203,13 @@ pub struct RunOptions {
     pub schedule: Schedule,
     /// Threads executing tool calls under [`Schedule::Continuous`] (0 = one per core).
     pub tool_workers: usize,
+    /// Ask the backend to enforce each agent's output tags while decoding
+    /// ([`crate::llm::guard`]; not in the reference): end-of-sequence is
+    /// banned until every output tag is closed, the tags are forced when the
+    /// token budget runs out, and the reply ends after the last one. A tool
+    /// turn may end with a `<tool_call>` instead. Backends that cannot
+    /// constrain ignore it; format repair still covers them.
+    pub tag_guard: bool,
 }
 
 impl Default for RunOptions {
@@ -208,6 +226,7 @@ impl Default for RunOptions {
             format_repairs: 0,
             schedule: Schedule::Continuous,
             tool_workers: 0,
+            tag_guard: true,
         }
     }
 }
@@ -255,6 +274,11 @@ pub struct AgentCall {
     pub truncated: bool,
     /// Tool calls made during this agent call, in order.
     pub tool_calls: Vec<ToolCallRecord>,
+    /// Output variables whose tag (opening or closing) the tag guard forced
+    /// into the final reply because the token budget ran out
+    /// ([`RunOptions::tag_guard`]); the others were written by the model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced_tags: Vec<String>,
 }
 
 /// The outcome of one run.
@@ -908,6 +932,7 @@ fn new_pending(
             repair_replies: Vec::new(),
             truncated: false,
             tool_calls: Vec::new(),
+            forced_tags: Vec::new(),
         },
         recovered: BTreeMap::new(),
         repair_closed: false,
@@ -941,6 +966,20 @@ pub(super) fn start_step(
     (pend, deferred)
 }
 
+/// The output constraint of an agent turn requiring `tags` (none when the
+/// guard is off or there is nothing to require).
+fn guard(opts: &RunOptions, tags: &[String], tool_turn: bool) -> Option<OutputConstraint> {
+    if !opts.tag_guard || tags.is_empty() {
+        return None;
+    }
+    let escapes = if tool_turn {
+        vec![TOOL_CALL_OPEN.to_string()]
+    } else {
+        Vec::new()
+    };
+    Some(OutputConstraint::tags(tags.iter().cloned()).with_escapes(escapes))
+}
+
 /// The next model turn of an unfinished call, and whether it is a tool turn
 /// (the agent has tools and tool budget left: the request stops at `</tool_call>`).
 pub(super) fn turn_request(
@@ -961,6 +1000,7 @@ pub(super) fn turn_request(
         } else {
             Vec::new()
         },
+        constraint: guard(opts, &a.output_vars, tool_turn),
     };
     (req, tool_turn)
 }
@@ -998,11 +1038,27 @@ pub(super) fn absorb_turn(
         // No tool call, invalid call JSON, or no tool budget: final reply.
         _ => {
             p.call.reply = text;
-            p.call.truncated = gen.stop_reason == StopReason::Length;
+            p.call.truncated = gen.stop_reason == StopReason::Length || !gen.forced.is_empty();
+            p.call.forced_tags = forced_vars(&gen.forced);
             p.finished = true;
             None
         }
     }
+}
+
+/// Variable names of forced tag literals (`<v>` or `</v>`), deduplicated in order.
+fn forced_vars(literals: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in literals {
+        let v = l
+            .trim_start_matches('<')
+            .trim_start_matches('/')
+            .trim_end_matches('>');
+        if !out.iter().any(|x| x == v) {
+            out.push(v.to_string());
+        }
+    }
+    out
 }
 
 /// Execute a run's tool jobs of one turn, in order, in the run's environment.
@@ -1077,6 +1133,7 @@ pub(super) fn repair_requests(
             sampling: opts.sampling,
             seed: request_seed(run_seed(p.run), &p.call.agent, p.call_index, p.turn),
             stop: Vec::new(),
+            constraint: guard(opts, &missing, false),
         };
         p.turn += 1;
         out.push((i, missing, req));
@@ -1092,6 +1149,11 @@ pub(super) fn absorb_repair(p: &mut Pending, missing: &[String], gen: Result<Gen
         return;
     };
     p.call.output_tokens += gen.completion_tokens;
+    for v in forced_vars(&gen.forced) {
+        if !p.call.forced_tags.contains(&v) {
+            p.call.forced_tags.push(v);
+        }
+    }
     for var in missing {
         if let Some(v) = prompt::extract_tag(&gen.text, var) {
             p.recovered.insert(var.clone(), v);

@@ -6,12 +6,16 @@
 
 use super::chat::{ChatTemplate, CHATML_TEMPLATE};
 use super::gguf_tokenizer;
+use super::guard::{Action, TagGuard};
 use super::model::{Chunk, Model, SeqKv, WeightFormat};
 use super::profile::{time, Phase};
 use super::sampling;
 use super::tokenizer::Tokenizer;
 pub use super::EngineStats;
-use super::{Generation, Llm, LlmError, Next, Request, RequestQueue, Result, StopReason};
+use super::{
+    ChoiceRequest, ChoiceScores, Generation, Llm, LlmError, Next, Request, RequestQueue, Result,
+    StopReason,
+};
 use candle_core::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -448,6 +452,31 @@ fn file_tag(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Log-softmax of `logits` at the choice tokens (f64 accumulation).
+fn choice_scores(logits: &[f32], choices: &[u32]) -> ChoiceScores {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = choices
+        .iter()
+        .map(|&t| {
+            logits
+                .get(t as usize)
+                .map_or(f64::NEG_INFINITY, |&x| x as f64 - lse)
+        })
+        .collect();
+    ChoiceScores::from_logprobs(lp)
+}
+
 fn lcp(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -487,6 +516,8 @@ fn hub_download(repo: &str) -> Result<PathBuf> {
 
 struct Seq {
     id: usize,
+    /// The request's output constraint in force, if any.
+    guard: Option<TagGuard>,
     req: Request,
     kv: SeqKv,
     prompt: Vec<u32>,
@@ -612,6 +643,112 @@ impl Llm for CandleLlm {
         Some(self.stats())
     }
 
+    fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
+        // Validate: the prompt ids and each choice's single token id.
+        let mut items: Vec<(Vec<u32>, Vec<u32>)> = Vec::with_capacity(requests.len());
+        for (index, r) in requests.iter().enumerate() {
+            let bad = |message: String| LlmError::BadRequest { index, message };
+            if r.messages.is_empty() {
+                return Err(bad("no messages".into()));
+            }
+            if r.choices.is_empty() {
+                return Err(bad("no choices".into()));
+            }
+            let text = format!("{}{}", self.chat.render(&r.messages)?, r.assistant_prefix);
+            let ids = self.tokenizer.encode(&text)?;
+            if ids.is_empty() || ids.len() >= self.model.config().max_position {
+                return Err(bad(format!(
+                    "prompt of {} tokens does not fit the model context of {}",
+                    ids.len(),
+                    self.model.config().max_position
+                )));
+            }
+            let mut toks = Vec::with_capacity(r.choices.len());
+            for c in &r.choices {
+                let with = self.tokenizer.encode(&format!("{text}{c}"))?;
+                if with.len() != ids.len() + 1 || with[..ids.len()] != ids[..] {
+                    return Err(bad(format!(
+                        "choice {c:?} is not exactly one token after the prefix {:?}",
+                        r.assistant_prefix
+                    )));
+                }
+                let t = with[ids.len()];
+                if toks.contains(&t) {
+                    return Err(bad(format!("choice {c:?} duplicates another choice")));
+                }
+                toks.push(t);
+            }
+            items.push((ids, toks));
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.prompt_tokens += items.iter().map(|i| i.0.len()).sum::<usize>();
+        }
+        if self.opts.prefix_reuse && items.len() > 1 {
+            let prompts: Vec<&[u32]> = items.iter().map(|i| i.0.as_slice()).collect();
+            self.plan_prefixes(&prompts)?;
+        }
+        let mut out: Vec<Option<ChoiceScores>> = vec![None; items.len()];
+        let max_batch = self.opts.max_batch.max(1);
+        let all: Vec<usize> = (0..items.len()).collect();
+        for group in all.chunks(max_batch) {
+            let mut seqs: Vec<(usize, SeqKv, usize)> = Vec::with_capacity(group.len());
+            for &i in group {
+                let (kv, reused) = self.start_kv(&items[i].0)?;
+                if let Ok(mut s) = self.stats.lock() {
+                    s.prefix_reused += reused;
+                }
+                seqs.push((i, kv, reused));
+            }
+            loop {
+                let mut budget = self.opts.max_step_tokens.max(1);
+                let mut rows: Vec<(usize, usize)> = Vec::new(); // (seq position, tokens fed)
+                let mut chunks = Vec::new();
+                for (k, (i, kv, fed)) in seqs.iter_mut().enumerate() {
+                    let ids = &items[*i].0;
+                    if *fed >= ids.len() || budget == 0 {
+                        continue;
+                    }
+                    let n = (ids.len() - *fed).min(budget);
+                    budget -= n;
+                    rows.push((k, n));
+                    chunks.push(Chunk {
+                        kv,
+                        tokens: &ids[*fed..*fed + n],
+                    });
+                }
+                if chunks.is_empty() {
+                    break;
+                }
+                let logits = self.model.forward(&mut chunks)?;
+                drop(chunks);
+                if let Ok(mut st) = self.stats.lock() {
+                    st.prefill_computed += rows.iter().map(|r| r.1).sum::<usize>();
+                    st.forwards += 1;
+                }
+                for (row, &(k, n)) in rows.iter().enumerate() {
+                    let (i, _, fed) = &mut seqs[k];
+                    *fed += n;
+                    if *fed == items[*i].0.len() {
+                        out[*i] = Some(choice_scores(&logits[row], &items[*i].1));
+                    }
+                }
+            }
+            for (i, kv, _) in seqs {
+                if self.opts.prefix_reuse && self.model.batch_invariant() {
+                    if let Ok(mut store) = self.prefixes.lock() {
+                        self.insert_prefix(&mut store, items[i].0.clone(), kv);
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.ok_or_else(|| LlmError::Other(format!("choice request {i} was not scored")))
+            })
+            .collect()
+    }
+
     fn count_tokens(&self, text: &str) -> usize {
         self.tokenizer.count(text)
     }
@@ -691,6 +828,7 @@ impl CandleLlm {
                                     prompt_tokens: a.prompt.len(),
                                     completion_tokens: 0,
                                     stop_reason: StopReason::Length,
+                                    forced: Vec::new(),
                                 };
                                 feed.done(a.id, Ok(g));
                             } else {
@@ -712,8 +850,14 @@ impl CandleLlm {
                 if let Ok(mut s) = self.stats.lock() {
                     s.prefix_reused += reused;
                 }
+                let guard = a.req.constraint.as_ref().map(|c| {
+                    TagGuard::new(c, a.req.max_new_tokens, &|t| {
+                        self.tokenizer.encode(t).unwrap_or_default()
+                    })
+                });
                 active.push(Seq {
                     id: a.id,
+                    guard,
                     rng: ChaCha8Rng::seed_from_u64(a.req.seed),
                     req: a.req,
                     kv,
@@ -768,6 +912,7 @@ impl CandleLlm {
                 }
                 self.model.forward(&mut chunks)?
             };
+            let mut logits = logits;
             let mut computed = 0;
             let mut finished = Vec::new();
             for (row, (k, toks, produces)) in feed_rows.iter().enumerate() {
@@ -779,9 +924,25 @@ impl CandleLlm {
                 if !produces {
                     continue;
                 }
-                let tok = time(Phase::Sampling, || {
-                    sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
-                });
+                let action = s.guard.as_mut().map(TagGuard::next_action);
+                let tok = match action {
+                    // Forced tag tokens draw no randomness.
+                    Some(Action::Force(t)) => t,
+                    Some(Action::Sample { ban_eos }) if ban_eos => {
+                        let l = &mut logits[row];
+                        for &e in &self.eos {
+                            if let Some(x) = l.get_mut(e as usize) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                        time(Phase::Sampling, || {
+                            sampling::sample(l, &s.req.sampling, &mut s.rng)
+                        })
+                    }
+                    _ => time(Phase::Sampling, || {
+                        sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
+                    }),
+                };
                 s.generated.push(tok);
                 if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s))? {
                     finished.push((*k, g));
@@ -875,22 +1036,28 @@ impl CandleLlm {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn check_finished(&self, s: &Seq) -> Result<Option<Generation>> {
+    fn check_finished(&self, s: &mut Seq) -> Result<Option<Generation>> {
         let req = &s.req;
         let last = *s.generated.last().unwrap_or(&0);
         let n = s.generated.len();
+        let forced = s
+            .guard
+            .as_ref()
+            .map(|g| g.forced_literals().to_vec())
+            .unwrap_or_default();
         let make = |ids: &[u32], reason| -> Result<Generation> {
             Ok(Generation {
                 text: self.tokenizer.decode(ids, true)?,
                 prompt_tokens: s.prompt.len(),
                 completion_tokens: n,
                 stop_reason: reason,
+                forced: forced.clone(),
             })
         };
         if self.eos.contains(&last) {
             return make(&s.generated[..n - 1], StopReason::Eos).map(Some);
         }
-        if !req.stop.is_empty() {
+        if !req.stop.is_empty() || s.guard.is_some() {
             let text = self.tokenizer.decode(&s.generated, true)?;
             if let Some(pos) = req
                 .stop
@@ -903,7 +1070,20 @@ impl CandleLlm {
                     prompt_tokens: s.prompt.len(),
                     completion_tokens: n,
                     stop_reason: StopReason::StopString,
+                    forced,
                 }));
+            }
+            let remaining = req.max_new_tokens.saturating_sub(n);
+            if let Some(g) = s.guard.as_mut() {
+                if g.observe(&text, remaining) {
+                    return Ok(Some(Generation {
+                        text,
+                        prompt_tokens: s.prompt.len(),
+                        completion_tokens: n,
+                        stop_reason: StopReason::Constraint,
+                        forced: g.forced_literals().to_vec(),
+                    }));
+                }
             }
         }
         if n >= req.max_new_tokens {

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod cpu;
 pub mod engine;
 pub mod gguf_tokenizer;
+pub mod guard;
 pub mod kernels;
 pub mod model;
 pub mod profile;
@@ -21,6 +22,7 @@ pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};
 
+pub use guard::OutputConstraint;
 pub use scripted::ScriptedLlm;
 
 /// Errors raised by the language-model layer.
@@ -59,6 +61,10 @@ pub enum LlmError {
     /// An error inside the tensor library.
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The backend cannot do this (e.g. label probabilities from a server
+    /// without logprobs).
+    #[error("unsupported by this backend: {0}")]
+    Unsupported(String),
     /// Any other failure (e.g. a scripted model refusing a prompt).
     #[error("{0}")]
     Other(String),
@@ -186,6 +192,10 @@ pub struct Request {
     pub seed: u64,
     /// Generation stops when any of these strings appears in the output (it is cut before it).
     pub stop: Vec<String>,
+    /// Output contract enforced while decoding by backends that can
+    /// ([`guard`]); others ignore it (their callers repair formats afterwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl Request {
@@ -197,6 +207,7 @@ impl Request {
             sampling: Sampling::greedy(),
             seed: 0,
             stop: Vec::new(),
+            constraint: None,
         }
     }
     /// A request from a system and a user message.
@@ -212,6 +223,7 @@ impl Request {
             sampling: Sampling::greedy(),
             seed: 0,
             stop: Vec::new(),
+            constraint: None,
         }
     }
     /// Builder: set sampling.
@@ -229,6 +241,11 @@ impl Request {
         self.stop = stop;
         self
     }
+    /// Builder: set the output constraint.
+    pub fn with_constraint(mut self, c: OutputConstraint) -> Self {
+        self.constraint = Some(c);
+        self
+    }
 }
 
 /// Why generation ended.
@@ -241,6 +258,8 @@ pub enum StopReason {
     StopString,
     /// `max_new_tokens` was reached.
     Length,
+    /// The request's output constraint was met (the last required tag closed).
+    Constraint,
 }
 
 /// The answer to one [`Request`].
@@ -254,6 +273,57 @@ pub struct Generation {
     pub completion_tokens: usize,
     /// Why generation ended.
     pub stop_reason: StopReason,
+    /// Tag literals the output constraint forced into the text (e.g.
+    /// `</prediction>`), in order; empty when the model wrote them itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forced: Vec<String>,
+}
+
+/// A closed question answered with one label token: the model's probability
+/// of each choice as the next token after `messages` (rendered with the
+/// assistant's turn opened) and `assistant_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChoiceRequest {
+    /// The conversation; the model answers as the assistant.
+    pub messages: Vec<Message>,
+    /// Text the assistant's reply starts with (e.g. `Answer:`), before the label.
+    pub assistant_prefix: String,
+    /// The labels; each must be exactly one token after the prefix, all distinct.
+    pub choices: Vec<String>,
+}
+
+/// The model's probabilities of the choices of a [`ChoiceRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChoiceScores {
+    /// Log-probability of each choice token under the full vocabulary.
+    pub logprobs: Vec<f64>,
+    /// The choices' probabilities renormalised to sum to 1.
+    pub probs: Vec<f64>,
+    /// Total probability on the choices (how much the model "answers the
+    /// question" at all; low coverage means the scores are unreliable).
+    pub coverage: f64,
+}
+
+impl ChoiceScores {
+    /// Scores from the choices' log-probabilities.
+    pub fn from_logprobs(logprobs: Vec<f64>) -> Self {
+        let p: Vec<f64> = logprobs.iter().map(|l| l.exp()).collect();
+        let coverage: f64 = p.iter().sum();
+        let probs = if coverage > 0.0 {
+            p.iter().map(|x| x / coverage).collect()
+        } else {
+            vec![1.0 / p.len().max(1) as f64; p.len()]
+        };
+        Self {
+            logprobs,
+            probs,
+            coverage,
+        }
+    }
+    /// Probability-weighted mean of `values` (one per choice).
+    pub fn expectation(&self, values: &[f64]) -> f64 {
+        self.probs.iter().zip(values).map(|(p, v)| p * v).sum()
+    }
 }
 
 /// What [`RequestQueue::next`] hands to a serving backend.
@@ -427,6 +497,17 @@ pub trait Llm: Send + Sync {
     /// Work counters of the backend since it started, when it keeps them.
     fn engine_stats(&self) -> Option<EngineStats> {
         None
+    }
+    /// Label probabilities for closed questions (batched, deterministic, the
+    /// same alone or in a batch). A choice that is not exactly one token after
+    /// the prefix, or a duplicate, is a [`LlmError::BadRequest`]; backends
+    /// without access to probabilities return [`LlmError::Unsupported`].
+    fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
+        let _ = requests;
+        Err(LlmError::Unsupported(format!(
+            "{} cannot score choices (no token probabilities)",
+            self.model_id()
+        )))
     }
     /// Number of tokens of `text` under this model's tokenizer (no special tokens).
     fn count_tokens(&self, text: &str) -> usize;

@@ -2,16 +2,18 @@
 //! whitespace-separated words. Every optimizer and runtime test runs against it
 //! so their outcomes are exactly known.
 
-use super::{Generation, Llm, Request, Result, StopReason};
+use super::{ChoiceRequest, ChoiceScores, Generation, Llm, LlmError, Request, Result, StopReason};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 type Script = dyn Fn(&Request) -> String + Send + Sync;
+type Scores = dyn Fn(&ChoiceRequest) -> Vec<f64> + Send + Sync;
 
 /// An [`Llm`] whose replies are produced by a function of the request.
 #[derive(Clone)]
 pub struct ScriptedLlm {
     script: Arc<Script>,
+    scores: Option<Arc<Scores>>,
     calls: Arc<AtomicUsize>,
     batches: Arc<AtomicUsize>,
     name: String,
@@ -22,10 +24,20 @@ impl ScriptedLlm {
     pub fn new(f: impl Fn(&Request) -> String + Send + Sync + 'static) -> Self {
         Self {
             script: Arc::new(f),
+            scores: None,
             calls: Arc::new(AtomicUsize::new(0)),
             batches: Arc::new(AtomicUsize::new(0)),
             name: "scripted".into(),
         }
+    }
+    /// Answer [`Llm::score_choices`] from a table: `f` gives each choice's
+    /// log-probability (without it, scoring is unsupported).
+    pub fn with_choice_scores(
+        mut self,
+        f: impl Fn(&ChoiceRequest) -> Vec<f64> + Send + Sync + 'static,
+    ) -> Self {
+        self.scores = Some(Arc::new(f));
+        self
     }
     /// Set the model id reported by [`Llm::model_id`].
     pub fn named(mut self, name: &str) -> Self {
@@ -73,9 +85,46 @@ impl Llm for ScriptedLlm {
                     text,
                     prompt_tokens,
                     stop_reason,
+                    forced: Vec::new(),
                 }
             })
             .collect())
+    }
+
+    fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
+        let Some(f) = &self.scores else {
+            return Err(LlmError::Unsupported(
+                "this scripted model has no score table".into(),
+            ));
+        };
+        requests
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(c) = r.choices.iter().find(|c| !seen.insert(c.as_str())) {
+                    return Err(LlmError::BadRequest {
+                        index,
+                        message: format!("choice {c:?} duplicates another choice"),
+                    });
+                }
+                if let Some(c) = r.choices.iter().find(|c| word_count(c) != 1) {
+                    return Err(LlmError::BadRequest {
+                        index,
+                        message: format!("choice {c:?} is not exactly one token"),
+                    });
+                }
+                let lp = f(r);
+                if lp.len() != r.choices.len() {
+                    return Err(LlmError::Other(format!(
+                        "score table gave {} values for {} choices",
+                        lp.len(),
+                        r.choices.len()
+                    )));
+                }
+                Ok(ChoiceScores::from_logprobs(lp))
+            })
+            .collect()
     }
 
     fn count_tokens(&self, text: &str) -> usize {

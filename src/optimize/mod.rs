@@ -124,6 +124,30 @@ impl From<OptimizeError> for Interrupt {
     }
 }
 
+/// Which LLM attributer assigns the per-agent credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttributerKind {
+    /// The paper's attributer: a generated JSON verdict per group (for
+    /// strong or remote models).
+    #[default]
+    Llm,
+    /// Closed 1–5 questions per agent and rollout, credit from the label
+    /// probabilities ([`crate::attribution::JudgeAttributer`]; for small local models).
+    Judge,
+}
+
+impl std::str::FromStr for AttributerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "llm" => Ok(Self::Llm),
+            "judge" => Ok(Self::Judge),
+            _ => Err(format!("unknown attributer `{s}` (expected llm or judge)")),
+        }
+    }
+}
+
 /// Which local optimizer each agent runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -175,6 +199,11 @@ pub struct OptimizeConfig {
     pub meta_temperature: f64,
     /// Use the identity attributer (ablation) instead of the LLM attributer.
     pub identity_attribution: bool,
+    /// Which LLM attributer assigns credits (when not the identity ablation).
+    pub attributer: AttributerKind,
+    /// The judge attributer's minimum probability on its labels for a
+    /// credit to count (below it the credit is missing).
+    pub judge_min_coverage: f64,
     /// Local optimizer per agent.
     pub optimizer: OptimizerKind,
     /// Estimated completion tokens per agent call (for budget projections
@@ -205,6 +234,8 @@ impl Default for OptimizeConfig {
             meta_max_new_tokens: 1024,
             meta_temperature: 0.1,
             identity_attribution: false,
+            attributer: AttributerKind::Llm,
+            judge_min_coverage: 0.5,
             optimizer: OptimizerKind::Capo,
             task_max_new_tokens_estimate: 512,
             validation_size_estimate: 50,
@@ -221,6 +252,9 @@ impl OptimizeConfig {
                 message: message.into(),
             })
         };
+        if !(0.0..=1.0).contains(&self.judge_min_coverage) {
+            return bad("judge_min_coverage", "must be in [0, 1]");
+        }
         if self.block_size == 0 {
             return bad("block_size", "must be at least 1");
         }

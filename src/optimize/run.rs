@@ -14,12 +14,12 @@ use super::budget::{self, Spend, StopReason, TokenCounters};
 use super::checkpoint::{self, CreditAccumulator, RunState, ValidationPoint};
 use super::meta::run_meta_jobs;
 use super::{
-    config_hash, derive_seed, rng_for, tag, AgentContext, AgentOptimizer, Executor, Interrupt,
-    LocalOptimizer, OptimizeConfig, OptimizeError, OptimizerKind, QueryCredits, Rollout,
+    config_hash, derive_seed, rng_for, tag, AgentContext, AgentOptimizer, AttributerKind, Executor,
+    Interrupt, LocalOptimizer, OptimizeConfig, OptimizeError, OptimizerKind, QueryCredits, Rollout,
 };
 use crate::attribution::{
     contrast_groups, shuffled_groups, AgentCredits, Attributer, AttributionGroup, CreditStats,
-    IdentityAttributer, LlmAttributer,
+    IdentityAttributer, JudgeAttributer, LlmAttributer,
 };
 use crate::graph::{AgentSpec, PromptSet};
 use crate::llm::Llm;
@@ -157,14 +157,20 @@ impl Ctx<'_> {
 
 fn make_attributer<'a>(config: &OptimizeConfig, llm: &'a dyn Llm) -> Box<dyn Attributer + 'a> {
     if config.identity_attribution {
-        Box::new(IdentityAttributer)
-    } else {
-        Box::new(LlmAttributer {
+        return Box::new(IdentityAttributer);
+    }
+    match config.attributer {
+        AttributerKind::Llm => Box::new(LlmAttributer {
             llm,
             field_cap: config.attribution_field_cap,
             max_new_tokens: config.attribution_max_new_tokens,
             temperature: config.attribution_temperature,
-        })
+        }),
+        AttributerKind::Judge => Box::new(JudgeAttributer {
+            llm,
+            field_cap: config.attribution_field_cap,
+            min_coverage: config.judge_min_coverage,
+        }),
     }
 }
 

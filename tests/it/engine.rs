@@ -521,3 +521,145 @@ init_agent_prompt_pool:
     }
     assert_eq!(traces[0], traces[1]);
 }
+
+#[test]
+fn tag_guard_makes_a_random_model_write_its_tags_alone_or_in_a_batch() {
+    use cantante::llm::OutputConstraint;
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 21,
+        quantized: true,
+    });
+    let llm = load(&p, 16);
+    let tags = OutputConstraint::tags(["reason", "answer"]);
+    let tok = llm.tokenizer();
+    let literals: usize = ["<reason>", "</reason>", "\n<answer>", "</answer>"]
+        .iter()
+        .map(|t| tok.encode(t).unwrap().len())
+        .sum();
+    let reqs: Vec<Request> = (0..12)
+        .map(|i| {
+            // Budgets from barely above the tags' literals to roomy.
+            let n = [literals, literals + 1, literals + 3, 40, 64][i % 5];
+            Request::chat(
+                "You are terse.",
+                &format!("Question {i}: what is {i} + 1?"),
+                n,
+            )
+            .with_sampling(Sampling::temperature(1.0))
+            .with_seed(i as u64)
+        })
+        .collect();
+    let parsed = |text: &str| {
+        cantante::prompt::extract_tag(text, "reason").is_some()
+            && cantante::prompt::extract_tag(text, "answer").is_some()
+    };
+    let free = llm.generate(&reqs).unwrap();
+    let tagged_free = free.iter().filter(|g| parsed(&g.text)).count();
+    assert_eq!(
+        tagged_free, 0,
+        "a random model does not write tags by itself"
+    );
+    let guarded: Vec<Request> = reqs
+        .iter()
+        .map(|r| r.clone().with_constraint(tags.clone()))
+        .collect();
+    let batch = llm.generate(&guarded).unwrap();
+    for (g, r) in batch.iter().zip(&guarded) {
+        assert!(parsed(&g.text), "budget {}: {:?}", r.max_new_tokens, g.text);
+        assert!(g.text.trim_end().ends_with("</answer>"), "{:?}", g.text);
+        assert!(g.completion_tokens <= r.max_new_tokens);
+        assert!(!g.forced.is_empty(), "a random model needs its tags forced");
+        let a = g.text.find("<reason>").unwrap();
+        let b = g.text.find("<answer>").unwrap();
+        assert!(a < b, "tags in order: {:?}", g.text);
+    }
+    // Same text alone, in another batch limit, and with another partner.
+    let one = load(&p, 1);
+    for (i, r) in guarded.iter().enumerate() {
+        let alone = one.generate(std::slice::from_ref(r)).unwrap().remove(0);
+        assert_eq!(alone, batch[i], "request {i} alone");
+    }
+}
+
+#[test]
+fn score_choices_matches_greedy_and_is_batch_invariant() {
+    use cantante::llm::{ChoiceRequest, LlmError};
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 8,
+        quantized: true,
+    });
+    let llm = load(&p, 8);
+    let tok = llm.tokenizer();
+    let qs: Vec<Request> = (0..8)
+        .map(|i| {
+            Request::chat(
+                "Judge.",
+                &format!("Rate item {i} of {}.", "the list ".repeat(i)),
+                1,
+            )
+        })
+        .collect();
+    let greedy = llm.generate(&qs).unwrap();
+    let mut reqs = Vec::new();
+    for (q, g) in qs.iter().zip(&greedy) {
+        let prompt = llm.render(q).unwrap();
+        let ids = tok.encode(&prompt).unwrap();
+        let single = |c: &str| {
+            let w = tok.encode(&format!("{prompt}{c}")).unwrap();
+            w.len() == ids.len() + 1 && w[..ids.len()] == ids[..]
+        };
+        let mut choices: Vec<String> = ["a", "b", "1", "2", "x", "the", "e", "o"]
+            .iter()
+            .map(|s| s.to_string())
+            .filter(|c| single(c))
+            .collect();
+        if single(&g.text) && !choices.contains(&g.text) {
+            choices.push(g.text.clone());
+        }
+        assert!(choices.len() >= 2, "{choices:?}");
+        reqs.push((
+            g.text.clone(),
+            ChoiceRequest {
+                messages: q.messages.clone(),
+                assistant_prefix: String::new(),
+                choices,
+            },
+        ));
+    }
+    let batch: Vec<ChoiceRequest> = reqs.iter().map(|r| r.1.clone()).collect();
+    let scores = llm.score_choices(&batch).unwrap();
+    let mut checked = 0;
+    for ((greedy_text, r), s) in reqs.iter().zip(&scores) {
+        assert!((s.probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(s.coverage > 0.0 && s.coverage <= 1.0 + 1e-9);
+        assert!(s.logprobs.iter().all(|l| *l <= 0.0));
+        if let Some(k) = r.choices.iter().position(|c| c == greedy_text) {
+            let best = (0..s.probs.len())
+                .max_by(|&a, &b| s.probs[a].total_cmp(&s.probs[b]))
+                .unwrap();
+            assert_eq!(best, k, "the greedy token is the most likely choice");
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no greedy reply was a single token");
+    // Alone == in the batch, bit for bit (a fresh engine, no cached prefixes).
+    let fresh = load(&p, 1);
+    for (r, s) in batch.iter().zip(&scores) {
+        assert_eq!(&fresh.score_choices(std::slice::from_ref(r)).unwrap()[0], s);
+    }
+    // Multi-token and duplicate choices are rejected, naming the request.
+    let mut bad = batch[0].clone();
+    bad.choices = vec!["a".into(), "a".into()];
+    assert!(matches!(
+        llm.score_choices(&[batch[1].clone(), bad]),
+        Err(LlmError::BadRequest { index: 1, .. })
+    ));
+    let mut long = batch[0].clone();
+    long.choices = vec!["a fairly long multi token choice".into()];
+    assert!(matches!(
+        llm.score_choices(&[long]),
+        Err(LlmError::BadRequest { index: 0, .. })
+    ));
+}

@@ -1527,3 +1527,42 @@ fn continuous_schedule_isolates_rejected_requests() {
     }
     assert_eq!(results[0], results[1]);
 }
+
+#[test]
+fn agent_turns_carry_the_tag_constraint_unless_the_guard_is_off() {
+    let setup = yaml(TOOLS);
+    for guard in [true, false] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let llm = tool_llm(seen.clone());
+        let o = RunOptions {
+            tag_guard: guard,
+            format_repairs: 1,
+            ..opts()
+        };
+        run_batch(
+            &llm,
+            &setup,
+            tool_runs(&setup, &["calls1", "calls5"]).0,
+            &o,
+            None,
+        )
+        .unwrap();
+        let reqs = seen.lock().unwrap();
+        assert!(!reqs.is_empty());
+        for r in reqs.iter() {
+            match (&r.constraint, guard) {
+                (None, false) => {}
+                (Some(c), true) => {
+                    assert_eq!(c.tags, ["prediction"]);
+                    if r.stop.is_empty() {
+                        // Final or repair turn: no escape.
+                        assert!(c.escapes.is_empty());
+                    } else {
+                        assert_eq!(c.escapes, ["<tool_call>"]);
+                    }
+                }
+                other => panic!("guard {guard}: {other:?}"),
+            }
+        }
+    }
+}

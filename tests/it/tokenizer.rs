@@ -113,6 +113,19 @@ fn check(gguf_name: &str, oracle: &str) {
         "{text}"
     );
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
+    // The judge attributer's labels are single tokens after its prefix, and
+    // the tag guard's literals encode on their own.
+    let prompt = format!("{text}Rating: ");
+    let ids = ours.encode(&prompt).unwrap();
+    for (label, _) in cantante::attribution::JUDGE_SCALE {
+        let with = ours.encode(&format!("{prompt}{label}")).unwrap();
+        assert_eq!(with.len(), ids.len() + 1, "{oracle}: label {label:?}");
+        assert_eq!(with[..ids.len()], ids[..], "{oracle}: label {label:?}");
+    }
+    for lit in ["<prediction>", "</prediction>", "\n<code>"] {
+        let lit_ids = ours.encode(lit).unwrap();
+        assert_eq!(ours.decode(&lit_ids, true).unwrap(), lit, "{oracle}");
+    }
 }
 
 #[test]
