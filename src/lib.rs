@@ -16,4 +16,5 @@ pub mod llm;
 pub mod optimize;
 pub mod prompt;
 pub mod report;
+pub mod serve;
 pub mod task;

@@ -108,8 +108,8 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
         return finish_table(&a.out, &pname, &tasks, &a.seeds);
     }
     let device = if a.model.cuda { "cuda" } else { "cpu" };
-    let mut llm: Option<crate::llm::engine::CandleLlm> = None;
-    let mut meta_llm: Option<crate::llm::engine::CandleLlm> = None;
+    let mut llm: Option<Box<dyn crate::llm::Llm>> = None;
+    let mut meta_llm: Option<Box<dyn crate::llm::Llm>> = None;
     for task_name in &tasks {
         let mas = MasArgs {
             setup: a.setups.join(format!("{task_name}.yaml")),

@@ -1,6 +1,7 @@
 //! Shared CLI pieces: model arguments, model loading, progress bars.
 
 use crate::llm::engine::{CandleLlm, EngineOptions};
+use crate::llm::{remote, Llm};
 use anyhow::{Context, Result};
 
 /// Arguments selecting and configuring the local model.
@@ -27,6 +28,21 @@ pub struct ModelArgs {
     /// Disable reuse of shared prompt prefixes.
     #[arg(long)]
     pub no_prefix_reuse: bool,
+    /// With `--model http(s)://HOST:PORT/v1` (an OpenAI-compatible server):
+    /// the served model to use (default: the first of /v1/models).
+    #[arg(long)]
+    pub remote_model: Option<String>,
+    /// Environment variable holding the server's API key (never pass the
+    /// key itself on the command line).
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Local tokenizer of the served model (GGUF or tokenizer.json) for exact
+    /// token counts before dispatch; without it, 1 token ≈ 4 bytes.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Concurrent requests to a remote server.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
 }
 
 /// Where models/fetch.sh caches the default model.
@@ -40,13 +56,32 @@ pub fn default_model_path() -> std::path::PathBuf {
     base.join("qwen2.5-coder-0.5b-instruct.gguf")
 }
 
-/// Load the model described by the arguments.
-pub fn load_llm(m: &ModelArgs) -> Result<CandleLlm> {
+/// Load the model described by the arguments: an OpenAI-compatible server
+/// for an `http(s)://` URL, else the in-process engine.
+pub fn load_llm(m: &ModelArgs) -> Result<Box<dyn Llm>> {
     let spec = m
         .model
         .clone()
         .or_else(|| std::env::var("CANTANTE_MODEL").ok())
         .unwrap_or_else(|| default_model_path().display().to_string());
+    if remote::is_remote(&spec) {
+        let opts = remote::RemoteOptions {
+            model: m.remote_model.clone(),
+            api_key_env: m.api_key_env.clone(),
+            tokenizer: m.tokenizer.clone(),
+            concurrency: m.concurrency.max(1),
+            ..remote::RemoteOptions::new(spec.clone())
+        };
+        tracing::info!("connecting to {spec}");
+        let l = remote::OpenAiLlm::connect(opts)
+            .with_context(|| format!("cannot use the server `{spec}`"))?;
+        return Ok(Box::new(l));
+    }
+    Ok(Box::new(load_engine(m, &spec)?))
+}
+
+/// Load the in-process engine for `spec` with the arguments' settings.
+pub fn load_engine(m: &ModelArgs, spec: &str) -> Result<CandleLlm> {
     let opts = EngineOptions {
         cuda: m.cuda,
         weights: m.weights,
@@ -56,13 +91,16 @@ pub fn load_llm(m: &ModelArgs) -> Result<CandleLlm> {
         ..Default::default()
     };
     tracing::info!("loading model {spec}");
-    CandleLlm::load(&spec, opts).with_context(|| format!("cannot load model `{spec}`"))
+    CandleLlm::load(spec, opts).with_context(|| format!("cannot load model `{spec}`"))
 }
 
 /// Load the separate meta model (attributer and prompt rewriter) named by
 /// `--meta-model`, with the task model's engine settings; `None` when none
 /// was given (the task model then plays every role).
-pub fn load_meta_llm(task: &ModelArgs, meta_model: Option<&String>) -> Result<Option<CandleLlm>> {
+pub fn load_meta_llm(
+    task: &ModelArgs,
+    meta_model: Option<&String>,
+) -> Result<Option<Box<dyn Llm>>> {
     meta_model
         .map(|m| {
             load_llm(&ModelArgs {

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod optimize;
 pub mod report;
 pub mod sandbox;
+pub mod serve;
 
 /// cantante: optimize the prompts of a multi-agent LLM pipeline, offline.
 #[derive(Parser, Debug)]
@@ -41,6 +42,8 @@ pub enum Command {
     Sandbox(sandbox::SandboxArgs),
     /// Write a Markdown report with plots for an optimization run dir.
     Report(report::ReportArgs),
+    /// Serve the local engine over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -64,6 +67,7 @@ pub fn main() -> i32 {
         Command::Attribute(a) => optimize::run_attribute(a).map(|_| 0),
         Command::BenchRun(a) => bench_run::run(a).map(|_| 0),
         Command::Report(a) => report::run(a).map(|_| 0),
+        Command::Serve(a) => serve::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod kernels;
 pub mod model;
 pub mod profile;
+pub mod remote;
 pub mod sampling;
 pub mod scripted;
 pub mod team;
@@ -478,6 +479,30 @@ pub fn serve_in_batches<L: Llm + ?Sized>(llm: &L, queue: &mut dyn RequestQueue) 
         if closed {
             return Ok(());
         }
+    }
+}
+
+impl<L: Llm + ?Sized> Llm for Box<L> {
+    fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
+        (**self).generate(requests)
+    }
+    fn serve(&self, queue: &mut dyn RequestQueue) -> Result<()> {
+        (**self).serve(queue)
+    }
+    fn engine_stats(&self) -> Option<EngineStats> {
+        (**self).engine_stats()
+    }
+    fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
+        (**self).score_choices(requests)
+    }
+    fn count_tokens(&self, text: &str) -> usize {
+        (**self).count_tokens(text)
+    }
+    fn truncate_tokens(&self, text: &str, max_tokens: usize) -> String {
+        (**self).truncate_tokens(text, max_tokens)
+    }
+    fn model_id(&self) -> String {
+        (**self).model_id()
     }
 }
 

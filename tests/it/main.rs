@@ -9,5 +9,6 @@ mod kernels;
 mod optimize;
 mod report;
 mod sandbox;
+mod serve;
 mod task;
 mod tokenizer;
