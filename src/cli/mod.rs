@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod bench_run;
 pub mod common;
+pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod optimize;
@@ -44,6 +45,8 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Serve the local engine over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// Fetch or check the benchmark data (GSM8K, MBPP).
+    Data(data::DataArgs),
 }
 
 fn init_tracing(level: &str) {
@@ -68,6 +71,7 @@ pub fn main() -> i32 {
         Command::BenchRun(a) => bench_run::run(a).map(|_| 0),
         Command::Report(a) => report::run(a).map(|_| 0),
         Command::Serve(a) => serve::run(a).map(|_| 0),
+        Command::Data(a) => data::run(a).map(|_| 0),
     };
     match result {
         Ok(code) => code,

@@ -7,6 +7,7 @@
 //! checked against the line counts and SHA-256 sums listed in
 //! `datasets/README.md` before use.
 
+pub mod fetch;
 pub mod gsm8k;
 pub mod mbpp;
 pub mod sandbox;

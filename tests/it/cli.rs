@@ -7,10 +7,7 @@ use std::process::Command;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cantante"));
-    c.env(
-        "CANTANTE_DATA",
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets"),
-    );
+    c.env("CANTANTE_DATA", crate::data_dir());
     c
 }
 

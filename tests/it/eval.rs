@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn data() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets")
+    crate::data_dir()
 }
 
 fn setup_for(task: &dyn cantante::task::Task, name: &str) -> Setup {
