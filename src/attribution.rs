@@ -191,12 +191,7 @@ impl<'a> LlmAttributer<'a> {
     }
 
     fn cap(&self, s: &str) -> String {
-        let t = self.llm.truncate_tokens(s, self.field_cap);
-        if t.len() < s.len() {
-            format!("{t} …[truncated]")
-        } else {
-            t
-        }
+        cap_shown(self.llm, s, self.field_cap)
     }
 
     /// The attribution prompt for one group.
@@ -238,6 +233,16 @@ impl<'a> LlmAttributer<'a> {
                     .with_seed(*s)
             })
             .collect()
+    }
+}
+
+/// `s` cut to `cap` tokens, marked `…[truncated]` when cut (fields shown to attributers).
+fn cap_shown(llm: &dyn Llm, s: &str, cap: usize) -> String {
+    let t = llm.truncate_tokens(s, cap);
+    if t.len() < s.len() {
+        format!("{t} …[truncated]")
+    } else {
+        t
     }
 }
 
@@ -428,12 +433,7 @@ impl<'a> JudgeAttributer<'a> {
     }
 
     fn cap(&self, s: &str) -> String {
-        let t = self.llm.truncate_tokens(s, self.field_cap);
-        if t.len() < s.len() {
-            format!("{t} …[truncated]")
-        } else {
-            t
-        }
+        cap_shown(self.llm, s, self.field_cap)
     }
 
     /// The question about `agent` in rollout `k` of `group` (the shared part

@@ -837,41 +837,12 @@ fn render_prompt(
     p
 }
 
-/// Generate a batch; a request the model rejects ([`LlmError::BadRequest`])
-/// gets an `Err` and the rest is resent. Other errors abort.
+/// Generate a batch, isolating rejected requests ([`crate::llm::generate_isolating`]).
 fn generate_isolating(
     llm: &dyn Llm,
-    mut reqs: Vec<Request>,
+    reqs: Vec<Request>,
 ) -> Result<Vec<Result<Generation, String>>, LlmError> {
-    let mut alive: Vec<usize> = (0..reqs.len()).collect();
-    let mut out: Vec<Option<Result<Generation, String>>> = (0..reqs.len()).map(|_| None).collect();
-    while !reqs.is_empty() {
-        match llm.generate(&reqs) {
-            Ok(gens) => {
-                if gens.len() != reqs.len() {
-                    return Err(LlmError::Other(format!(
-                        "model returned {} generations for {} requests",
-                        gens.len(),
-                        reqs.len()
-                    )));
-                }
-                for (i, g) in alive.iter().zip(gens) {
-                    out[*i] = Some(Ok(g));
-                }
-                break;
-            }
-            Err(LlmError::BadRequest { index, message }) if index < reqs.len() => {
-                out[alive[index]] = Some(Err(message));
-                alive.remove(index);
-                reqs.remove(index);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out
-        .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err("no generation".into())))
-        .collect())
+    crate::llm::generate_isolating(llm, reqs)
 }
 
 /// Output variables of `p`'s agent found neither in its reply nor in a repair answer.

@@ -451,29 +451,16 @@ pub fn serve_in_batches<L: Llm + ?Sized>(llm: &L, queue: &mut dyn RequestQueue) 
                 }
             }
         }
-        while !reqs.is_empty() {
-            match llm.generate(&reqs) {
-                Ok(gens) => {
-                    if gens.len() != reqs.len() {
-                        return Err(LlmError::Other(format!(
-                            "model returned {} generations for {} requests",
-                            gens.len(),
-                            reqs.len()
-                        )));
-                    }
-                    for (id, g) in ids.drain(..).zip(gens) {
-                        queue.done(id, Ok(g));
-                    }
-                    reqs.clear();
-                }
-                Err(LlmError::BadRequest { index, message }) if index < reqs.len() => {
-                    reqs.remove(index);
-                    queue.done(
-                        ids.remove(index),
-                        Err(LlmError::BadRequest { index, message }),
-                    );
-                }
-                Err(e) => return Err(e),
+        if !reqs.is_empty() {
+            for (k, (id, g)) in ids
+                .into_iter()
+                .zip(generate_isolating(llm, reqs)?)
+                .enumerate()
+            {
+                queue.done(
+                    id,
+                    g.map_err(|message| LlmError::BadRequest { index: k, message }),
+                );
             }
         }
         if closed {
@@ -504,6 +491,45 @@ impl<L: Llm + ?Sized> Llm for Box<L> {
     fn model_id(&self) -> String {
         (**self).model_id()
     }
+}
+
+/// Generate a batch; a request the model rejects ([`LlmError::BadRequest`],
+/// e.g. a history longer than the context) gets `Err(message)` and the rest
+/// is resent. Any other error aborts.
+pub fn generate_isolating<L: Llm + ?Sized>(
+    llm: &L,
+    mut reqs: Vec<Request>,
+) -> Result<Vec<std::result::Result<Generation, String>>> {
+    let mut alive: Vec<usize> = (0..reqs.len()).collect();
+    let mut out: Vec<Option<std::result::Result<Generation, String>>> =
+        (0..reqs.len()).map(|_| None).collect();
+    while !reqs.is_empty() {
+        match llm.generate(&reqs) {
+            Ok(gens) => {
+                if gens.len() != reqs.len() {
+                    return Err(LlmError::Other(format!(
+                        "model returned {} generations for {} requests",
+                        gens.len(),
+                        reqs.len()
+                    )));
+                }
+                for (i, g) in alive.iter().zip(gens) {
+                    out[*i] = Some(Ok(g));
+                }
+                break;
+            }
+            Err(LlmError::BadRequest { index, message }) if index < reqs.len() => {
+                out[alive[index]] = Some(Err(message));
+                alive.remove(index);
+                reqs.remove(index);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err("no generation".into())))
+        .collect())
 }
 
 /// A batched language model. Implementations must return one generation per
