@@ -744,3 +744,16 @@ fn prior_initial_validation_is_reused_only_for_the_same_seed_and_config() {
     let (_, calls) = with_prior(&config(1), 12);
     assert_eq!(calls, fresh_validations);
 }
+
+#[test]
+fn quickstart_config_parses_and_validates() {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/quickstart.yaml");
+    let c: cantante::optimize::OptimizeConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    c.validate().unwrap();
+    assert_eq!((c.rounds, c.block_size, c.group_size), (1, 2, 2));
+    // The judge attributer is selectable from a config file too.
+    let j: cantante::optimize::OptimizeConfig =
+        serde_yaml::from_str("attributer: judge\n").unwrap();
+    assert_eq!(j.attributer, cantante::optimize::AttributerKind::Judge);
+}
