@@ -244,6 +244,16 @@ fn bad(message: impl Into<String>, param: Option<&str>) -> ApiError {
     }
 }
 
+fn server_error(status: u16, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        message: message.into(),
+        kind: "server_error",
+        param: None,
+        code: None,
+    }
+}
+
 fn respond_json(req: tiny_http::Request, status: u16, body: &serde_json::Value) {
     let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
         .expect("static header");
@@ -569,13 +579,8 @@ fn chat(
     let mut waits = Vec::with_capacity(reqs.len());
     for req in reqs {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        tx.send(Job { req, reply: rtx }).map_err(|_| ApiError {
-            status: 503,
-            message: "the server is shutting down".into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        })?;
+        tx.send(Job { req, reply: rtx })
+            .map_err(|_| server_error(503, "the server is shutting down"))?;
         waits.push(rrx);
     }
     let deadline = Instant::now() + Duration::from_secs(opts.request_timeout_secs.max(1));
@@ -593,32 +598,15 @@ fn chat(
                     code: Some("context_length_exceeded"),
                 })
             }
-            Ok(Err(e)) => {
-                return Err(ApiError {
-                    status: 500,
-                    message: e.to_string(),
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                })
-            }
+            Ok(Err(e)) => return Err(server_error(500, e.to_string())),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(ApiError {
-                    status: 504,
-                    message: format!("no answer within {} s", opts.request_timeout_secs),
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                })
+                return Err(server_error(
+                    504,
+                    format!("no answer within {} s", opts.request_timeout_secs),
+                ))
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(ApiError {
-                    status: 503,
-                    message: "the server stopped before answering".into(),
-                    kind: "server_error",
-                    param: None,
-                    code: None,
-                })
+                return Err(server_error(503, "the server stopped before answering"))
             }
         }
     }

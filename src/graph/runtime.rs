@@ -105,7 +105,7 @@
 
 use super::{GraphError, PromptSet, Setup, ToolEnv, END, START};
 use crate::llm::{
-    Generation, Llm, LlmError, Message, OutputConstraint, Request, Sampling, StopReason,
+    generate_isolating, Generation, Llm, Message, OutputConstraint, Request, Sampling, StopReason,
 };
 use crate::prompt;
 use rayon::prelude::*;
@@ -835,14 +835,6 @@ fn render_prompt(
         p = llm.truncate_tokens(&p, cap);
     }
     p
-}
-
-/// Generate a batch, isolating rejected requests ([`crate::llm::generate_isolating`]).
-fn generate_isolating(
-    llm: &dyn Llm,
-    reqs: Vec<Request>,
-) -> Result<Vec<Result<Generation, String>>, LlmError> {
-    crate::llm::generate_isolating(llm, reqs)
 }
 
 /// Output variables of `p`'s agent found neither in its reply nor in a repair answer.

@@ -452,6 +452,21 @@ fn file_tag(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The answer of a finished sequence (forced tag literals read from its guard).
+fn finished(s: &Seq, text: String, stop_reason: StopReason) -> Generation {
+    Generation {
+        text,
+        prompt_tokens: s.prompt.len(),
+        completion_tokens: s.generated.len(),
+        stop_reason,
+        forced: s
+            .guard
+            .as_ref()
+            .map(|g| g.forced_literals().to_vec())
+            .unwrap_or_default(),
+    }
+}
+
 /// Log-softmax of `logits` at the choice tokens (f64 accumulation).
 fn choice_scores(logits: &[f32], choices: &[u32]) -> ChoiceScores {
     let max = logits
@@ -734,11 +749,7 @@ impl Llm for CandleLlm {
                 }
             }
             for (i, kv, _) in seqs {
-                if self.opts.prefix_reuse && self.model.batch_invariant() {
-                    if let Ok(mut store) = self.prefixes.lock() {
-                        self.insert_prefix(&mut store, items[i].0.clone(), kv);
-                    }
-                }
+                self.keep_prefix(items[i].0.clone(), kv);
             }
         }
         out.into_iter()
@@ -896,7 +907,7 @@ impl CandleLlm {
                 }
             }
             feed_rows.sort_by_key(|f| f.0);
-            let logits = {
+            let mut logits = {
                 let mut chunks = Vec::with_capacity(feed_rows.len());
                 let mut fi = feed_rows.iter().peekable();
                 for (k, s) in active.iter_mut().enumerate() {
@@ -912,7 +923,6 @@ impl CandleLlm {
                 }
                 self.model.forward(&mut chunks)?
             };
-            let mut logits = logits;
             let mut computed = 0;
             let mut finished = Vec::new();
             for (row, (k, toks, produces)) in feed_rows.iter().enumerate() {
@@ -978,18 +988,24 @@ impl CandleLlm {
     /// it. Only for executors whose results do not depend on how a sequence
     /// was split into forwards (the int8 kernels), so reuse never changes text.
     fn keep_finished(&self, s: Seq) {
-        if !self.opts.prefix_reuse || !self.model.batch_invariant() {
-            return;
-        }
         let n = s.kv.len();
-        if n < self.opts.min_prefix_tokens.max(1) {
-            return;
-        }
         let mut tokens = s.prompt;
         tokens.extend_from_slice(&s.generated);
         tokens.truncate(n);
+        self.keep_prefix(tokens, s.kv);
+    }
+
+    /// Keep `kv` (the cache of `tokens`) as a reusable prefix, when reuse
+    /// cannot change text (batch-invariant executor) and it is long enough.
+    fn keep_prefix(&self, tokens: Vec<u32>, kv: SeqKv) {
+        if !self.opts.prefix_reuse
+            || !self.model.batch_invariant()
+            || kv.len() < self.opts.min_prefix_tokens.max(1)
+        {
+            return;
+        }
         if let Ok(mut store) = self.prefixes.lock() {
-            self.insert_prefix(&mut store, tokens, s.kv);
+            self.insert_prefix(&mut store, tokens, kv);
         }
     }
 
@@ -1037,57 +1053,37 @@ impl CandleLlm {
     }
 
     fn check_finished(&self, s: &mut Seq) -> Result<Option<Generation>> {
-        let req = &s.req;
         let last = *s.generated.last().unwrap_or(&0);
         let n = s.generated.len();
-        let forced = s
-            .guard
-            .as_ref()
-            .map(|g| g.forced_literals().to_vec())
-            .unwrap_or_default();
-        let make = |ids: &[u32], reason| -> Result<Generation> {
-            Ok(Generation {
-                text: self.tokenizer.decode(ids, true)?,
-                prompt_tokens: s.prompt.len(),
-                completion_tokens: n,
-                stop_reason: reason,
-                forced: forced.clone(),
-            })
-        };
         if self.eos.contains(&last) {
-            return make(&s.generated[..n - 1], StopReason::Eos).map(Some);
+            let text = self.tokenizer.decode(&s.generated[..n - 1], true)?;
+            return Ok(Some(finished(s, text, StopReason::Eos)));
         }
-        if !req.stop.is_empty() || s.guard.is_some() {
+        if !s.req.stop.is_empty() || s.guard.is_some() {
             let text = self.tokenizer.decode(&s.generated, true)?;
-            if let Some(pos) = req
+            if let Some(pos) = s
+                .req
                 .stop
                 .iter()
                 .filter_map(|st| text.find(st.as_str()))
                 .min()
             {
-                return Ok(Some(Generation {
-                    text: text[..pos].to_string(),
-                    prompt_tokens: s.prompt.len(),
-                    completion_tokens: n,
-                    stop_reason: StopReason::StopString,
-                    forced,
-                }));
+                return Ok(Some(finished(
+                    s,
+                    text[..pos].to_string(),
+                    StopReason::StopString,
+                )));
             }
-            let remaining = req.max_new_tokens.saturating_sub(n);
+            let remaining = s.req.max_new_tokens.saturating_sub(n);
             if let Some(g) = s.guard.as_mut() {
                 if g.observe(&text, remaining) {
-                    return Ok(Some(Generation {
-                        text,
-                        prompt_tokens: s.prompt.len(),
-                        completion_tokens: n,
-                        stop_reason: StopReason::Constraint,
-                        forced: g.forced_literals().to_vec(),
-                    }));
+                    return Ok(Some(finished(s, text, StopReason::Constraint)));
                 }
             }
         }
-        if n >= req.max_new_tokens {
-            return make(&s.generated, StopReason::Length).map(Some);
+        if n >= s.req.max_new_tokens {
+            let text = self.tokenizer.decode(&s.generated, true)?;
+            return Ok(Some(finished(s, text, StopReason::Length)));
         }
         Ok(None)
     }
