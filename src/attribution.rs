@@ -82,6 +82,10 @@ pub struct AttributionGroup {
     /// Seed of this group's LLM call (derived by the caller from run seed,
     /// round, query and group index); the retry uses a seed derived from it.
     pub seed: u64,
+    /// Only this agent's credits are needed (e.g. a one-factor comparison):
+    /// attributers that ask per agent ([`JudgeAttributer`]) ask only about
+    /// it; the others credit every agent as usual.
+    pub focus: Option<String>,
 }
 
 /// Result of attributing a batch of groups.
@@ -486,7 +490,7 @@ How well did the agent \"{agent}\" do its part in this run? Answer with one digi
         let mut out = Vec::new();
         for g in groups {
             for k in 0..g.rollouts.len() {
-                for a in agents {
+                for a in asked(agents, g) {
                     out.push(ChoiceRequest {
                         messages: vec![Message::user(self.question(agents, g, k, a))],
                         assistant_prefix: "Rating: ".into(),
@@ -496,6 +500,19 @@ How well did the agent \"{agent}\" do its part in this run? Answer with one digi
             }
         }
         out
+    }
+}
+
+/// The agents a per-agent attributer asks about in `g`: its focus when it
+/// names one of `agents`, else all of them.
+fn asked<'a>(agents: &'a [String], g: &AttributionGroup) -> &'a [String] {
+    match g
+        .focus
+        .as_ref()
+        .and_then(|f| agents.iter().position(|a| a == f))
+    {
+        Some(i) => &agents[i..=i],
+        None => agents,
     }
 }
 
@@ -549,7 +566,7 @@ impl Attributer for JudgeAttributer<'_> {
             let mut summary = Vec::new();
             for _ in &g.rollouts {
                 let mut credits = AgentCredits::new();
-                for a in agents {
+                for a in asked(agents, g) {
                     let sc = it.next().ok_or(AttributionError::BatchSize {
                         expected: reqs.len(),
                         got: scores.len(),
@@ -880,11 +897,13 @@ mod tests {
         let att = LlmAttributer::new(&llm);
         let groups = vec![
             AttributionGroup {
+                focus: None,
                 query: "good-query".into(),
                 rollouts: vec![rollout(1.0, "4"), rollout(0.0, "5")],
                 seed: 1,
             },
             AttributionGroup {
+                focus: None,
                 query: "bad-query".into(),
                 rollouts: vec![rollout(1.0, "4"), rollout(0.0, "5")],
                 seed: 2,
@@ -921,6 +940,7 @@ mod tests {
         let mut att = LlmAttributer::new(&llm);
         att.field_cap = 3;
         let g = AttributionGroup {
+            focus: None,
             query: "one two three four five".into(),
             rollouts: vec![rollout(1.0, "a b c d e f g")],
             seed: 0,
@@ -935,6 +955,7 @@ mod tests {
     #[test]
     fn identity_maps_scores() {
         let g = AttributionGroup {
+            focus: None,
             query: "q".into(),
             rollouts: vec![rollout(1.0, "x"), rollout(0.0, "y")],
             seed: 0,
@@ -982,11 +1003,13 @@ mod tests {
         let good = rollout(1.0, "42");
         let groups = vec![
             AttributionGroup {
+                focus: None,
                 query: "q".into(),
                 rollouts: vec![bad.clone(), good.clone()],
                 seed: 1,
             },
             AttributionGroup {
+                focus: None,
                 query: "unsure-query".into(),
                 rollouts: vec![good],
                 seed: 2,

@@ -15,7 +15,7 @@
 
 use crate::eval::EvalSummary;
 use crate::graph::PromptSet;
-use crate::optimize::analysis::credit_correlation;
+use crate::optimize::analysis::{counterfactual_correlation, credit_correlation};
 use crate::optimize::{OptimizeConfig, OptimizeResult, RoundRecord, StopReason};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -220,7 +220,7 @@ impl Protocol {
     }
 
     /// The identity ablation's configuration: the CANTANTE configuration with
-    /// the identity attributer, capped at `cantante_total_tokens` (equal
+    /// the identity attributer on the paper's joint design, capped at `cantante_total_tokens` (equal
     /// budget) and at most [`Protocol::identity_rounds`] rounds.
     pub fn identity_config(
         &self,
@@ -230,6 +230,7 @@ impl Protocol {
     ) -> OptimizeConfig {
         let mut c = self.optimizer_config(task, seed);
         c.identity_attribution = true;
+        c.design = crate::optimize::Design::Joint;
         c.rounds = self
             .identity_rounds
             .unwrap_or(3 * self.optimizer.rounds)
@@ -582,6 +583,13 @@ pub struct CreditRow {
     pub per_seed: BTreeMap<u64, (Option<f64>, usize)>,
     /// ρ over the seeds where it is defined.
     pub rho: Option<MeanStd>,
+    /// Per seed: (Spearman ρ between credit and counterfactual gain,
+    /// single-agent configurations used).
+    #[serde(default)]
+    pub counterfactual_per_seed: BTreeMap<u64, (Option<f64>, usize)>,
+    /// That ρ over the seeds where it is defined.
+    #[serde(default)]
+    pub counterfactual_rho: Option<MeanStd>,
 }
 
 /// A number reported by the paper (spec §9).
@@ -767,7 +775,8 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
                 rounds: col(&|s| s.rounds_completed as f64),
             });
         }
-        let mut per_agent: BTreeMap<String, BTreeMap<u64, (Option<f64>, usize)>> = BTreeMap::new();
+        type PerSeed = BTreeMap<u64, (Option<f64>, usize)>;
+        let mut per_agent: BTreeMap<String, (PerSeed, PerSeed)> = BTreeMap::new();
         for p in &seeds {
             let Some(run) = p.runs.get(&Method::Cantante) else {
                 continue;
@@ -776,16 +785,22 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
                 continue;
             }
             for (agent, v) in credit_correlation(&run.rounds) {
-                per_agent.entry(agent).or_default().insert(p.seed, v);
+                per_agent.entry(agent).or_default().0.insert(p.seed, v);
+            }
+            for (agent, v) in counterfactual_correlation(&run.rounds) {
+                per_agent.entry(agent).or_default().1.insert(p.seed, v);
             }
         }
-        for (agent, per_seed) in per_agent {
+        for (agent, (per_seed, cf)) in per_agent {
             let rhos: Vec<f64> = per_seed.values().filter_map(|(r, _)| *r).collect();
+            let cf_rhos: Vec<f64> = cf.values().filter_map(|(r, _)| *r).collect();
             credit.push(CreditRow {
                 task: task.clone(),
                 agent,
                 rho: MeanStd::of(&rhos),
                 per_seed,
+                counterfactual_rho: MeanStd::of(&cf_rhos),
+                counterfactual_per_seed: cf,
             });
         }
     }
@@ -869,30 +884,34 @@ pub fn render_markdown(t: &ResultsTable) -> String {
          agent-specific values mean credits are not an echo of the system score; they do not \
          show that credits are correct. `–` = undefined: the agent's credits or the block \
          scores were constant across configurations (e.g. an attributer that gives every \
-         agent 0).\n\n",
+         agent 0). The counterfactual ρ compares an agent's credit with the measured gain \
+         of configurations that changed only that agent (the `ofat` design's; none in the \
+         joint design).\n\n",
     );
     if t.credit.is_empty() {
         s.push_str("No CANTANTE rounds yet.\n");
     } else {
         s.push_str(
-            "| task | agent | ρ mean ± std | per seed: ρ (configurations) |\n|---|---|---|---|\n",
+            "| task | agent | ρ mean ± std | per seed: ρ (configurations) | counterfactual ρ mean ± std | per seed |\n|---|---|---|---|---|---|\n",
         );
-        for c in &t.credit {
-            let per = c
-                .per_seed
-                .iter()
+        let per = |m: &BTreeMap<u64, (Option<f64>, usize)>| {
+            m.iter()
                 .map(|(seed, (r, n))| {
                     let r = r.map(|r| format!("{r:+.2}")).unwrap_or_else(|| "–".into());
                     format!("seed {seed}: {r} ({n})")
                 })
                 .collect::<Vec<_>>()
-                .join("; ");
+                .join("; ")
+        };
+        for c in &t.credit {
             s.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} |\n",
                 c.task,
                 c.agent,
                 opt(&c.rho, 1.0, 2),
-                per
+                per(&c.per_seed),
+                opt(&c.counterfactual_rho, 1.0, 2),
+                per(&c.counterfactual_per_seed)
             ));
         }
     }
@@ -989,6 +1008,9 @@ mod tests {
             rejections: BTreeMap::new(),
             agent_credits: BTreeMap::new(),
             populations: BTreeMap::new(),
+            design: Default::default(),
+            attribution_groups: 0,
+            degenerate_groups: 0,
         }
     }
 

@@ -4,7 +4,9 @@
 //! `rounds.jsonl`. Unlike the reference's figure, it uses every evaluated
 //! configuration with its own per-query credits (no population look-up).
 //! A moderate, agent-specific ρ indicates credits that are not just an echo of
-//! the system score; it does not show that credits are correct.
+//! the system score; it does not show that credits are correct. For that,
+//! [`counterfactual_correlation`] compares credits with the measured gain of
+//! configurations that changed a single agent.
 
 use super::RoundRecord;
 use std::collections::BTreeMap;
@@ -72,6 +74,47 @@ pub fn credit_correlation(records: &[RoundRecord]) -> BTreeMap<String, (Option<f
                 e.0.push(vals.iter().sum::<f64>() / vals.len() as f64);
                 e.1.push(*score);
             }
+        }
+    }
+    points
+        .into_iter()
+        .map(|(a, (x, y))| {
+            let n = x.len();
+            (a, (spearman(&x, &y), n))
+        })
+        .collect()
+}
+
+/// Per agent: (ρ, configurations used) between the agent's mean credit in a
+/// configuration that changed *only that agent* relative to the round's
+/// incumbent and that configuration's counterfactual gain (its block score
+/// minus the incumbent's). Such configurations are what the `ofat` design
+/// runs; the joint design has them only when other agents ran out of
+/// candidates, so there n is usually 0 (undefined ρ). Under `ofat` without
+/// tie refinement the credit *is* the gain (ρ = 1); with refinement it
+/// checks that refined ties do not reorder real gains.
+pub fn counterfactual_correlation(
+    records: &[RoundRecord],
+) -> BTreeMap<String, (Option<f64>, usize)> {
+    let mut points: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for rec in records {
+        let Some(&base) = rec.block_scores.first() else {
+            continue;
+        };
+        for (c, changed) in rec.changed.iter().enumerate().skip(1) {
+            let ([agent], Some(score)) = (changed.as_slice(), rec.block_scores.get(c)) else {
+                continue;
+            };
+            let Some(row) = rec.credits.get(agent).and_then(|m| m.get(c)) else {
+                continue;
+            };
+            let vals: Vec<f64> = row.iter().flatten().copied().collect();
+            if vals.is_empty() {
+                continue;
+            }
+            let e = points.entry(agent.clone()).or_default();
+            e.0.push(vals.iter().sum::<f64>() / vals.len() as f64);
+            e.1.push(score - base);
         }
     }
     points

@@ -19,8 +19,11 @@ use std::path::{Path, PathBuf};
 
 /// Checkpoint file name inside the run directory.
 pub const CHECKPOINT: &str = "checkpoint.yaml";
-/// Format version of the checkpoint.
-pub const VERSION: u32 = 1;
+/// Format version of the checkpoint. Version 1 (before the one-factor
+/// design and the judge became the defaults) is migrated on load: a config
+/// without `design` / `attributer` keeps what those runs used (`joint`,
+/// `llm`).
+pub const VERSION: u32 = 2;
 
 /// A validated joint configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,6 +112,12 @@ pub struct RunState {
     pub validations: Vec<ValidationPoint>,
     /// Why the run stopped, once it has.
     pub stop_reason: Option<StopReason>,
+    /// Attribution groups sent so far.
+    #[serde(default)]
+    pub attribution_groups: usize,
+    /// Degenerate attribution groups so far (replaced by identity credits).
+    #[serde(default)]
+    pub degenerate_groups: usize,
 }
 
 impl RunState {
@@ -154,10 +163,13 @@ pub fn save(run_dir: &Path, state: &RunState) -> Result<(), OptimizeError> {
 pub fn load(run_dir: &Path) -> Result<RunState, OptimizeError> {
     let path = run_dir.join(CHECKPOINT);
     let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
-    let state: RunState = serde_yaml::from_str(&text).map_err(|e| OptimizeError::Format {
+    let format = |e: serde_yaml::Error| OptimizeError::Format {
         path: path.display().to_string(),
         message: e.to_string(),
-    })?;
+    };
+    let mut value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(format)?;
+    migrate(&mut value);
+    let state: RunState = serde_yaml::from_value(value).map_err(format)?;
     if state.version != VERSION {
         return Err(OptimizeError::Format {
             path: path.display().to_string(),
@@ -165,6 +177,28 @@ pub fn load(run_dir: &Path) -> Result<RunState, OptimizeError> {
         });
     }
     Ok(state)
+}
+
+/// Bring a version-1 checkpoint to the current version (see [`VERSION`]).
+fn migrate(v: &mut serde_yaml::Value) {
+    use serde_yaml::Value;
+    if v.get("version").and_then(Value::as_u64) != Some(1) {
+        return;
+    }
+    if let Some(Value::Mapping(config)) = v.get_mut("config") {
+        for (field, old) in [("design", "joint"), ("attributer", "llm")] {
+            let key = Value::String(field.into());
+            if !config.contains_key(&key) {
+                config.insert(key, Value::String(old.into()));
+            }
+        }
+    }
+    if let Value::Mapping(m) = v {
+        m.insert(
+            Value::String("version".into()),
+            Value::Number(VERSION.into()),
+        );
+    }
 }
 
 /// Keep only the first `n` lines of a JSONL file (drops records of a round
@@ -213,6 +247,8 @@ mod tests {
             credits: BTreeMap::new(),
             validations: vec![],
             stop_reason: None,
+            attribution_groups: 0,
+            degenerate_groups: 0,
         };
         // Values with 17 significant digits that a fast float parser may misround.
         let tricky = [

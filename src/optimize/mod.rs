@@ -20,16 +20,19 @@ pub mod analysis;
 pub mod budget;
 pub mod capo;
 pub mod checkpoint;
+pub mod design;
 pub mod evoprompt;
 pub mod mas;
 pub mod meta;
 pub mod run;
+pub mod simulate;
 
 pub use crate::attribution::Rollout;
 pub use budget::{dry_run, DryRun, StopReason, TokenCounters};
+pub use design::Design;
 pub use run::{
-    attribute_only, optimize, rank_agents, resume, resume_with_config, OptimizeResult,
-    ProgressEvent, RoundRecord, RunHooks,
+    attribute_only, optimize, rank_agents, resume, resume_with_config, AttributionReport,
+    OptimizeResult, ProgressEvent, RoundRecord, RunHooks,
 };
 
 use crate::graph::{AgentSpec, PromptSet};
@@ -125,12 +128,11 @@ impl From<OptimizeError> for Interrupt {
 }
 
 /// Which LLM attributer assigns the per-agent credits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttributerKind {
     /// The paper's attributer: a generated JSON verdict per group (for
     /// strong or remote models).
-    #[default]
     Llm,
     /// Closed 1–5 questions per agent and rollout, credit from the label
     /// probabilities ([`crate::attribution::JudgeAttributer`]; for small local models).
@@ -197,13 +199,26 @@ pub struct OptimizeConfig {
     pub meta_max_new_tokens: usize,
     /// Meta-LLM sampling temperature.
     pub meta_temperature: f64,
-    /// Use the identity attributer (ablation) instead of the LLM attributer.
+    /// Use the identity attributer (ablation) instead of the LLM attributer
+    /// (with the `ofat` design the credits are then the plain score
+    /// differences, without tie refinement; the paper's ablation is `joint`).
     pub identity_attribution: bool,
     /// Which LLM attributer assigns credits (when not the identity ablation).
     pub attributer: AttributerKind,
     /// The judge attributer's minimum probability on its labels for a
     /// credit to count (below it the credit is missing).
     pub judge_min_coverage: f64,
+    /// Layout of each round's configurations: `joint` (the paper: candidate
+    /// i of every agent together, credits from the attributer) or `ofat` (one
+    /// agent changed at a time, credits = exact score differences).
+    pub design: Design,
+    /// `ofat`: at most this many candidates per agent (besides its incumbent)
+    /// run per round; `None` = all of them.
+    pub ofat_max_candidates: Option<usize>,
+    /// `ofat`: weight of the attributer's judgement where a candidate's score
+    /// ties the incumbent's (0 = no attributer call; below 1 a real score
+    /// difference always dominates).
+    pub ofat_tie_weight: f64,
     /// Local optimizer per agent.
     pub optimizer: OptimizerKind,
     /// Estimated completion tokens per agent call (for budget projections
@@ -234,8 +249,11 @@ impl Default for OptimizeConfig {
             meta_max_new_tokens: 1024,
             meta_temperature: 0.1,
             identity_attribution: false,
-            attributer: AttributerKind::Llm,
+            attributer: AttributerKind::Judge,
             judge_min_coverage: 0.5,
+            design: Design::Ofat,
+            ofat_max_candidates: None,
+            ofat_tie_weight: 0.25,
             optimizer: OptimizerKind::Capo,
             task_max_new_tokens_estimate: 512,
             validation_size_estimate: 50,
@@ -254,6 +272,12 @@ impl OptimizeConfig {
         };
         if !(0.0..=1.0).contains(&self.judge_min_coverage) {
             return bad("judge_min_coverage", "must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.ofat_tie_weight) {
+            return bad("ofat_tie_weight", "must be in [0, 1]");
+        }
+        if self.ofat_max_candidates == Some(0) {
+            return bad("ofat_max_candidates", "must be at least 1");
         }
         if self.block_size == 0 {
             return bad("block_size", "must be at least 1");

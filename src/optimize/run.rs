@@ -12,6 +12,7 @@
 
 use super::budget::{self, Spend, StopReason, TokenCounters};
 use super::checkpoint::{self, CreditAccumulator, RunState, ValidationPoint};
+use super::design::{self, Design, Planned};
 use super::meta::run_meta_jobs;
 use super::{
     config_hash, derive_seed, rng_for, tag, AgentContext, AgentOptimizer, AttributerKind, Executor,
@@ -55,6 +56,10 @@ pub enum ProgressEvent {
         best_score: f64,
         /// Tokens spent so far.
         tokens: TokenCounters,
+        /// Attribution groups of this round.
+        attribution_groups: usize,
+        /// Of those, degenerate ones (replaced by identity credits).
+        degenerate_groups: usize,
     },
     /// The run stopped.
     Stopped {
@@ -103,6 +108,16 @@ pub struct OptimizeResult {
     pub agent_credits: BTreeMap<String, CreditStats>,
     /// Final population per agent, best first.
     pub populations: BTreeMap<String, Vec<String>>,
+    /// The design of the rounds.
+    #[serde(default)]
+    pub design: Design,
+    /// Attribution groups sent over all rounds.
+    #[serde(default)]
+    pub attribution_groups: usize,
+    /// Of those, groups whose credits were all equal while their scores
+    /// differed (replaced by identity credits).
+    #[serde(default)]
+    pub degenerate_groups: usize,
 }
 
 /// One line of `rounds.jsonl`.
@@ -114,6 +129,13 @@ pub struct RoundRecord {
     pub configs: Vec<PromptSet>,
     /// Their content hashes.
     pub config_hashes: Vec<String>,
+    /// The round's design.
+    #[serde(default)]
+    pub design: Design,
+    /// `changed[c]`: agents whose prompt in configuration c differs from the
+    /// incumbent's (empty for the incumbent; absent in old records).
+    #[serde(default)]
+    pub changed: Vec<Vec<String>>,
     /// Dev query indices of the block.
     pub block: Vec<usize>,
     /// `scores[c][q]`: system score of configuration c on block query q.
@@ -124,6 +146,13 @@ pub struct RoundRecord {
     pub credits: BTreeMap<String, Vec<Vec<Option<f64>>>>,
     /// Attribution groups whose credits are missing after the retry.
     pub attribution_failures: usize,
+    /// Attribution groups sent this round (joint: all; ofat: the tied pairs refined).
+    #[serde(default)]
+    pub attribution_groups: usize,
+    /// Groups whose credits were all equal while their scores differed
+    /// (replaced by identity credits).
+    #[serde(default)]
+    pub degenerate_groups: usize,
     /// Generated prompts rejected this round, per agent.
     pub rejections: BTreeMap<String, usize>,
     /// Task tokens spent this round.
@@ -266,6 +295,8 @@ pub fn optimize(
         credits: BTreeMap::new(),
         validations: vec![],
         stop_reason: None,
+        attribution_groups: 0,
+        degenerate_groups: 0,
     };
     let ctx = Ctx {
         executor,
@@ -462,6 +493,8 @@ fn drive(ctx: &Ctx, mut st: RunState) -> Result<OptimizeResult, OptimizeError> {
                     validation_score: record.validation_score,
                     best_score: best,
                     tokens: st.tokens,
+                    attribution_groups: record.attribution_groups,
+                    degenerate_groups: record.degenerate_groups,
                 });
                 tracing::info!(
                     round,
@@ -545,6 +578,9 @@ pub fn result_of(st: &RunState, reason: StopReason) -> OptimizeResult {
             .iter()
             .map(|(a, o)| (a.clone(), o.population()))
             .collect(),
+        design: st.config.design,
+        attribution_groups: st.attribution_groups,
+        degenerate_groups: st.degenerate_groups,
     }
 }
 
@@ -566,12 +602,16 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
         round,
         phase: "execute",
     });
-    let (configs, block, rollouts) = execute(ctx, st, round)?;
+    let (planned, block, rollouts) = execute(ctx, st, round)?;
     ctx.emit(ProgressEvent::Phase {
         round,
         phase: "attribute",
     });
-    let (credits, failures) = attribute(ctx, st, round, &block, &rollouts)?;
+    let attributed = attribute(ctx, st, round, &planned, &block, &rollouts)?;
+    st.attribution_groups += attributed.groups;
+    st.degenerate_groups += attributed.degenerate;
+    let credits = attributed.credits;
+    let configs: Vec<PromptSet> = planned.iter().map(|p| p.config.clone()).collect();
     ctx.emit(ProgressEvent::Phase {
         round,
         phase: "update",
@@ -592,6 +632,8 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
     Ok(RoundRecord {
         round,
         config_hashes: configs.iter().map(config_hash).collect(),
+        design: st.config.design,
+        changed: planned.into_iter().map(|p| p.changed).collect(),
         configs,
         block,
         block_scores: scores
@@ -600,7 +642,9 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
             .collect(),
         scores,
         credits,
-        attribution_failures: failures,
+        attribution_failures: attributed.failures,
+        attribution_groups: attributed.groups,
+        degenerate_groups: attributed.degenerate,
         rejections,
         task_tokens: st.tokens.task() - before.task(),
         meta_tokens: st.tokens.meta() - before.meta(),
@@ -683,12 +727,12 @@ fn propose(
     Ok(rejections)
 }
 
-type Executed = (Vec<PromptSet>, Vec<usize>, Vec<Vec<Rollout>>);
+type Executed = (Vec<Planned>, Vec<usize>, Vec<Vec<Rollout>>);
 
-/// Execute: joint configurations (the incumbent first, then candidate i of
-/// every agent with the others fixed to their incumbents; each agent's list
-/// is shuffled per round so pairings vary) run on one seeded block in one
-/// executor call. Fully cached configurations are not sent; the others run on
+/// Execute: the round's configurations (the incumbent first; see
+/// [`super::design::plan`]: candidate i of every agent together, or one agent
+/// at a time; each agent's list is shuffled per round so pairings and the
+/// capped subset vary) run on one seeded block in one executor call. Fully cached configurations are not sent; the others run on
 /// the union of their missing queries (so a partly cached configuration may
 /// recompute a cached cell, whose cached value is kept: rollouts are
 /// deterministic in (configuration, query, seed)).
@@ -704,19 +748,13 @@ fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Inter
             (a.clone(), list)
         })
         .collect();
-    let m = lists.iter().map(|l| l.1.len()).max().unwrap_or(0);
-    let mut configs = vec![incumbent.clone()];
-    for i in 0..m {
-        let mut c = incumbent.clone();
-        for (a, list) in &lists {
-            if let Some(p) = list.get(i) {
-                c.insert(a.clone(), p.clone());
-            }
-        }
-        if !configs.contains(&c) {
-            configs.push(c);
-        }
-    }
+    let planned = super::design::plan(
+        st.config.design,
+        &incumbent,
+        &lists,
+        st.config.ofat_max_candidates,
+    );
+    let configs: Vec<PromptSet> = planned.iter().map(|p| p.config.clone()).collect();
     let num_dev = ctx.executor.num_dev();
     let mut rng = rng_for(seed, &[tag("block"), round as u64]);
     let block =
@@ -786,46 +824,33 @@ fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Inter
                 .collect()
         })
         .collect();
-    Ok((configs, block, rollouts))
+    Ok((planned, block, rollouts))
 }
 
 type Credits = BTreeMap<String, Vec<Vec<Option<f64>>>>;
 
-/// Attribute: per query, groups mixing the incumbent with candidates (seeded
-/// shuffle); all groups of the round in one attributer batch. A rollout seen
-/// in several groups (the incumbent) gets the mean of its non-missing credits.
-fn attribute(
+/// What the attribute phase produced.
+struct Attributed {
+    credits: Credits,
+    /// Groups whose credits are missing after the retry.
+    failures: usize,
+    /// Groups sent to the attributer.
+    groups: usize,
+    /// Groups replaced by identity credits because they were degenerate.
+    degenerate: usize,
+}
+
+/// Run the attributer on `groups` under the meta budget, charging its tokens.
+fn run_attributer(
     ctx: &Ctx,
     st: &mut RunState,
-    round: usize,
-    block: &[usize],
-    rollouts: &[Vec<Rollout>],
-) -> Result<(Credits, usize), Interrupt> {
-    let seed = st.config.seed;
-    let mut groups = Vec::new();
-    let mut members = Vec::new();
-    for (qi, &q) in block.iter().enumerate() {
-        let text = ctx.executor.query_text(q);
-        let gs = contrast_groups(
-            rollouts.len(),
-            0,
-            st.config.group_size,
-            derive_seed(seed, &[tag("groups"), round as u64, q as u64]),
-        );
-        for (j, g) in gs.into_iter().enumerate() {
-            groups.push(AttributionGroup {
-                query: text.clone(),
-                rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
-                seed: derive_seed(seed, &[tag("attribute"), round as u64, q as u64, j as u64]),
-            });
-            members.push((qi, g));
-        }
-    }
+    groups: &[AttributionGroup],
+) -> Result<crate::attribution::AttributionOutcome, Interrupt> {
     let mut refused = None;
     let (config, spent) = (st.config.clone(), st.tokens);
     let result =
         ctx.attributer
-            .attribute(&st.agents, &groups, &mut |projected| match budget::check(
+            .attribute(&st.agents, groups, &mut |projected| match budget::check(
                 &config,
                 &spent,
                 Spend::Meta,
@@ -856,16 +881,91 @@ fn attribute(
     };
     st.tokens.attribution_input += out.input_tokens as u64;
     st.tokens.attribution_output += out.output_tokens as u64;
+    Ok(out)
+}
+
+/// Attribute: the joint design asks the attributer (see [`attribute_joint`]);
+/// the one-factor-at-a-time design computes exact counterfactual credits
+/// (see [`attribute_ofat`]).
+fn attribute(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+    planned: &[Planned],
+    block: &[usize],
+    rollouts: &[Vec<Rollout>],
+) -> Result<Attributed, Interrupt> {
+    match st.config.design {
+        Design::Joint => attribute_joint(ctx, st, round, block, rollouts),
+        Design::Ofat => attribute_ofat(ctx, st, round, planned, block, rollouts),
+    }
+}
+
+/// Joint design: per query, groups mixing the incumbent with candidates
+/// (seeded shuffle); all groups of the round in one attributer batch. A
+/// rollout seen in several groups (the incumbent) gets the mean of its
+/// non-missing credits. A degenerate group ([`design::is_degenerate`]) gets
+/// the identity credits instead.
+fn attribute_joint(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+    block: &[usize],
+    rollouts: &[Vec<Rollout>],
+) -> Result<Attributed, Interrupt> {
+    let seed = st.config.seed;
+    let mut groups = Vec::new();
+    let mut members = Vec::new();
+    for (qi, &q) in block.iter().enumerate() {
+        let text = ctx.executor.query_text(q);
+        let gs = contrast_groups(
+            rollouts.len(),
+            0,
+            st.config.group_size,
+            derive_seed(seed, &[tag("groups"), round as u64, q as u64]),
+        );
+        for (j, g) in gs.into_iter().enumerate() {
+            groups.push(AttributionGroup {
+                query: text.clone(),
+                rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
+                seed: derive_seed(seed, &[tag("attribute"), round as u64, q as u64, j as u64]),
+                focus: None,
+            });
+            members.push((qi, g));
+        }
+    }
+    let out = run_attributer(ctx, st, &groups)?;
     let (nc, nq) = (rollouts.len(), block.len());
     let mut sums: BTreeMap<&String, Vec<Vec<(f64, usize)>>> = st
         .agents
         .iter()
         .map(|a| (a, vec![vec![(0.0, 0); nq]; nc]))
         .collect();
-    for ((qi, g), credits) in members.iter().zip(&out.credits) {
+    let mut degenerate = 0;
+    for (((qi, g), credits), group) in members.iter().zip(&out.credits).zip(&groups) {
+        let scores: Vec<f64> = group.rollouts.iter().map(|r| r.score).collect();
+        let fallback;
+        let credits = if design::is_degenerate(&scores, credits) {
+            degenerate += 1;
+            fallback = scores
+                .iter()
+                .map(|&s| design::identity_credits(&st.agents, s))
+                .collect::<Vec<_>>();
+            &fallback
+        } else {
+            credits
+        };
         for (&c, ac) in g.iter().zip(credits) {
             add_credits(&mut sums, ac, c, *qi);
         }
+    }
+    if degenerate > 0 {
+        tracing::warn!(
+            round,
+            degenerate,
+            groups = groups.len(),
+            "attributer credited every agent the same in groups whose scores differ; identity credits used there"
+        );
     }
     let credits: Credits = sums
         .into_iter()
@@ -881,7 +981,126 @@ fn attribute(
             (a.clone(), m)
         })
         .collect();
-    Ok((credits, out.failures))
+    Ok(Attributed {
+        credits,
+        failures: out.failures,
+        groups: groups.len(),
+        degenerate,
+    })
+}
+
+/// (agent, configuration, block position) of a tied comparison.
+type TieSlot = (String, usize, usize);
+
+/// The attribution groups of an ofat round's ties: for every single-agent
+/// configuration and query whose counterfactual credit is exactly 0, the pair
+/// (candidate rollout, incumbent rollout) focused on the changed agent.
+fn tie_pairs(
+    planned: &[Planned],
+    credits: &Credits,
+    queries: &[usize],
+    rollouts: &[Vec<Rollout>],
+    query_text: &dyn Fn(usize) -> String,
+    seed: &dyn Fn(usize, usize, &str) -> u64,
+) -> (Vec<AttributionGroup>, Vec<TieSlot>) {
+    let mut groups = Vec::new();
+    let mut slots = Vec::new();
+    for (c, p) in planned.iter().enumerate().skip(1) {
+        let [agent] = p.changed.as_slice() else {
+            continue;
+        };
+        for (qi, &q) in queries.iter().enumerate() {
+            if credits[agent][c][qi] != Some(0.0) {
+                continue;
+            }
+            groups.push(AttributionGroup {
+                query: query_text(q),
+                rollouts: vec![rollouts[c][qi].clone(), rollouts[0][qi].clone()],
+                seed: seed(q, c, agent),
+                focus: Some(agent.clone()),
+            });
+            slots.push((agent.clone(), c, qi));
+        }
+    }
+    (groups, slots)
+}
+
+/// Replace each tied 0 by its refinement where the attributer credited both rollouts.
+fn apply_ties(
+    credits: &mut Credits,
+    slots: &[TieSlot],
+    out: &crate::attribution::AttributionOutcome,
+    weight: f64,
+) {
+    for ((agent, c, qi), pair) in slots.iter().zip(&out.credits) {
+        let get = |k: usize| pair.get(k).and_then(|m| m.get(agent)).copied().flatten();
+        if let (Some(r), Some(m)) = (
+            design::tie_refinement(get(0), get(1), weight),
+            credits.get_mut(agent),
+        ) {
+            m[*c][*qi] = Some(r);
+        }
+    }
+}
+
+/// One-factor-at-a-time design: the changed agent's credit is its exact
+/// counterfactual score difference to the incumbent on the same query
+/// ([`design::counterfactual_credits`]). Where it ties and
+/// `ofat_tie_weight > 0`, the attributer compares the two rollouts (focused
+/// on the changed agent, one batch for the round) and the difference of its
+/// credits, weighted, refines the 0 ([`design::tie_refinement`]).
+fn attribute_ofat(
+    ctx: &Ctx,
+    st: &mut RunState,
+    round: usize,
+    planned: &[Planned],
+    block: &[usize],
+    rollouts: &[Vec<Rollout>],
+) -> Result<Attributed, Interrupt> {
+    let scores: Vec<Vec<f64>> = rollouts
+        .iter()
+        .map(|row| row.iter().map(|r| r.score).collect())
+        .collect();
+    let mut credits = design::counterfactual_credits(&st.agents, planned, &scores);
+    let weight = st.config.ofat_tie_weight;
+    if weight <= 0.0 || !ctx.attributer.uses_llm() {
+        return Ok(Attributed {
+            credits,
+            failures: 0,
+            groups: 0,
+            degenerate: 0,
+        });
+    }
+    let seed = st.config.seed;
+    let (groups, slots) = tie_pairs(
+        planned,
+        &credits,
+        block,
+        rollouts,
+        &|q| ctx.executor.query_text(q),
+        &|q, c, agent| {
+            derive_seed(
+                seed,
+                &[tag("tie"), round as u64, q as u64, c as u64, tag(agent)],
+            )
+        },
+    );
+    if groups.is_empty() {
+        return Ok(Attributed {
+            credits,
+            failures: 0,
+            groups: 0,
+            degenerate: 0,
+        });
+    }
+    let out = run_attributer(ctx, st, &groups)?;
+    apply_ties(&mut credits, &slots, &out, weight);
+    Ok(Attributed {
+        credits,
+        failures: out.failures,
+        groups: groups.len(),
+        degenerate: 0,
+    })
 }
 
 fn add_credits(
@@ -1005,10 +1224,37 @@ fn validate(
     })
 }
 
-/// Run only the attribution on a set of configurations and queries, and
-/// return per-agent credit statistics (rank agents by mean credit: the lowest
-/// is the weak link). Each query's rollouts are contrasted in shuffled groups
-/// of `config.group_size` (no incumbent).
+/// What [`attribute_only`] measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttributionReport {
+    /// The design used.
+    pub design: Design,
+    /// Per-agent credit statistics (rank agents by mean credit: the lowest
+    /// is the weak link).
+    pub stats: BTreeMap<String, CreditStats>,
+    /// Configurations run (joint: the given ones; ofat: the reference and
+    /// every single-agent swap).
+    pub configs: usize,
+    /// Attribution groups sent (0 for ofat without tie refinement).
+    pub groups: usize,
+    /// Groups whose credits were all equal while their scores differed
+    /// (joint; replaced by identity credits).
+    pub degenerate_groups: usize,
+    /// Groups whose credits are missing after the retry.
+    pub failures: usize,
+}
+
+/// Run only the attribution on a set of configurations and queries.
+///
+/// `joint` design: every query's rollouts are contrasted in shuffled groups
+/// of `config.group_size` (no incumbent) and each rollout's agents get the
+/// attributer's credits. `ofat`: the first configuration is the reference;
+/// every agent prompt of the others that differs from the reference's is
+/// swapped into it alone, and that agent's credit is the swap's score
+/// difference on the same query (ties refined by the attributer as in a
+/// run); an agent's statistics are over its swaps, and an agent whose prompt
+/// is the same everywhere gets none. Either way a low mean credit marks the
+/// agent whose prompts hurt.
 pub fn attribute_only(
     executor: &dyn Executor,
     attributer_llm: &dyn Llm,
@@ -1016,7 +1262,7 @@ pub fn attribute_only(
     queries: &[usize],
     seed: u64,
     config: &OptimizeConfig,
-) -> Result<BTreeMap<String, CreditStats>, OptimizeError> {
+) -> Result<AttributionReport, OptimizeError> {
     config.validate()?;
     let agents: Vec<String> = executor
         .setup()
@@ -1024,58 +1270,144 @@ pub fn attribute_only(
         .iter()
         .map(|a| a.name.clone())
         .collect();
+    let planned = match config.design {
+        Design::Joint => config_set
+            .iter()
+            .map(|c| Planned {
+                config: c.clone(),
+                changed: vec![],
+            })
+            .collect(),
+        Design::Ofat => design::swaps(config_set),
+    };
+    let configs: Vec<PromptSet> = planned.iter().map(|p| p.config.clone()).collect();
     let rseed = derive_seed(seed, &[tag("rollout")]);
     let rollouts = executor
-        .execute(config_set, queries, rseed)
+        .execute(&configs, queries, rseed)
         .map_err(OptimizeError::Executor)?;
-    if rollouts.len() != config_set.len() || rollouts.iter().any(|r| r.len() != queries.len()) {
+    if rollouts.len() != configs.len() || rollouts.iter().any(|r| r.len() != queries.len()) {
         return Err(OptimizeError::Shape {
-            expected: format!("{}x{} rollouts", config_set.len(), queries.len()),
+            expected: format!("{}x{} rollouts", configs.len(), queries.len()),
             got: format!("{} rows", rollouts.len()),
         });
     }
-    let mut groups = Vec::new();
-    for (qi, &q) in queries.iter().enumerate() {
-        let text = executor.query_text(q);
-        for (j, g) in shuffled_groups(
-            config_set.len(),
-            config.group_size,
-            derive_seed(seed, &[tag("groups"), q as u64]),
-        )
-        .into_iter()
-        .enumerate()
-        {
-            groups.push(AttributionGroup {
-                query: text.clone(),
-                rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
-                seed: derive_seed(seed, &[tag("attribute"), q as u64, j as u64]),
-            });
-        }
-    }
     let attributer = make_attributer(config, attributer_llm);
-    let out = attributer.attribute(&agents, &groups, &mut |_| true)?;
     let mut values: BTreeMap<String, Vec<f64>> =
         agents.iter().map(|a| (a.clone(), vec![])).collect();
-    for credits in out.credits.iter().flatten() {
-        for (a, v) in credits {
-            if let (Some(list), Some(x)) = (values.get_mut(a), v) {
-                list.push(*x);
+    let mut report = AttributionReport {
+        design: config.design,
+        stats: BTreeMap::new(),
+        configs: configs.len(),
+        groups: 0,
+        degenerate_groups: 0,
+        failures: 0,
+    };
+    match config.design {
+        Design::Joint => {
+            let mut groups = Vec::new();
+            for (qi, &q) in queries.iter().enumerate() {
+                let text = executor.query_text(q);
+                for (j, g) in shuffled_groups(
+                    configs.len(),
+                    config.group_size,
+                    derive_seed(seed, &[tag("groups"), q as u64]),
+                )
+                .into_iter()
+                .enumerate()
+                {
+                    groups.push(AttributionGroup {
+                        query: text.clone(),
+                        rollouts: g.iter().map(|&c| rollouts[c][qi].clone()).collect(),
+                        seed: derive_seed(seed, &[tag("attribute"), q as u64, j as u64]),
+                        focus: None,
+                    });
+                }
+            }
+            let out = attributer.attribute(&agents, &groups, &mut |_| true)?;
+            report.groups = groups.len();
+            report.failures = out.failures;
+            for (group, credits) in groups.iter().zip(&out.credits) {
+                let scores: Vec<f64> = group.rollouts.iter().map(|r| r.score).collect();
+                let fallback: Vec<AgentCredits>;
+                let credits = if design::is_degenerate(&scores, credits) {
+                    report.degenerate_groups += 1;
+                    fallback = scores
+                        .iter()
+                        .map(|&s| design::identity_credits(&agents, s))
+                        .collect();
+                    &fallback
+                } else {
+                    credits
+                };
+                for (a, v) in credits.iter().flatten() {
+                    if let (Some(list), Some(x)) = (values.get_mut(a), v) {
+                        list.push(*x);
+                    }
+                }
+            }
+        }
+        Design::Ofat => {
+            let scores: Vec<Vec<f64>> = rollouts
+                .iter()
+                .map(|row| row.iter().map(|r| r.score).collect())
+                .collect();
+            let mut credits = design::counterfactual_credits(&agents, &planned, &scores);
+            if config.ofat_tie_weight > 0.0 && attributer.uses_llm() {
+                let (groups, slots) = tie_pairs(
+                    &planned,
+                    &credits,
+                    queries,
+                    &rollouts,
+                    &|q| executor.query_text(q),
+                    &|q, c, agent| derive_seed(seed, &[tag("tie"), q as u64, c as u64, tag(agent)]),
+                );
+                if !groups.is_empty() {
+                    let out = attributer.attribute(&agents, &groups, &mut |_| true)?;
+                    report.groups = groups.len();
+                    report.failures = out.failures;
+                    apply_ties(&mut credits, &slots, &out, config.ofat_tie_weight);
+                }
+            }
+            // The reference's own rollouts (all 0) would only dilute the
+            // swaps' means: each agent's credits are those of its swaps.
+            for (a, m) in &credits {
+                if let Some(list) = values.get_mut(a) {
+                    list.extend(m.iter().skip(1).flatten().flatten());
+                }
             }
         }
     }
-    Ok(values
+    report.stats = values
         .into_iter()
         .map(|(a, v)| (a, CreditStats::from_values(&v)))
-        .collect())
+        .collect();
+    Ok(report)
 }
 
-/// Agents sorted by mean credit, weakest first (ties by name).
+/// The round records of a run directory (`rounds.jsonl`), in order.
+pub fn read_rounds(run_dir: &Path) -> Result<Vec<RoundRecord>, OptimizeError> {
+    let path = run_dir.join("rounds.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| OptimizeError::Format {
+                path: format!("{} line {}", path.display(), i + 1),
+                message: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Agents sorted by mean credit, weakest first (ties by name); agents
+/// without any credit last.
 pub fn rank_agents(stats: &BTreeMap<String, CreditStats>) -> Vec<(String, CreditStats)> {
     let mut v: Vec<(String, CreditStats)> = stats.iter().map(|(a, s)| (a.clone(), *s)).collect();
     v.sort_by(|x, y| {
-        x.1.mean
-            .partial_cmp(&y.1.mean)
-            .unwrap_or(std::cmp::Ordering::Equal)
+        (x.1.n == 0)
+            .cmp(&(y.1.n == 0))
+            .then(x.1.mean.total_cmp(&y.1.mean))
     });
     v
 }

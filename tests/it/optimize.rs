@@ -6,8 +6,8 @@
 use cantante::graph::{AgentSpec, PromptSet, Setup};
 use cantante::llm::{Request, ScriptedLlm};
 use cantante::optimize::{
-    attribute_only, optimize, rank_agents, resume, Executor, OptimizeConfig, OptimizeResult,
-    OptimizerKind, Rollout, RoundRecord, RunHooks, StopReason,
+    attribute_only, optimize, rank_agents, resume, AttributerKind, Design, Executor,
+    OptimizeConfig, OptimizeResult, OptimizerKind, Rollout, RoundRecord, RunHooks, StopReason,
 };
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -185,12 +185,15 @@ pub(crate) fn attributer_llm() -> ScriptedLlm {
     .named("attributer")
 }
 
+/// The paper's path (joint design, generative attributer) on the fake.
 fn config(rounds: usize) -> OptimizeConfig {
     OptimizeConfig {
         seed: 11,
         rounds,
         block_size: 6,
         max_blocks: 2,
+        design: Design::Joint,
+        attributer: AttributerKind::Llm,
         ..Default::default()
     }
 }
@@ -579,15 +582,18 @@ fn attribute_only_ranks_the_weak_link() {
     let exec = FakeExecutor::new();
     let setup = exec.setup().clone();
     let configs: Vec<PromptSet> = (0..3).map(|i| setup.pool_config(i)).collect();
-    let stats = attribute_only(
-        &exec,
-        &attributer_llm(),
-        &configs,
-        &[1, 2, 3, 5],
-        9,
-        &OptimizeConfig::default(),
-    )
-    .unwrap();
+    let joint = OptimizeConfig {
+        design: Design::Joint,
+        attributer: AttributerKind::Llm,
+        ..Default::default()
+    };
+    let report =
+        attribute_only(&exec, &attributer_llm(), &configs, &[1, 2, 3, 5], 9, &joint).unwrap();
+    assert_eq!(
+        (report.configs, report.groups, report.degenerate_groups),
+        (3, 4, 0)
+    );
+    let stats = report.stats;
     assert_eq!(stats["solver"].n, 12);
     assert!((stats["solver"].mean + 0.5).abs() < 1e-12);
     assert!((stats["checker"].mean - 0.3).abs() < 1e-12);
@@ -756,4 +762,271 @@ fn quickstart_config_parses_and_validates() {
     let j: cantante::optimize::OptimizeConfig =
         serde_yaml::from_str("attributer: judge\n").unwrap();
     assert_eq!(j.attributer, cantante::optimize::AttributerKind::Judge);
+}
+
+/// The one-factor design on the fake: every configuration but the incumbent
+/// changes exactly one agent, the changed agent's credit is the exact score
+/// difference to the incumbent on the same query, nobody else is credited,
+/// and the run still finds the magic word (with no attributer call at all).
+#[test]
+fn ofat_credits_are_exact_counterfactuals() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        design: Design::Ofat,
+        identity_attribution: true,
+        ..config(2)
+    };
+    let att = attributer_llm();
+    let res = optimize(
+        &exec,
+        &meta_llm(),
+        &att,
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(att.calls(), 0, "identity ofat asks no attributer");
+    assert_eq!(res.best_score, 1.0, "the magic word was found");
+    let recs = read_records(dir.path());
+    for rec in &recs {
+        assert_eq!(rec.design, Design::Ofat);
+        assert!(rec.changed[0].is_empty());
+        for (c, changed) in rec.changed.iter().enumerate().skip(1) {
+            assert_eq!(changed.len(), 1, "config {c} changes one agent");
+            let a = &changed[0];
+            for (qi, s) in rec.scores[c].iter().enumerate() {
+                assert_eq!(rec.credits[a][c][qi], Some(s - rec.scores[0][qi]));
+            }
+            for (other, m) in &rec.credits {
+                if other != a {
+                    assert!(m[c].iter().all(Option::is_none), "{other} did not change");
+                }
+            }
+        }
+        let checker: f64 = rec.credits["checker"].iter().flatten().flatten().sum();
+        assert_eq!(checker, 0.0, "the checker's prompt never matters");
+    }
+    // The credit is the gain: the counterfactual check is exact here.
+    let cf = cantante::optimize::analysis::counterfactual_correlation(&recs);
+    let (rho, n) = cf["solver"];
+    assert!(n >= 3 && (rho.unwrap() - 1.0).abs() < 1e-12, "{cf:?}");
+    assert_eq!(cf["checker"].0, None, "constant credits: undefined");
+    // Round 1's incumbent is careless: a solver candidate can only gain.
+    assert!(recs[0].credits["solver"]
+        .iter()
+        .flatten()
+        .flatten()
+        .all(|&v| v >= 0.0));
+    assert!(recs[0].credits["solver"]
+        .iter()
+        .flatten()
+        .flatten()
+        .any(|&v| v > 0.0));
+    assert!(recs[0].configs.len() > 1 + 2);
+}
+
+/// Ties of the one-factor design are refined by the attributer, within
+/// ±ofat_tie_weight, focused on the changed agent; a capped design runs at
+/// most that many candidates per agent.
+#[test]
+fn ofat_ties_are_refined_and_capped() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        design: Design::Ofat,
+        ofat_tie_weight: 0.5,
+        ofat_max_candidates: Some(4),
+        block_size: 20,
+        ..config(1)
+    };
+    optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let rec = &read_records(dir.path())[0];
+    assert!(
+        rec.configs.len() <= 1 + 2 * 4,
+        "{} configs",
+        rec.configs.len()
+    );
+    assert!(
+        rec.changed
+            .iter()
+            .skip(1)
+            .filter(|c| c[0] == "solver")
+            .count()
+            <= 4
+    );
+    assert!(rec.attribution_groups > 0);
+    let mut refined = 0;
+    for (c, changed) in rec.changed.iter().enumerate().skip(1) {
+        let a = &changed[0];
+        for (qi, s) in rec.scores[c].iter().enumerate() {
+            let v = rec.credits[a][c][qi].unwrap();
+            if *s == rec.scores[0][qi] {
+                assert!(v.abs() <= 0.5, "a refined tie stays within the weight: {v}");
+                refined += usize::from(v != 0.0);
+            } else {
+                assert_eq!(v, s - rec.scores[0][qi], "a real difference is kept");
+            }
+        }
+    }
+    // The scripted attributer credits the solver by its output, so a
+    // careful solver tied with a careless incumbent on an easy query gains.
+    assert!(refined > 0, "some ties were refined");
+}
+
+/// An attributer that credits every agent 0 whatever happened is detected
+/// (degenerate groups counted) and replaced by identity credits.
+#[test]
+fn degenerate_attributions_fall_back_to_identity() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = ScriptedLlm::new(|r: &Request| {
+        let n = r.messages[0].content.matches("\"system_score\"").count();
+        let one = "{\"agent_credits\": {\"solver\": 0.0, \"checker\": 0.0}}";
+        format!(
+            "<attribution>{{\"executions\": [{}]}}</attribution>",
+            vec![one; n].join(", ")
+        )
+    });
+    let cfg = config(1);
+    optimize(
+        &exec,
+        &meta_llm(),
+        &zeros,
+        &cfg,
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    let rec = &read_records(dir.path())[0];
+    assert!(rec.degenerate_groups > 0, "{rec:?}");
+    assert!(rec.degenerate_groups <= rec.attribution_groups);
+    let mut identity = 0;
+    for (c, row) in rec.credits["solver"].iter().enumerate() {
+        for (qi, v) in row.iter().enumerate() {
+            if *v == Some(2.0 * rec.scores[c][qi] - 1.0) && rec.scores[c][qi] == 1.0 {
+                identity += 1;
+            }
+        }
+    }
+    assert!(identity > 0, "identity credits replaced the zeros");
+}
+
+/// `attribute_only` with the one-factor design: the reference has the magic
+/// word, so swapping in a careless solver prompt costs points and the solver
+/// is ranked the weakest link; the checker's swaps change nothing.
+#[test]
+fn attribute_only_ofat_finds_the_planted_fault() {
+    let exec = FakeExecutor::new();
+    let setup = exec.setup().clone();
+    let mut reference = setup.pool_config(0);
+    reference.insert(
+        "solver".into(),
+        format!("Solve {{query}} {MAGIC}. Answer in <answer></answer>."),
+    );
+    let configs = vec![reference, setup.pool_config(1), setup.pool_config(2)];
+    let cfg = OptimizeConfig {
+        design: Design::Ofat,
+        identity_attribution: true,
+        ..Default::default()
+    };
+    let report =
+        attribute_only(&exec, &attributer_llm(), &configs, &[1, 2, 3, 4], 9, &cfg).unwrap();
+    assert_eq!(report.configs, 1 + 2 + 2);
+    assert_eq!(report.groups, 0);
+    assert_eq!(report.stats["solver"].n, 8);
+    assert!(
+        (report.stats["solver"].mean + 0.75).abs() < 1e-12,
+        "{:?}",
+        report.stats
+    );
+    assert_eq!(report.stats["checker"].mean, 0.0);
+    assert_eq!(rank_agents(&report.stats)[0].0, "solver");
+}
+
+/// A version-1 checkpoint (written before `design` existed) resumes with the
+/// design and attributer it was started with.
+#[test]
+fn old_checkpoints_keep_the_paper_design() {
+    let exec = FakeExecutor::new();
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = RunHooks {
+        stop_after_rounds: Some(1),
+        ..Default::default()
+    };
+    optimize(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        &config(2),
+        dir.path(),
+        hooks,
+    )
+    .unwrap();
+    let path = dir.path().join("checkpoint.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| {
+            !l.trim_start().starts_with("design:") && !l.trim_start().starts_with("attributer:")
+        })
+        .map(|l| if l == "version: 2" { "version: 1" } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(old, text);
+    std::fs::write(&path, old).unwrap();
+    let res = resume(
+        &exec,
+        &meta_llm(),
+        &attributer_llm(),
+        dir.path(),
+        RunHooks::default(),
+    )
+    .unwrap();
+    assert_eq!(res.rounds_completed, 2);
+    let recs = read_records(dir.path());
+    assert_eq!(recs[1].design, Design::Joint);
+}
+
+/// The planted-effect simulator through the real optimizer loop: an
+/// informative attributer beats the identity credits on the joint design, a
+/// blind one falls below them, and the one-factor design's exact credits do
+/// not depend on the attributer at all (full table: `cargo bench --bench credit_sim`).
+#[test]
+fn planted_effects_are_recovered_by_the_credits() {
+    use cantante::optimize::simulate::{compare, METHODS};
+    let dir = tempfile::tempdir().unwrap();
+    let seeds: Vec<u64> = (1..=8).collect();
+    let base = OptimizeConfig {
+        seed: 5,
+        rounds: 2,
+        block_size: 24,
+        max_blocks: 3,
+        ..Default::default()
+    };
+    let by = |rows: &[cantante::optimize::simulate::SimSummary], name: &str| {
+        rows.iter().find(|r| r.method.name == name).unwrap().clone()
+    };
+    let sharp = compare(&METHODS, &seeds, 4, 0.8, &base, dir.path()).unwrap();
+    let blind = compare(&METHODS, &seeds, 4, 0.5, &base, dir.path()).unwrap();
+    let rho = |r: cantante::optimize::simulate::SimSummary| r.spearman.unwrap();
+    assert!(rho(by(&sharp, "judge (joint)")) >= 0.5, "{sharp:?}");
+    assert!(rho(by(&sharp, "judge (joint)")) > rho(by(&sharp, "identity (joint)")));
+    assert!(rho(by(&blind, "judge (joint)")) < rho(by(&blind, "identity (joint)")) - 0.15);
+    assert_eq!(by(&sharp, "ofat").spearman, by(&blind, "ofat").spearman);
+    assert!(
+        rho(by(&blind, "ofat")) > rho(by(&blind, "judge (joint)")) + 0.2,
+        "{blind:?}"
+    );
+    assert_eq!(by(&sharp, "ofat").attribution_tokens, 0.0);
+    assert!(by(&sharp, "ofat + judge ties").attribution_tokens > 0.0);
 }
