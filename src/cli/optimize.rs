@@ -309,9 +309,10 @@ pub struct AttributeArgs {
     /// first three configurations of the pool.
     #[arg(long)]
     prompts: Vec<PathBuf>,
-    /// Queries: `failing` (dev items the first prompt set gets wrong), `all`
-    /// (the first `--limit` dev items) or a JSONL file of {"query": …} /
-    /// {"question": …} lines.
+    /// Queries: `failing` (dev items the first prompt set gets wrong),
+    /// `passing` (those it gets right: where a planted fault can cost
+    /// points), `all` (the first `--limit` dev items) or a JSONL file of
+    /// {"query": …} / {"question": …} lines.
     #[arg(long, default_value = "failing")]
     queries: String,
     /// Plant a fault to check the attributer: `AGENT=INSTRUCTION` appends the
@@ -412,7 +413,8 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let mut examples = if a.queries == "failing" || a.queries == "all" {
+    let scan = a.queries == "failing" || a.queries == "passing";
+    let mut examples = if scan || a.queries == "all" {
         task.load(Split::Dev, Some(a.limit), a.seed)?
     } else {
         let path = PathBuf::from(&a.queries);
@@ -455,7 +457,8 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         b.set_length(total as u64);
         b.set_position(done as u64);
     };
-    if a.queries == "failing" {
+    if scan {
+        let want_pass = a.queries == "passing";
         let exec = MasExecutor::new(
             &llm,
             setup.clone(),
@@ -466,22 +469,26 @@ pub fn run_attribute(a: AttributeArgs) -> Result<()> {
         )
         .with_progress(&progress);
         let idx: Vec<usize> = (0..examples.len()).collect();
-        let first = crate::optimize::Executor::execute(&exec, &configs[..1], &idx, a.seed)?;
-        let failing: Vec<usize> = first[0]
+        // The rollout seed attribute_only uses: these are the reference's own
+        // rollouts there (a rollout's seed depends on config, example id, seed).
+        let rseed = optimize::derive_seed(a.seed, &[optimize::tag("rollout")]);
+        let first = crate::optimize::Executor::execute(&exec, &configs[..1], &idx, rseed)?;
+        let kept: Vec<usize> = first[0]
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.score < 1.0)
+            .filter(|(_, r)| (r.score >= 1.0) == want_pass)
             .map(|(i, _)| i)
             .collect();
         println!(
-            "{} of {} dev queries fail with the first prompt set",
-            failing.len(),
-            examples.len()
+            "{} of {} dev queries {} with the first prompt set",
+            kept.len(),
+            examples.len(),
+            if want_pass { "pass" } else { "fail" }
         );
-        if failing.is_empty() {
+        if kept.is_empty() {
             return Ok(());
         }
-        examples = failing.iter().map(|&i| examples[i].clone()).collect();
+        examples = kept.iter().map(|&i| examples[i].clone()).collect();
     }
     let exec = MasExecutor::new(&llm, setup, task.as_ref(), examples.clone(), vec![], opts)
         .with_progress(&progress);

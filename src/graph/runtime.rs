@@ -1001,7 +1001,7 @@ pub(super) fn absorb_turn(
         // No tool call, invalid call JSON, or no tool budget: final reply.
         _ => {
             p.call.reply = text;
-            p.call.truncated = gen.stop_reason == StopReason::Length || !gen.forced.is_empty();
+            p.call.truncated = gen.cut_off || gen.stop_reason == StopReason::Length;
             p.call.forced_tags = forced_vars(&gen.forced);
             p.finished = true;
             None

@@ -458,12 +458,14 @@ fn finished(s: &Seq, text: String, stop_reason: StopReason) -> Generation {
         text,
         prompt_tokens: s.prompt.len(),
         completion_tokens: s.generated.len(),
-        stop_reason,
         forced: s
             .guard
             .as_ref()
             .map(|g| g.forced_literals().to_vec())
             .unwrap_or_default(),
+        cut_off: stop_reason == StopReason::Length
+            || s.guard.as_ref().is_some_and(TagGuard::budget_hit),
+        stop_reason,
     }
 }
 
@@ -840,6 +842,7 @@ impl CandleLlm {
                                     completion_tokens: 0,
                                     stop_reason: StopReason::Length,
                                     forced: Vec::new(),
+                                    cut_off: true,
                                 };
                                 feed.done(a.id, Ok(g));
                             } else {
@@ -952,6 +955,11 @@ impl CandleLlm {
                     _ => time(Phase::Sampling, || {
                         sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
                     }),
+                };
+                // An end-of-sequence while tags are missing wraps the reply up.
+                let tok = match s.guard.as_mut() {
+                    Some(g) => g.replace_eos(tok, self.eos.contains(&tok)),
+                    None => tok,
                 };
                 s.generated.push(tok);
                 if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s))? {

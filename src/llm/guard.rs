@@ -7,8 +7,14 @@
 //! The guard is a pure state machine over the request's own decoded reply and
 //! its remaining token budget:
 //!
-//! - while some required tag is missing, end-of-sequence is banned (its
-//!   logits are set to −∞ before sampling);
+//! - while some required tag is missing, end-of-sequence never ends the
+//!   reply: when the model samples it, the guard wraps up instead — it
+//!   forces the next tag boundary right there (the close of the open tag,
+//!   else `<tag>` of the first missing one), so a model that has finished
+//!   its answer in prose writes the missing tag next rather than rambling
+//!   to the token limit; inside a just-opened tag with an empty body,
+//!   end-of-sequence is banned (its logits set to −∞) until the body has a
+//!   token;
 //! - when the remaining budget only just fits the missing tags (their literal
 //!   tokens plus [`OutputConstraint::body_min_tokens`] per tag not yet
 //!   opened), the literal tokens of the next tag boundary are forced: the
@@ -88,6 +94,12 @@ pub struct TagGuard {
     forced: VecDeque<u32>,
     forced_literals: Vec<String>,
     state: TagState,
+    /// The reply so far is empty or ends with a newline.
+    line_start: bool,
+    /// A boundary was forced because the budget only just fit the missing tags.
+    budget_hit: bool,
+    /// The reply so far ends with the open literal of the open tag (empty body).
+    empty_body: bool,
 }
 
 /// What to do for the next token.
@@ -96,6 +108,7 @@ pub enum Action {
     /// Emit this token without sampling.
     Force(u32),
     /// Sample; with `ban_eos` the end-of-sequence tokens are not allowed.
+    /// Pass the sampled token through [`TagGuard::replace_eos`].
     Sample {
         /// Whether end-of-sequence must be masked.
         ban_eos: bool,
@@ -121,6 +134,9 @@ impl TagGuard {
             forced: VecDeque::new(),
             forced_literals: Vec::new(),
             state: TagState::Complete,
+            line_start: true,
+            budget_hit: false,
+            empty_body: false,
         };
         g.observe("", max_new_tokens);
         g
@@ -168,14 +184,57 @@ impl TagGuard {
             return Action::Force(t);
         }
         Action::Sample {
-            ban_eos: matches!(self.state, TagState::Missing { .. }),
+            ban_eos: self.active() && self.empty_body,
         }
+    }
+
+    /// The token to emit for a sampled one: an end-of-sequence token while
+    /// tags are missing becomes the first token of the next tag boundary
+    /// (which is forced from then on); anything else passes through.
+    pub fn replace_eos(&mut self, token: u32, is_eos: bool) -> u32 {
+        if !is_eos || !self.active() {
+            return token;
+        }
+        if self.forced.is_empty() {
+            self.force_boundary();
+        }
+        self.forced.pop_front().unwrap_or(token)
+    }
+
+    /// Queue the literal tokens of the next tag boundary: the close of the
+    /// open tag, else the open of the first missing one.
+    fn force_boundary(&mut self) {
+        let TagState::Missing { open, unstarted } = &self.state else {
+            return;
+        };
+        let (lit, ids) = match open {
+            Some(i) => (format!("</{}>", self.c.tags[*i]), &self.close_ids[*i]),
+            None => {
+                let Some(&i) = unstarted.first() else {
+                    return;
+                };
+                if self.line_start {
+                    (format!("<{}>", self.c.tags[i]), &self.open_ids[i])
+                } else {
+                    (format!("<{}>", self.c.tags[i]), &self.open_nl_ids[i])
+                }
+            }
+        };
+        self.forced.extend(ids.iter().copied());
+        self.forced_literals.push(lit);
     }
 
     /// Take the reply so far (`text`, decoded) and the tokens still allowed
     /// (`remaining`). Returns true when the reply is complete and must end.
     pub fn observe(&mut self, text: &str, remaining: usize) -> bool {
         self.state = self.classify(text);
+        self.line_start = text.is_empty() || text.ends_with('\n');
+        self.empty_body = match &self.state {
+            TagState::Missing { open: Some(i), .. } => {
+                text.trim_end().ends_with(&format!("<{}>", self.c.tags[*i]))
+            }
+            _ => false,
+        };
         match &self.state {
             TagState::Complete => {
                 self.forced.clear();
@@ -187,19 +246,8 @@ impl TagGuard {
             }
             TagState::Missing { open, unstarted } => {
                 if self.forced.is_empty() && remaining <= self.reserve(*open, unstarted) {
-                    let (lit, ids) = match open {
-                        Some(i) => (format!("</{}>", self.c.tags[*i]), &self.close_ids[*i]),
-                        None => {
-                            let i = unstarted[0];
-                            if text.is_empty() || text.ends_with('\n') {
-                                (format!("<{}>", self.c.tags[i]), &self.open_ids[i])
-                            } else {
-                                (format!("<{}>", self.c.tags[i]), &self.open_nl_ids[i])
-                            }
-                        }
-                    };
-                    self.forced.extend(ids.iter().copied());
-                    self.forced_literals.push(lit);
+                    self.budget_hit = true;
+                    self.force_boundary();
                 }
                 false
             }
@@ -209,6 +257,12 @@ impl TagGuard {
     /// Tag literals the guard forced so far (e.g. `</prediction>`), in order.
     pub fn forced_literals(&self) -> &[String] {
         &self.forced_literals
+    }
+
+    /// Whether a tag had to be forced because the token budget ran out (the
+    /// reply was cut off), not because the model chose to end.
+    pub fn budget_hit(&self) -> bool {
+        self.budget_hit
     }
 
     /// Whether the reply is still held to the constraint (not complete, not escaped).
@@ -237,11 +291,8 @@ mod tests {
             let tok = match g.next_action() {
                 Action::Force(t) => t,
                 Action::Sample { ban_eos } => {
-                    if ban_eos {
-                        u32::from(b'x')
-                    } else {
-                        EOS
-                    }
+                    let sampled = if ban_eos { u32::from(b'x') } else { EOS };
+                    g.replace_eos(sampled, sampled == EOS)
                 }
             };
             if tok == EOS {
@@ -308,8 +359,18 @@ mod tests {
     fn written_tags_are_not_forced_and_escape_frees_the_reply() {
         let c = OutputConstraint::tags(["p"]).with_escapes(vec!["<tool_call>".into()]);
         let mut g = TagGuard::new(&c, 100, &bytes);
-        assert!(!g.observe("thinking <p>4", 100));
-        assert!(matches!(g.next_action(), Action::Sample { ban_eos: true }));
+        assert!(!g.observe("thinking <p>", 100));
+        assert!(
+            matches!(g.next_action(), Action::Sample { ban_eos: true }),
+            "an empty body needs a token"
+        );
+        assert!(!g.observe("thinking <p>4", 99));
+        assert!(matches!(g.next_action(), Action::Sample { ban_eos: false }));
+        assert_eq!(g.replace_eos(7, false), 7, "other tokens pass through");
+        // End-of-sequence inside the open tag wraps up: its close is forced.
+        assert_eq!(g.replace_eos(EOS, true), u32::from(b'<'));
+        assert!(matches!(g.next_action(), Action::Force(t) if t == u32::from(b'/')));
+        assert_eq!(g.forced_literals(), ["</p>"]);
         assert!(g.observe("thinking <p>4</p>", 90));
         let mut g = TagGuard::new(&c, 100, &bytes);
         assert!(!g.observe("<tool_call>{", 5));

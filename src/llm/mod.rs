@@ -278,6 +278,11 @@ pub struct Generation {
     /// `</prediction>`), in order; empty when the model wrote them itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forced: Vec<String>,
+    /// The reply ran into `max_new_tokens`: it stopped at the limit, or the
+    /// output constraint had to force the missing tags to fit the budget
+    /// (as opposed to wrapping up after the model chose to end).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cut_off: bool,
 }
 
 /// A closed question answered with one label token: the model's probability

@@ -347,6 +347,7 @@ pub fn parse_chat_response(v: &serde_json::Value) -> std::result::Result<Generat
         text,
         prompt_tokens: p as usize,
         completion_tokens: c as usize,
+        cut_off: stop_reason == StopReason::Length,
         stop_reason,
         forced,
     })

@@ -84,6 +84,7 @@ impl Llm for ScriptedLlm {
                     completion_tokens: word_count(&text),
                     text,
                     prompt_tokens,
+                    cut_off: stop_reason == StopReason::Length,
                     stop_reason,
                     forced: Vec::new(),
                 }
