@@ -222,6 +222,33 @@ pub fn is_degenerate(scores: &[f64], credits: &[AgentCredits]) -> bool {
     informative
 }
 
+/// The credits of an attributed group, with a degenerate group's
+/// ([`is_degenerate`]) replaced by identity credits; the flag says whether
+/// it was.
+pub fn checked_credits(
+    agents: &[String],
+    scores: &[f64],
+    credits: &[AgentCredits],
+) -> (Vec<AgentCredits>, bool) {
+    if is_degenerate(scores, credits) {
+        let fallback = scores
+            .iter()
+            .map(|&s| identity_credits(agents, s))
+            .collect();
+        (fallback, true)
+    } else {
+        (credits.to_vec(), false)
+    }
+}
+
+/// `scores[c][q]` of a rollout matrix.
+pub fn score_matrix(rollouts: &[Vec<crate::attribution::Rollout>]) -> Vec<Vec<f64>> {
+    rollouts
+        .iter()
+        .map(|row| row.iter().map(|r| r.score).collect())
+        .collect()
+}
+
 /// The identity credits of a rollout (`2·score − 1` for every agent): the
 /// fallback of a degenerate group.
 pub fn identity_credits(agents: &[String], score: f64) -> AgentCredits {

@@ -625,10 +625,7 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
     let point = validate(ctx, st, &incumbent, round)?;
     let validation_score = point.score;
     st.validations.push(point);
-    let scores: Vec<Vec<f64>> = rollouts
-        .iter()
-        .map(|row| row.iter().map(|r| r.score).collect())
-        .collect();
+    let scores = design::score_matrix(&rollouts);
     Ok(RoundRecord {
         round,
         config_hashes: configs.iter().map(config_hash).collect(),
@@ -944,18 +941,9 @@ fn attribute_joint(
     let mut degenerate = 0;
     for (((qi, g), credits), group) in members.iter().zip(&out.credits).zip(&groups) {
         let scores: Vec<f64> = group.rollouts.iter().map(|r| r.score).collect();
-        let fallback;
-        let credits = if design::is_degenerate(&scores, credits) {
-            degenerate += 1;
-            fallback = scores
-                .iter()
-                .map(|&s| design::identity_credits(&st.agents, s))
-                .collect::<Vec<_>>();
-            &fallback
-        } else {
-            credits
-        };
-        for (&c, ac) in g.iter().zip(credits) {
+        let (credits, replaced) = design::checked_credits(&st.agents, &scores, credits);
+        degenerate += usize::from(replaced);
+        for (&c, ac) in g.iter().zip(&credits) {
             add_credits(&mut sums, ac, c, *qi);
         }
     }
@@ -1057,10 +1045,7 @@ fn attribute_ofat(
     block: &[usize],
     rollouts: &[Vec<Rollout>],
 ) -> Result<Attributed, Interrupt> {
-    let scores: Vec<Vec<f64>> = rollouts
-        .iter()
-        .map(|row| row.iter().map(|r| r.score).collect())
-        .collect();
+    let scores = design::score_matrix(rollouts);
     let mut credits = design::counterfactual_credits(&st.agents, planned, &scores);
     let weight = st.config.ofat_tie_weight;
     if weight <= 0.0 || !ctx.attributer.uses_llm() {
@@ -1328,17 +1313,8 @@ pub fn attribute_only(
             report.failures = out.failures;
             for (group, credits) in groups.iter().zip(&out.credits) {
                 let scores: Vec<f64> = group.rollouts.iter().map(|r| r.score).collect();
-                let fallback: Vec<AgentCredits>;
-                let credits = if design::is_degenerate(&scores, credits) {
-                    report.degenerate_groups += 1;
-                    fallback = scores
-                        .iter()
-                        .map(|&s| design::identity_credits(&agents, s))
-                        .collect();
-                    &fallback
-                } else {
-                    credits
-                };
+                let (credits, replaced) = design::checked_credits(&agents, &scores, credits);
+                report.degenerate_groups += usize::from(replaced);
                 for (a, v) in credits.iter().flatten() {
                     if let (Some(list), Some(x)) = (values.get_mut(a), v) {
                         list.push(*x);
@@ -1347,10 +1323,7 @@ pub fn attribute_only(
             }
         }
         Design::Ofat => {
-            let scores: Vec<Vec<f64>> = rollouts
-                .iter()
-                .map(|row| row.iter().map(|r| r.score).collect())
-                .collect();
+            let scores = design::score_matrix(&rollouts);
             let mut credits = design::counterfactual_credits(&agents, &planned, &scores);
             if config.ofat_tie_weight > 0.0 && attributer.uses_llm() {
                 let (groups, slots) = tie_pairs(

@@ -409,8 +409,9 @@ fn markdown(
     );
     let _ = writeln!(
         md,
-        "- Settings: optimizer {:?}, seed {}, block size {}, group size {}, {} attribution",
+        "- Settings: optimizer {:?}, design {}, seed {}, block size {}, group size {}, {} attribution",
         c.optimizer,
+        c.design,
         c.seed,
         c.block_size,
         c.group_size,
