@@ -784,6 +784,16 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
             if run.rounds.is_empty() {
                 continue;
             }
+            let groups: usize = run.rounds.iter().map(|r| r.attribution_groups).sum();
+            let degenerate: usize = run.rounds.iter().map(|r| r.degenerate_groups).sum();
+            if degenerate > 0 {
+                notes.push(format!(
+                    "{task} seed {}: {degenerate} of {groups} CANTANTE attribution groups \
+                     were degenerate (every agent credited the same while the scores \
+                     differed) and were scored with identity credits.",
+                    p.seed
+                ));
+            }
             for (agent, v) in credit_correlation(&run.rounds) {
                 per_agent.entry(agent).or_default().0.insert(p.seed, v);
             }

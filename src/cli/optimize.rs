@@ -219,7 +219,16 @@ pub fn run(a: OptimizeArgs) -> Result<()> {
         .map_or(&llm as &dyn Llm, |m| m as &dyn Llm);
     if a.dry_run {
         let d = optimize::dry_run(&setup, &config, &llm);
-        println!("configurations per round: {}", d.configs_per_round);
+        println!(
+            "design {} ({} attributer): configurations per round: {}",
+            config.design,
+            if config.identity_attribution {
+                "identity".to_string()
+            } else {
+                format!("{:?}", config.attributer).to_lowercase()
+            },
+            d.configs_per_round
+        );
         println!("rollouts per round: {}", d.rollouts_per_round);
         println!("task tokens per round: {}", d.task_tokens_per_round);
         println!(

@@ -6,7 +6,7 @@
 //! projection of one round's cost.
 
 use super::meta::{crossover_prompt, mutation_prompt};
-use super::OptimizeConfig;
+use super::{AttributerKind, Design, OptimizeConfig};
 use crate::graph::Setup;
 use crate::llm::Llm;
 use serde::{Deserialize, Serialize};
@@ -110,7 +110,7 @@ pub fn check(
 /// Projected cost of one round.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DryRun {
-    /// Joint configurations per round (incumbent included).
+    /// Joint configurations per round (incumbent included; depends on the design).
     pub configs_per_round: usize,
     /// MAS rollouts per round.
     pub rollouts_per_round: usize,
@@ -118,7 +118,8 @@ pub struct DryRun {
     pub task_tokens_per_round: u64,
     /// Meta-LLM rewriting calls per round (upper bound, first attempts).
     pub rewrite_calls_per_round: usize,
-    /// Attribution calls per round (first attempts).
+    /// Attribution requests per round (first attempts; judge: questions;
+    /// ofat: the upper bound where every single-agent cell ties).
     pub attribution_calls_per_round: usize,
     /// Projected meta tokens per round.
     pub meta_tokens_per_round: u64,
@@ -170,21 +171,55 @@ pub fn dry_run(setup: &Setup, config: &OptimizeConfig, llm: &dyn Llm) -> DryRun 
             n as u64 * (cross + mutate) + calls as u64 * config.meta_max_new_tokens as u64;
     }
     let n_agents = race_sizes.len();
-    let configs = race_sizes.iter().copied().max().unwrap_or(0) + 1;
+    let cap = config.ofat_max_candidates.unwrap_or(usize::MAX);
+    let configs = match config.design {
+        Design::Joint => race_sizes.iter().copied().max().unwrap_or(0) + 1,
+        // One configuration per candidate besides each agent's incumbent.
+        Design::Ofat => {
+            1 + race_sizes
+                .iter()
+                .map(|&r| r.saturating_sub(1).min(cap))
+                .sum::<usize>()
+        }
+    };
     let rollouts = configs * config.block_size;
     let per_rollout =
         prompt_tokens_per_rollout + (n_agents * config.task_max_new_tokens_estimate) as u64;
     let task = per_rollout * (rollouts + config.validation_size_estimate) as u64;
-    let groups_per_query = (configs.saturating_sub(1))
-        .div_ceil(config.group_size.max(2) - 1)
-        .max(1);
-    let attribution_calls = groups_per_query * config.block_size;
-    let shown_fields = (1 + config.group_size * (1 + outputs_per_rollout)) as u64;
-    let attr_prompt = 400 + shown_fields * config.attribution_field_cap as u64;
-    let meta_attr = if config.identity_attribution {
-        0
+    let cap_tokens = config.attribution_field_cap as u64;
+    // A judge question shows one agent's outputs of one rollout (≈ 3 fields).
+    let judge_question = 300 + 3 * cap_tokens;
+    let llm_call = |rollouts_shown: usize| {
+        let shown = (1 + rollouts_shown * (1 + outputs_per_rollout)) as u64;
+        400 + shown * cap_tokens + config.attribution_max_new_tokens as u64
+    };
+    let (attribution_calls, meta_attr) = if config.identity_attribution {
+        (0, 0)
     } else {
-        attribution_calls as u64 * (attr_prompt + config.attribution_max_new_tokens as u64)
+        match config.design {
+            Design::Joint => {
+                let groups = (configs.saturating_sub(1))
+                    .div_ceil(config.group_size.max(2) - 1)
+                    .max(1)
+                    * config.block_size;
+                match config.attributer {
+                    AttributerKind::Llm => (groups, groups as u64 * llm_call(config.group_size)),
+                    AttributerKind::Judge => {
+                        let q = groups * config.group_size * n_agents;
+                        (q, q as u64 * judge_question)
+                    }
+                }
+            }
+            Design::Ofat if config.ofat_tie_weight > 0.0 => {
+                // Upper bound: every single-agent cell ties.
+                let pairs = configs.saturating_sub(1) * config.block_size;
+                match config.attributer {
+                    AttributerKind::Llm => (pairs, pairs as u64 * llm_call(2)),
+                    AttributerKind::Judge => (2 * pairs, 2 * pairs as u64 * judge_question),
+                }
+            }
+            Design::Ofat => (0, 0),
+        }
     };
     let meta = rewrite_tokens + meta_attr;
     let total = task + meta;
@@ -202,11 +237,7 @@ pub fn dry_run(setup: &Setup, config: &OptimizeConfig, llm: &dyn Llm) -> DryRun 
         rollouts_per_round: rollouts,
         task_tokens_per_round: task,
         rewrite_calls_per_round: rewrite_calls,
-        attribution_calls_per_round: if config.identity_attribution {
-            0
-        } else {
-            attribution_calls
-        },
+        attribution_calls_per_round: attribution_calls,
         meta_tokens_per_round: meta,
         total_tokens_per_round: total,
         rounds_within_budget,
@@ -269,6 +300,8 @@ mod tests {
         };
         let cfg = OptimizeConfig {
             max_total_tokens: Some(10_000_000),
+            design: Design::Joint,
+            attributer: AttributerKind::Llm,
             ..Default::default()
         };
         let d = dry_run(&setup, &cfg, &llm);
@@ -302,5 +335,27 @@ mod tests {
             &llm,
         );
         assert_eq!(d3.attribution_calls_per_round, 0);
+        // The default one-factor design: 8 candidates besides the incumbent
+        // per agent, one configuration each; judged ties at most 2 questions
+        // per (configuration, query).
+        let ofat = OptimizeConfig {
+            max_total_tokens: Some(10_000_000),
+            ..Default::default()
+        };
+        let d4 = dry_run(&setup, &ofat, &llm);
+        assert_eq!(d4.configs_per_round, 1 + 2 * 8);
+        assert_eq!(d4.rollouts_per_round, 170);
+        assert_eq!(d4.attribution_calls_per_round, 2 * 16 * 10);
+        let capped = dry_run(
+            &setup,
+            &OptimizeConfig {
+                ofat_max_candidates: Some(3),
+                ofat_tie_weight: 0.0,
+                ..ofat
+            },
+            &llm,
+        );
+        assert_eq!(capped.configs_per_round, 1 + 2 * 3);
+        assert_eq!(capped.attribution_calls_per_round, 0);
     }
 }
