@@ -222,6 +222,57 @@ pub fn is_degenerate(scores: &[f64], credits: &[AgentCredits]) -> bool {
     informative
 }
 
+/// Score-anchored credits of a joint-design candidate rollout (the
+/// `joint_split` option): the score difference `delta` to the incumbent on
+/// the same query is split between the `changed` agents in proportion to how
+/// much more the attributer credited each of them in the candidate's rollout
+/// than in the incumbent's (only differences agreeing with the sign of
+/// `delta` count; none → an equal split), so the credits sum to the observed
+/// difference whatever the attributer says. A tie (`delta` = 0) gives each
+/// changed agent `tie_weight · (candidate − incumbent) / 2`. Agents that did
+/// not change get no credit.
+pub fn split_credits(
+    changed: &[String],
+    delta: f64,
+    candidate: &AgentCredits,
+    incumbent: &AgentCredits,
+    tie_weight: f64,
+) -> AgentCredits {
+    let diff = |a: &String| {
+        let get = |m: &AgentCredits| m.get(a).copied().flatten();
+        match (get(candidate), get(incumbent)) {
+            (Some(c), Some(i)) => c - i,
+            _ => 0.0,
+        }
+    };
+    if !delta.is_finite() {
+        return changed.iter().map(|a| (a.clone(), None)).collect();
+    }
+    if delta == 0.0 {
+        return changed
+            .iter()
+            .map(|a| (a.clone(), Some(tie_weight * diff(a) / 2.0)))
+            .collect();
+    }
+    let w: Vec<f64> = changed
+        .iter()
+        .map(|a| (delta.signum() * diff(a)).max(0.0))
+        .collect();
+    let total: f64 = w.iter().sum();
+    changed
+        .iter()
+        .zip(&w)
+        .map(|(a, &wa)| {
+            let share = if total > 0.0 {
+                wa / total
+            } else {
+                1.0 / changed.len() as f64
+            };
+            (a.clone(), Some((delta * share).clamp(-1.0, 1.0)))
+        })
+        .collect()
+}
+
 /// The credits of an attributed group, with a degenerate group's
 /// ([`is_degenerate`]) replaced by identity credits; the flag says whether
 /// it was.
@@ -356,5 +407,25 @@ mod tests {
             identity_credits(&["a".into()], 1.0),
             [("a".to_string(), Some(1.0))].into()
         );
+    }
+
+    #[test]
+    fn split_credits_sum_to_the_score_difference() {
+        let m = |a: f64, b: f64| -> AgentCredits {
+            [("a".to_string(), Some(a)), ("b".to_string(), Some(b))].into()
+        };
+        let changed = ["a".to_string(), "b".to_string()];
+        // The attributer saw a improve by 0.6 and b by 0.2: a gets 3/4 of the gain.
+        let s = split_credits(&changed, 1.0, &m(0.8, 0.2), &m(0.2, 0.0), 0.25);
+        assert!((s["a"].unwrap() - 0.75).abs() < 1e-12 && (s["b"].unwrap() - 0.25).abs() < 1e-12);
+        // A loss goes to the agent that got worse; a blind attributer splits evenly.
+        let s = split_credits(&changed, -1.0, &m(0.0, -0.5), &m(0.0, 0.0), 0.25);
+        assert_eq!((s["a"], s["b"]), (Some(-0.0), Some(-1.0)));
+        let s = split_credits(&changed, 1.0, &m(0.0, 0.0), &m(0.0, 0.0), 0.25);
+        assert_eq!((s["a"], s["b"]), (Some(0.5), Some(0.5)));
+        // Ties: weighted difference; an unchanged agent gets nothing.
+        let s = split_credits(&changed[..1], 0.0, &m(1.0, 0.0), &m(-1.0, 0.0), 0.25);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s["a"], Some(0.25));
     }
 }

@@ -215,10 +215,15 @@ pub struct OptimizeConfig {
     /// `ofat`: at most this many candidates per agent (besides its incumbent)
     /// run per round; `None` = all of them.
     pub ofat_max_candidates: Option<usize>,
-    /// `ofat`: weight of the attributer's judgement where a candidate's score
-    /// ties the incumbent's (0 = no attributer call; below 1 a real score
-    /// difference always dominates).
+    /// `ofat`, and `joint` with `joint_split`: weight of the attributer's
+    /// judgement where a candidate's score ties the incumbent's (0 = no
+    /// attributer call under `ofat`; below 1 a real score difference always
+    /// dominates).
     pub ofat_tie_weight: f64,
+    /// `joint`: anchor credits on the score difference to the incumbent and
+    /// let the attributer only split it between the changed agents
+    /// ([`design::split_credits`]) instead of using its credits directly.
+    pub joint_split: bool,
     /// Local optimizer per agent.
     pub optimizer: OptimizerKind,
     /// Estimated completion tokens per agent call (for budget projections
@@ -254,6 +259,7 @@ impl Default for OptimizeConfig {
             design: Design::Ofat,
             ofat_max_candidates: None,
             ofat_tie_weight: 0.25,
+            joint_split: false,
             optimizer: OptimizerKind::Capo,
             task_max_new_tokens_estimate: 512,
             validation_size_estimate: 50,

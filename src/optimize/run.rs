@@ -893,7 +893,7 @@ fn attribute(
     rollouts: &[Vec<Rollout>],
 ) -> Result<Attributed, Interrupt> {
     match st.config.design {
-        Design::Joint => attribute_joint(ctx, st, round, block, rollouts),
+        Design::Joint => attribute_joint(ctx, st, round, planned, block, rollouts),
         Design::Ofat => attribute_ofat(ctx, st, round, planned, block, rollouts),
     }
 }
@@ -907,6 +907,7 @@ fn attribute_joint(
     ctx: &Ctx,
     st: &mut RunState,
     round: usize,
+    planned: &[Planned],
     block: &[usize],
     rollouts: &[Vec<Rollout>],
 ) -> Result<Attributed, Interrupt> {
@@ -941,8 +942,18 @@ fn attribute_joint(
     let mut degenerate = 0;
     for (((qi, g), credits), group) in members.iter().zip(&out.credits).zip(&groups) {
         let scores: Vec<f64> = group.rollouts.iter().map(|r| r.score).collect();
-        let (credits, replaced) = design::checked_credits(&st.agents, &scores, credits);
+        let (mut credits, replaced) = design::checked_credits(&st.agents, &scores, credits);
         degenerate += usize::from(replaced);
+        if st.config.joint_split && ctx.attributer.uses_llm() {
+            credits = split_group(
+                &st.agents,
+                g,
+                planned,
+                &scores,
+                &credits,
+                st.config.ofat_tie_weight,
+            );
+        }
         for (&c, ac) in g.iter().zip(&credits) {
             add_credits(&mut sums, ac, c, *qi);
         }
@@ -975,6 +986,40 @@ fn attribute_joint(
         groups: groups.len(),
         degenerate,
     })
+}
+
+/// A joint group's credits anchored on score differences
+/// ([`design::split_credits`]): the incumbent's rollout (configuration 0)
+/// gets 0 for every agent, each other rollout its difference split between
+/// its changed agents. A group without the incumbent is left as it is.
+fn split_group(
+    agents: &[String],
+    members: &[usize],
+    planned: &[Planned],
+    scores: &[f64],
+    credits: &[AgentCredits],
+    tie_weight: f64,
+) -> Vec<AgentCredits> {
+    let Some(inc) = members.iter().position(|&c| c == 0) else {
+        return credits.to_vec();
+    };
+    members
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| {
+            if c == 0 {
+                agents.iter().map(|a| (a.clone(), Some(0.0))).collect()
+            } else {
+                design::split_credits(
+                    &planned[c].changed,
+                    scores[k] - scores[inc],
+                    &credits[k],
+                    &credits[inc],
+                    tie_weight,
+                )
+            }
+        })
+        .collect()
 }
 
 /// (agent, configuration, block position) of a tied comparison.

@@ -267,43 +267,57 @@ pub struct Method {
     pub design: Design,
     /// The LLM attributer; `None` = identity credits (the ablation).
     pub attributer: Option<AttributerKind>,
-    /// `ofat`: weight of the attributer's judgement on ties.
+    /// `ofat` (and `joint_split`): weight of the attributer's judgement on ties.
     pub tie_weight: f64,
+    /// `joint`: credits anchored on score differences, split by the attributer.
+    pub split: bool,
 }
 
 /// The methods compared by default: identity, generative and judge on the
-/// joint design, and the one-factor design with score differences only and
-/// with judge-refined ties.
-pub const METHODS: [Method; 5] = [
+/// joint design, the one-factor design with score differences only and with
+/// judge-refined ties, and the joint design with score-anchored judge splits.
+pub const METHODS: [Method; 6] = [
     Method {
         name: "identity (joint)",
         design: Design::Joint,
         attributer: None,
         tie_weight: 0.0,
+        split: false,
     },
     Method {
         name: "generative (joint)",
         design: Design::Joint,
         attributer: Some(AttributerKind::Llm),
         tie_weight: 0.0,
+        split: false,
     },
     Method {
         name: "judge (joint)",
         design: Design::Joint,
         attributer: Some(AttributerKind::Judge),
         tie_weight: 0.0,
+        split: false,
     },
     Method {
         name: "ofat",
         design: Design::Ofat,
         attributer: None,
         tie_weight: 0.0,
+        split: false,
     },
     Method {
         name: "ofat + judge ties",
         design: Design::Ofat,
         attributer: Some(AttributerKind::Judge),
         tie_weight: 0.25,
+        split: false,
+    },
+    Method {
+        name: "judge split (joint)",
+        design: Design::Joint,
+        attributer: Some(AttributerKind::Judge),
+        tie_weight: 0.25,
+        split: true,
     },
 ];
 
@@ -363,6 +377,7 @@ pub fn simulate(
     let mut config = base.clone();
     config.design = method.design;
     config.ofat_tie_weight = method.tie_weight;
+    config.joint_split = method.split;
     config.identity_attribution = method.attributer.is_none();
     if let Some(k) = method.attributer {
         config.attributer = k;

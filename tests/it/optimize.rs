@@ -1027,6 +1027,9 @@ fn planted_effects_are_recovered_by_the_credits() {
         rho(by(&blind, "ofat")) > rho(by(&blind, "judge (joint)")) + 0.2,
         "{blind:?}"
     );
+    // Anchoring the joint credits on score differences protects against a
+    // blind judge.
+    assert!(rho(by(&blind, "judge split (joint)")) > rho(by(&blind, "judge (joint)")));
     assert_eq!(by(&sharp, "ofat").attribution_tokens, 0.0);
     assert!(by(&sharp, "ofat + judge ties").attribution_tokens > 0.0);
 }
