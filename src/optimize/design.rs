@@ -4,7 +4,10 @@
 //! * [`Design::Joint`] (the paper, §3): configuration `i` sets candidate `i`
 //!   of *every* agent at once (the incumbent first). Few configurations, but a
 //!   score difference cannot be separated between the agents that changed by
-//!   anything that only sees scores: the attributer LLM has to split it.
+//!   anything that only sees scores: the attributer LLM has to split it —
+//!   by crediting every agent directly (the paper), or, with `joint_split`,
+//!   by dividing the observed score difference between the changed agents
+//!   ([`split_credits`]).
 //! * [`Design::Ofat`] (one factor at a time; not in the paper): every
 //!   configuration changes *one* agent around the incumbent, so
 //!   `score(config, q) − score(incumbent, q)` is an exact counterfactual
