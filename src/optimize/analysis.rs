@@ -59,6 +59,19 @@ pub fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
     }
 }
 
+/// Per agent: (Spearman ρ of the (x, y) points, number of points).
+fn rho_per_agent(
+    points: BTreeMap<String, (Vec<f64>, Vec<f64>)>,
+) -> BTreeMap<String, (Option<f64>, usize)> {
+    points
+        .into_iter()
+        .map(|(a, (x, y))| {
+            let n = x.len();
+            (a, (spearman(&x, &y), n))
+        })
+        .collect()
+}
+
 /// Per agent: (ρ, number of configurations used). Configurations where the
 /// agent has no non-missing credit are skipped.
 pub fn credit_correlation(records: &[RoundRecord]) -> BTreeMap<String, (Option<f64>, usize)> {
@@ -76,13 +89,7 @@ pub fn credit_correlation(records: &[RoundRecord]) -> BTreeMap<String, (Option<f
             }
         }
     }
-    points
-        .into_iter()
-        .map(|(a, (x, y))| {
-            let n = x.len();
-            (a, (spearman(&x, &y), n))
-        })
-        .collect()
+    rho_per_agent(points)
 }
 
 /// Per agent: (ρ, configurations used) between the agent's mean credit in a
@@ -117,13 +124,7 @@ pub fn counterfactual_correlation(
             e.1.push(score - base);
         }
     }
-    points
-        .into_iter()
-        .map(|(a, (x, y))| {
-            let n = x.len();
-            (a, (spearman(&x, &y), n))
-        })
-        .collect()
+    rho_per_agent(points)
 }
 
 #[cfg(test)]
