@@ -88,6 +88,8 @@ pub enum TagState {
 #[derive(Debug, Clone)]
 pub struct TagGuard {
     c: OutputConstraint,
+    /// `<tag>` of every required tag (checked on every token).
+    open_lits: Vec<String>,
     open_ids: Vec<Vec<u32>>,
     open_nl_ids: Vec<Vec<u32>>,
     close_ids: Vec<Vec<u32>>,
@@ -127,6 +129,7 @@ impl TagGuard {
         let open_nl_ids = c.tags.iter().map(|t| encode(&format!("\n<{t}>"))).collect();
         let close_ids = c.tags.iter().map(|t| encode(&format!("</{t}>"))).collect();
         let mut g = Self {
+            open_lits: c.tags.iter().map(|t| format!("<{t}>")).collect(),
             c: c.clone(),
             open_ids,
             open_nl_ids,
@@ -153,7 +156,7 @@ impl TagGuard {
             if crate::prompt::extract_tag(text, t).is_some() {
                 continue;
             }
-            if open.is_none() && text.contains(&format!("<{t}>")) {
+            if open.is_none() && text.contains(self.open_lits[i].as_str()) {
                 open = Some(i);
             } else {
                 unstarted.push(i);
@@ -214,9 +217,9 @@ impl TagGuard {
                     return;
                 };
                 if self.line_start {
-                    (format!("<{}>", self.c.tags[i]), &self.open_ids[i])
+                    (self.open_lits[i].clone(), &self.open_ids[i])
                 } else {
-                    (format!("<{}>", self.c.tags[i]), &self.open_nl_ids[i])
+                    (self.open_lits[i].clone(), &self.open_nl_ids[i])
                 }
             }
         };
@@ -231,7 +234,7 @@ impl TagGuard {
         self.line_start = text.is_empty() || text.ends_with('\n');
         self.empty_body = match &self.state {
             TagState::Missing { open: Some(i), .. } => {
-                text.trim_end().ends_with(&format!("<{}>", self.c.tags[*i]))
+                text.trim_end().ends_with(self.open_lits[*i].as_str())
             }
             _ => false,
         };

@@ -1093,41 +1093,33 @@ fn attribute_ofat(
     let scores = design::score_matrix(rollouts);
     let mut credits = design::counterfactual_credits(&st.agents, planned, &scores);
     let weight = st.config.ofat_tie_weight;
-    if weight <= 0.0 || !ctx.attributer.uses_llm() {
-        return Ok(Attributed {
-            credits,
-            failures: 0,
-            groups: 0,
-            degenerate: 0,
-        });
-    }
     let seed = st.config.seed;
-    let (groups, slots) = tie_pairs(
-        planned,
-        &credits,
-        block,
-        rollouts,
-        &|q| ctx.executor.query_text(q),
-        &|q, c, agent| {
-            derive_seed(
-                seed,
-                &[tag("tie"), round as u64, q as u64, c as u64, tag(agent)],
-            )
-        },
-    );
-    if groups.is_empty() {
-        return Ok(Attributed {
-            credits,
-            failures: 0,
-            groups: 0,
-            degenerate: 0,
-        });
+    let (groups, slots) = if weight > 0.0 && ctx.attributer.uses_llm() {
+        tie_pairs(
+            planned,
+            &credits,
+            block,
+            rollouts,
+            &|q| ctx.executor.query_text(q),
+            &|q, c, agent| {
+                derive_seed(
+                    seed,
+                    &[tag("tie"), round as u64, q as u64, c as u64, tag(agent)],
+                )
+            },
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut failures = 0;
+    if !groups.is_empty() {
+        let out = run_attributer(ctx, st, &groups)?;
+        apply_ties(&mut credits, &slots, &out, weight);
+        failures = out.failures;
     }
-    let out = run_attributer(ctx, st, &groups)?;
-    apply_ties(&mut credits, &slots, &out, weight);
     Ok(Attributed {
         credits,
-        failures: out.failures,
+        failures,
         groups: groups.len(),
         degenerate: 0,
     })
