@@ -128,6 +128,67 @@ pub trait Attributer: Sync {
     fn uses_llm(&self) -> bool;
 }
 
+/// An attributer that hands over to a second one, for the rest of the run,
+/// once the first reports its backend cannot serve it
+/// ([`LlmError::Unsupported`]: e.g. the judge on a server without logprobs).
+/// The switch is logged once; every other error goes to the caller.
+pub struct FallbackAttributer<'a> {
+    /// Tried first.
+    pub primary: Box<dyn Attributer + 'a>,
+    /// Used after the primary's backend said it cannot.
+    pub fallback: Box<dyn Attributer + 'a>,
+    /// Set once the fallback is in use.
+    pub switched: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> FallbackAttributer<'a> {
+    /// `primary`, falling back to `fallback`.
+    pub fn new(primary: Box<dyn Attributer + 'a>, fallback: Box<dyn Attributer + 'a>) -> Self {
+        Self {
+            primary,
+            fallback,
+            switched: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn current(&self) -> &dyn Attributer {
+        if self.switched.load(std::sync::atomic::Ordering::Relaxed) {
+            self.fallback.as_ref()
+        } else {
+            self.primary.as_ref()
+        }
+    }
+}
+
+impl Attributer for FallbackAttributer<'_> {
+    fn attribute(
+        &self,
+        agents: &[String],
+        groups: &[AttributionGroup],
+        allow: BudgetGate,
+    ) -> Result<AttributionOutcome, AttributionError> {
+        if !self.switched.load(std::sync::atomic::Ordering::Relaxed) {
+            match self.primary.attribute(agents, groups, &mut *allow) {
+                Err(AttributionError::Llm(LlmError::Unsupported(why))) => {
+                    tracing::warn!(
+                        "attributer unsupported by the backend ({why}); using the generative attributer for the rest of the run"
+                    );
+                    self.switched
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+        self.fallback.attribute(agents, groups, allow)
+    }
+    fn project_tokens(&self, agents: &[String], groups: &[AttributionGroup]) -> usize {
+        self.current().project_tokens(agents, groups)
+    }
+    fn uses_llm(&self) -> bool {
+        self.current().uses_llm()
+    }
+}
+
 /// The ablation attributer: every agent of a rollout gets the rollout's system
 /// score mapped from [0, 1] to [-1, 1] (`2·score − 1`, clamped). The map is
 /// affine, so rankings and t-tests are the same as on the raw score; it keeps
@@ -1036,6 +1097,30 @@ mod tests {
             .attribute(&agents(), &groups, &mut |_| true)
             .unwrap_err();
         assert!(e.to_string().contains("unsupported"), "{e}");
+        // Wrapped in a fallback, the same backend is attributed by the
+        // generative attributer (and stays with it).
+        let writer = ScriptedLlm::new(|_| {
+            "<attribution>{\"executions\":[{\"agent_credits\":{\"planner\":0.5,\"solver\":-0.5}},{\"agent_credits\":{\"planner\":0.5,\"solver\":0.5}}]}</attribution>".to_string()
+        });
+        let fb = FallbackAttributer::new(
+            Box::new(JudgeAttributer::new(&writer)),
+            Box::new(LlmAttributer::new(&writer)),
+        );
+        let two = &groups[..1];
+        let out = fb.attribute(&agents(), two, &mut |_| true).unwrap();
+        assert_eq!(out.credits[0][0]["solver"], Some(-0.5));
+        assert!(fb.switched.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(
+            fb.project_tokens(&agents(), two),
+            LlmAttributer::new(&writer).project_tokens(&agents(), two)
+        );
+        // A judge that can score is never replaced.
+        let fb = FallbackAttributer::new(
+            Box::new(JudgeAttributer::new(&llm)),
+            Box::new(LlmAttributer::new(&writer)),
+        );
+        fb.attribute(&agents(), two, &mut |_| true).unwrap();
+        assert!(!fb.switched.load(std::sync::atomic::Ordering::Relaxed));
     }
 
     #[test]

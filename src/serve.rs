@@ -10,19 +10,25 @@
 //! Endpoints: `POST /v1/chat/completions` (with `n`, `seed`, `stop`,
 //! `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `top_k`;
 //! `stream: true` answers as server-sent events with one content chunk, then
-//! the finish chunk, then `[DONE]`), `GET /v1/models`, `GET /health`. A
+//! the finish chunk, then `[DONE]`), `GET /v1/models`, `GET /health`.
+//! `logprobs: true` with `top_logprobs` (≤ 20) is served for the next token
+//! only (`max_tokens` 1, `n` 1): the engine's [`Llm::top_logprobs`], answered
+//! greedily whatever the temperature, with `continue_final_message: true`
+//! taking a final assistant message as the start of the reply (vLLM's
+//! extension) — what the judge attributer of a remote cantante needs. A
 //! request without `seed` gets a fresh one, returned in the response's
 //! `cantante.seed`; the same request with the same seed gives the same text
 //! whatever else is in flight. `usage` holds the engine's exact counts.
 //! Errors have OpenAI's shape `{"error": {"message", "type", "param",
 //! "code"}}`: bad JSON, wrong field types, an empty message list, too many
-//! tokens and unsupported features (tools, logprobs, response formats,
-//! grammars) are 400s that say what is wrong; a body over the limit is 413,
+//! tokens and unsupported features (tools, response formats, grammars) are
+//! 400s that say what is wrong; a body over the limit is 413,
 //! a missing or wrong API key 401, an unknown path 404. SIGINT/SIGTERM stop
 //! accepting requests and finish the ones in flight.
 
 use crate::llm::{
-    Generation, Llm, LlmError, Message, Next, Request, RequestQueue, Sampling, StopReason,
+    Generation, Llm, LlmError, Message, Next, NextTokenRequest, Request, RequestQueue, Sampling,
+    StopReason,
 };
 use std::collections::HashMap;
 use std::io::Read;
@@ -188,7 +194,7 @@ pub fn serve(
             workers.push(s.spawn(move || {
                 while !halt.load(Ordering::SeqCst) {
                     match http.recv_timeout(Duration::from_millis(100)) {
-                        Ok(Some(req)) => handle(req, &tx, opts, ids),
+                        Ok(Some(req)) => handle(req, llm, &tx, opts, ids),
                         Ok(None) => {}
                         Err(_) => return,
                     }
@@ -272,6 +278,7 @@ fn respond_error(req: tiny_http::Request, e: ApiError) {
 
 fn handle(
     mut req: tiny_http::Request,
+    llm: &dyn Llm,
     tx: &mpsc::SyncSender<Job>,
     opts: &ServeOptions,
     ids: &AtomicU64,
@@ -333,7 +340,7 @@ fn handle(
                     },
                 );
             }
-            match chat(&body, tx, opts, ids) {
+            match chat(&body, llm, tx, opts, ids) {
                 Ok((v, stream)) => {
                     if stream {
                         respond_stream(req, &v)
@@ -423,9 +430,6 @@ pub fn parse_chat_request(
                 "`{unsupported}` is not supported by cantante serve"
             ));
         }
-    }
-    if v["logprobs"].as_bool() == Some(true) || !v["top_logprobs"].is_null() {
-        return Err("`logprobs` is not supported by cantante serve".into());
     }
     if let Some(rf) = v.get("response_format").filter(|r| !r.is_null()) {
         if rf["type"].as_str() != Some("text") {
@@ -555,8 +559,126 @@ pub fn parse_chat_request(
     Ok((reqs, seed, stream))
 }
 
+/// What a `logprobs` request asks for: the next-token question and how
+/// many top tokens to return (0: only the chosen token's logprob).
+#[derive(Debug, PartialEq)]
+pub struct LogprobsAsk {
+    /// The conversation and assistant prefix to score.
+    pub next: NextTokenRequest,
+    /// `top_logprobs` (0..=20).
+    pub top: usize,
+}
+
+/// The logprobs part of a chat-completion body, checked against the rest of
+/// it (`reqs` as [`parse_chat_request`] returned them); `None` without
+/// `logprobs: true`.
+pub fn parse_logprobs(
+    v: &serde_json::Value,
+    reqs: &[Request],
+    stream: bool,
+) -> Result<Option<LogprobsAsk>, String> {
+    let wants = match &v["logprobs"] {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        _ => return Err("`logprobs` must be a boolean".into()),
+    };
+    let cont = match &v["continue_final_message"] {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        _ => return Err("`continue_final_message` must be a boolean".into()),
+    };
+    let top = match &v["top_logprobs"] {
+        serde_json::Value::Null => None,
+        x => match x.as_u64() {
+            Some(k) if k <= 20 => Some(k as usize),
+            _ => return Err("`top_logprobs` must be an integer in 0..=20".into()),
+        },
+    };
+    if !wants {
+        if top.is_some() {
+            return Err("`top_logprobs` needs `logprobs: true`".into());
+        }
+        if cont {
+            return Err(
+                "`continue_final_message` is supported together with `logprobs: true` only".into(),
+            );
+        }
+        return Ok(None);
+    }
+    let r = &reqs[0];
+    if reqs.len() != 1 || r.max_new_tokens != 1 || stream {
+        return Err("`logprobs` are served for the next token only: send `max_tokens` (or `max_completion_tokens`) 1, `n` 1 and no `stream`".into());
+    }
+    let mut messages = r.messages.clone();
+    let mut prefix = String::new();
+    if cont {
+        match messages.last() {
+            Some(m) if m.role == crate::llm::Role::Assistant => {
+                prefix = messages.pop().map(|m| m.content).unwrap_or_default();
+            }
+            _ => {
+                return Err(
+                    "`continue_final_message` needs a final assistant message to continue".into(),
+                )
+            }
+        }
+        if messages.is_empty() {
+            return Err("`messages` must hold more than the assistant message to continue".into());
+        }
+    }
+    let top = top.unwrap_or(0);
+    Ok(Some(LogprobsAsk {
+        next: NextTokenRequest {
+            messages,
+            assistant_prefix: prefix,
+            top: top.max(1),
+        },
+        top,
+    }))
+}
+
+/// A one-token completion with its logprobs (see [`parse_logprobs`]).
+fn logprobs_answer(
+    llm: &dyn Llm,
+    ask: LogprobsAsk,
+    opts: &ServeOptions,
+    id: u64,
+    created: u64,
+    seed: u64,
+) -> Result<serde_json::Value, ApiError> {
+    let answer = llm
+        .top_logprobs(std::slice::from_ref(&ask.next))
+        .map_err(|e| match e {
+            LlmError::BadRequest { message, .. } => bad(message, Some("messages")),
+            LlmError::Unsupported(m) => bad(m, Some("logprobs")),
+            e => server_error(500, e.to_string()),
+        })?
+        .pop()
+        .ok_or_else(|| server_error(500, "the engine returned no logprobs"))?;
+    let entry = |t: &crate::llm::TokenLogprob| {
+        let bytes = (!t.token.contains('\u{FFFD}')).then(|| t.token.as_bytes().to_vec());
+        serde_json::json!({"token": t.token, "logprob": t.logprob, "bytes": bytes})
+    };
+    let chosen = answer
+        .top
+        .first()
+        .ok_or_else(|| server_error(500, "the engine returned no tokens"))?;
+    let mut first = entry(chosen);
+    first["top_logprobs"] = answer.top.iter().take(ask.top).map(entry).collect();
+    Ok(serde_json::json!({
+        "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": created,
+        "model": opts.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": chosen.token},
+            "logprobs": {"content": [first]}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": 1,
+            "total_tokens": answer.prompt_tokens + 1},
+        "cantante": {"seed": seed, "stop_reason": "length", "stop_reasons": ["length"]},
+    }))
+}
+
 fn chat(
     body: &[u8],
+    llm: &dyn Llm,
     tx: &mpsc::SyncSender<Job>,
     opts: &ServeOptions,
     ids: &AtomicU64,
@@ -576,6 +698,13 @@ fn chat(
     }
     let (reqs, seed, stream) =
         parse_chat_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
+    if let Some(ask) = parse_logprobs(&v, &reqs, stream).map_err(|m| bad(m, Some("logprobs")))? {
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return Ok((logprobs_answer(llm, ask, opts, id, created, seed)?, false));
+    }
     let mut waits = Vec::with_capacity(reqs.len());
     for req in reqs {
         let (rtx, rrx) = mpsc::sync_channel(1);
@@ -683,10 +812,6 @@ mod tests {
                 "not supported",
             ),
             (
-                serde_json::json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true}),
-                "not supported",
-            ),
-            (
                 serde_json::json!({"messages": [{"role": "user", "content": "x"}], "n": 40}),
                 "`n`",
             ),
@@ -696,6 +821,53 @@ mod tests {
             ),
         ] {
             let e = parse_chat_request(&body, &o, 1).unwrap_err();
+            assert!(e.contains(needle), "{body}: {e}");
+        }
+        // logprobs: the next token only, a prefix through continue_final_message.
+        let ask = |v: serde_json::Value| {
+            let (reqs, _, stream) = parse_chat_request(&v, &o, 1).unwrap();
+            parse_logprobs(&v, &reqs, stream)
+        };
+        let user = serde_json::json!({"role": "user", "content": "Rate it."});
+        let got = ask(
+            serde_json::json!({"messages": [user, {"role": "assistant", "content": "Rating: "}],
+            "logprobs": true, "top_logprobs": 5, "max_tokens": 1, "continue_final_message": true}),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (got.top, got.next.top, got.next.assistant_prefix.as_str()),
+            (5, 5, "Rating: ")
+        );
+        assert_eq!(got.next.messages, vec![Message::user("Rate it.")]);
+        let plain = ask(serde_json::json!({"messages": [user], "logprobs": true, "max_tokens": 1}))
+            .unwrap()
+            .unwrap();
+        assert_eq!((plain.top, plain.next.top), (0, 1));
+        assert_eq!(ask(serde_json::json!({"messages": [user]})).unwrap(), None);
+        for (body, needle) in [
+            (
+                serde_json::json!({"messages": [user], "logprobs": true}),
+                "next token only",
+            ),
+            (
+                serde_json::json!({"messages": [user], "logprobs": true, "max_tokens": 1, "n": 2}),
+                "next token only",
+            ),
+            (
+                serde_json::json!({"messages": [user], "logprobs": "yes", "max_tokens": 1}),
+                "boolean",
+            ),
+            (
+                serde_json::json!({"messages": [user], "top_logprobs": 3, "max_tokens": 1}),
+                "needs `logprobs",
+            ),
+            (
+                serde_json::json!({"messages": [{"role": "assistant", "content": "x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}),
+                "more than",
+            ),
+        ] {
+            let e = ask(body.clone()).unwrap_err();
             assert!(e.contains(needle), "{body}: {e}");
         }
     }

@@ -13,8 +13,8 @@ use super::sampling;
 use super::tokenizer::Tokenizer;
 pub use super::EngineStats;
 use super::{
-    ChoiceRequest, ChoiceScores, Generation, Llm, LlmError, Next, Request, RequestQueue, Result,
-    StopReason,
+    ChoiceRequest, ChoiceScores, Generation, Llm, LlmError, Next, NextTokenRequest, NextTokens,
+    Request, RequestQueue, Result, StopReason, TokenLogprob,
 };
 use candle_core::Device;
 use rand::SeedableRng;
@@ -494,6 +494,25 @@ fn choice_scores(logits: &[f32], choices: &[u32]) -> ChoiceScores {
     ChoiceScores::from_logprobs(lp)
 }
 
+/// The `k` largest log-softmax values of `logits` as (token id, logprob),
+/// most likely first, ties by lower id (f64 accumulation, as [`choice_scores`]).
+fn top_tokens(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let ids: Vec<u32> = (0..logits.len() as u32).collect();
+    let all = choice_scores(logits, &ids).logprobs;
+    let mut order: Vec<u32> = ids
+        .into_iter()
+        .filter(|&t| all[t as usize].is_finite())
+        .collect();
+    let k = k.min(order.len());
+    let cmp = |a: &u32, b: &u32| all[*b as usize].total_cmp(&all[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, cmp);
+        order.truncate(k);
+    }
+    order.sort_by(cmp);
+    order.into_iter().map(|t| (t, all[t as usize])).collect()
+}
+
 fn lcp(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -672,14 +691,7 @@ impl Llm for CandleLlm {
                 return Err(bad("no choices".into()));
             }
             let text = format!("{}{}", self.chat.render(&r.messages)?, r.assistant_prefix);
-            let ids = self.tokenizer.encode(&text)?;
-            if ids.is_empty() || ids.len() >= self.model.config().max_position {
-                return Err(bad(format!(
-                    "prompt of {} tokens does not fit the model context of {}",
-                    ids.len(),
-                    self.model.config().max_position
-                )));
-            }
+            let ids = self.prompt_ids(index, &text)?;
             let mut toks = Vec::with_capacity(r.choices.len());
             for c in &r.choices {
                 let with = self.tokenizer.encode(&format!("{text}{c}"))?;
@@ -697,20 +709,94 @@ impl Llm for CandleLlm {
             }
             items.push((ids, toks));
         }
+        let prompts: Vec<Vec<u32>> = items.iter().map(|i| i.0.clone()).collect();
+        self.at_prompt_ends(&prompts, |i, logits| choice_scores(logits, &items[i].1))
+    }
+
+    fn top_logprobs(&self, requests: &[NextTokenRequest]) -> Result<Vec<NextTokens>> {
+        let mut prompts = Vec::with_capacity(requests.len());
+        for (index, r) in requests.iter().enumerate() {
+            if r.messages.is_empty() || r.top == 0 {
+                return Err(LlmError::BadRequest {
+                    index,
+                    message: "no messages, or top = 0".into(),
+                });
+            }
+            let text = format!("{}{}", self.chat.render(&r.messages)?, r.assistant_prefix);
+            prompts.push(self.prompt_ids(index, &text)?);
+        }
+        let top = self.at_prompt_ends(&prompts, |i, logits| top_tokens(logits, requests[i].top))?;
+        top.into_iter()
+            .zip(&prompts)
+            .map(|(row, p)| {
+                let top = row
+                    .into_iter()
+                    .map(|(id, logprob)| {
+                        Ok(TokenLogprob {
+                            token: self.tokenizer.decode(&[id], false)?,
+                            logprob,
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(NextTokens {
+                    prompt_tokens: p.len(),
+                    top,
+                })
+            })
+            .collect()
+    }
+
+    fn count_tokens(&self, text: &str) -> usize {
+        self.tokenizer.count(text)
+    }
+
+    fn truncate_tokens(&self, text: &str, max_tokens: usize) -> String {
+        self.tokenizer.truncate(text, max_tokens)
+    }
+
+    fn model_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl CandleLlm {
+    /// Tokenize a scored prompt, checking it fits the context.
+    fn prompt_ids(&self, index: usize, text: &str) -> Result<Vec<u32>> {
+        let ids = self.tokenizer.encode(text)?;
+        if ids.is_empty() || ids.len() >= self.model.config().max_position {
+            return Err(LlmError::BadRequest {
+                index,
+                message: format!(
+                    "prompt of {} tokens does not fit the model context of {}",
+                    ids.len(),
+                    self.model.config().max_position
+                ),
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Prefill each prompt (batched, with prefix reuse) and map the logits at
+    /// its last position through `f`; the cache keeps each prompt as a prefix.
+    fn at_prompt_ends<T>(
+        &self,
+        prompts: &[Vec<u32>],
+        f: impl Fn(usize, &[f32]) -> T,
+    ) -> Result<Vec<T>> {
         if let Ok(mut s) = self.stats.lock() {
-            s.prompt_tokens += items.iter().map(|i| i.0.len()).sum::<usize>();
+            s.prompt_tokens += prompts.iter().map(|p| p.len()).sum::<usize>();
         }
-        if self.opts.prefix_reuse && items.len() > 1 {
-            let prompts: Vec<&[u32]> = items.iter().map(|i| i.0.as_slice()).collect();
-            self.plan_prefixes(&prompts)?;
+        if self.opts.prefix_reuse && prompts.len() > 1 {
+            let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+            self.plan_prefixes(&refs)?;
         }
-        let mut out: Vec<Option<ChoiceScores>> = vec![None; items.len()];
+        let mut out: Vec<Option<T>> = (0..prompts.len()).map(|_| None).collect();
         let max_batch = self.opts.max_batch.max(1);
-        let all: Vec<usize> = (0..items.len()).collect();
+        let all: Vec<usize> = (0..prompts.len()).collect();
         for group in all.chunks(max_batch) {
             let mut seqs: Vec<(usize, SeqKv, usize)> = Vec::with_capacity(group.len());
             for &i in group {
-                let (kv, reused) = self.start_kv(&items[i].0)?;
+                let (kv, reused) = self.start_kv(&prompts[i])?;
                 if let Ok(mut s) = self.stats.lock() {
                     s.prefix_reused += reused;
                 }
@@ -721,7 +807,7 @@ impl Llm for CandleLlm {
                 let mut rows: Vec<(usize, usize)> = Vec::new(); // (seq position, tokens fed)
                 let mut chunks = Vec::new();
                 for (k, (i, kv, fed)) in seqs.iter_mut().enumerate() {
-                    let ids = &items[*i].0;
+                    let ids = &prompts[*i];
                     if *fed >= ids.len() || budget == 0 {
                         continue;
                     }
@@ -745,37 +831,21 @@ impl Llm for CandleLlm {
                 for (row, &(k, n)) in rows.iter().enumerate() {
                     let (i, _, fed) = &mut seqs[k];
                     *fed += n;
-                    if *fed == items[*i].0.len() {
-                        out[*i] = Some(choice_scores(&logits[row], &items[*i].1));
+                    if *fed == prompts[*i].len() {
+                        out[*i] = Some(f(*i, &logits[row]));
                     }
                 }
             }
             for (i, kv, _) in seqs {
-                self.keep_prefix(items[i].0.clone(), kv);
+                self.keep_prefix(prompts[i].clone(), kv);
             }
         }
         out.into_iter()
             .enumerate()
-            .map(|(i, s)| {
-                s.ok_or_else(|| LlmError::Other(format!("choice request {i} was not scored")))
-            })
+            .map(|(i, s)| s.ok_or_else(|| LlmError::Other(format!("prompt {i} was not scored"))))
             .collect()
     }
 
-    fn count_tokens(&self, text: &str) -> usize {
-        self.tokenizer.count(text)
-    }
-
-    fn truncate_tokens(&self, text: &str, max_tokens: usize) -> String {
-        self.tokenizer.truncate(text, max_tokens)
-    }
-
-    fn model_id(&self) -> String {
-        self.id.clone()
-    }
-}
-
-impl CandleLlm {
     /// Render and tokenize request `index`, checking it fits the context.
     fn validate(&self, index: usize, r: &Request) -> Result<Vec<u32>> {
         if r.messages.is_empty() {

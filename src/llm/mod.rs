@@ -332,6 +332,36 @@ impl ChoiceScores {
     }
 }
 
+/// The most likely next tokens after a conversation and an assistant prefix
+/// ([`Llm::top_logprobs`]; what an OpenAI `top_logprobs` answer carries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextTokenRequest {
+    /// The conversation; the model answers as the assistant.
+    pub messages: Vec<Message>,
+    /// Text the assistant's reply starts with, before the next token.
+    pub assistant_prefix: String,
+    /// How many of the most likely tokens to return (at least 1).
+    pub top: usize,
+}
+
+/// One candidate next token and its log-probability under the full vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's text (U+FFFD for a token holding part of a character).
+    pub token: String,
+    /// Natural-log probability (no temperature applied).
+    pub logprob: f64,
+}
+
+/// The answer to a [`NextTokenRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NextTokens {
+    /// Tokens of the rendered prompt (conversation plus assistant prefix).
+    pub prompt_tokens: usize,
+    /// The most likely next tokens, most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
 /// What [`RequestQueue::next`] hands to a serving backend.
 #[derive(Debug)]
 pub enum Next {
@@ -487,6 +517,9 @@ impl<L: Llm + ?Sized> Llm for Box<L> {
     fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
         (**self).score_choices(requests)
     }
+    fn top_logprobs(&self, requests: &[NextTokenRequest]) -> Result<Vec<NextTokens>> {
+        (**self).top_logprobs(requests)
+    }
     fn count_tokens(&self, text: &str) -> usize {
         (**self).count_tokens(text)
     }
@@ -562,6 +595,17 @@ pub trait Llm: Send + Sync {
         let _ = requests;
         Err(LlmError::Unsupported(format!(
             "{} cannot score choices (no token probabilities)",
+            self.model_id()
+        )))
+    }
+    /// The `top` most likely next tokens of each request, most likely first
+    /// (ties by token id); batched and deterministic like
+    /// [`Llm::score_choices`]. Backends without probabilities return
+    /// [`LlmError::Unsupported`].
+    fn top_logprobs(&self, requests: &[NextTokenRequest]) -> Result<Vec<NextTokens>> {
+        let _ = requests;
+        Err(LlmError::Unsupported(format!(
+            "{} cannot return token probabilities",
             self.model_id()
         )))
     }

@@ -17,13 +17,28 @@
 //! ([`approx_tokens`]), which [`OpenAiLlm::connect`] compares with the
 //! server's count of a probe and logs.
 //!
+//! Label probabilities ([`Llm::score_choices`], the judge attributer) and
+//! [`Llm::top_logprobs`] are one-token chat completions with `logprobs` and
+//! `top_logprobs` ([`TOP_LOGPROBS`], OpenAI's maximum); an assistant prefix
+//! is sent as a final assistant message with `continue_final_message: true`
+//! and `add_generation_prompt: false` (vLLM's and SGLang's extension, which
+//! `cantante serve` also implements). A choice the server does not list
+//! among its top tokens gets probability 0 (so the judge sees low coverage,
+//! never a made-up score); a server that answers without `logprobs`, or
+//! rejects the request with a 4xx, makes these calls
+//! [`LlmError::Unsupported`] and the optimizer falls back to the generative
+//! attributer.
+//!
 //! Determinism: a request's text depends on the server. vLLM and SGLang batch
 //! and cache without batch invariance by default, so the same seed can give a
 //! different text; `model_id` carries the server's name so caches and reports
 //! never mix remote and local runs.
 
 use super::tokenizer::Tokenizer;
-use super::{Generation, Llm, LlmError, Request, Result, Role, StopReason};
+use super::{
+    ChoiceRequest, ChoiceScores, Generation, Llm, LlmError, Message, NextTokenRequest, NextTokens,
+    Request, Result, Role, StopReason, TokenLogprob,
+};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -189,6 +204,17 @@ impl OpenAiLlm {
         body: Option<&serde_json::Value>,
         what: &str,
     ) -> Result<serde_json::Value> {
+        self.call_status(url, body, what).map_err(|(_, e)| e)
+    }
+
+    /// [`OpenAiLlm::call`], telling a request the server rejected (4xx other
+    /// than 429: `true`) from one that failed.
+    fn call_status(
+        &self,
+        url: &str,
+        body: Option<&serde_json::Value>,
+        what: &str,
+    ) -> std::result::Result<serde_json::Value, (bool, LlmError)> {
         let mut attempt = 0;
         loop {
             self.sent.fetch_add(1, Ordering::Relaxed);
@@ -205,9 +231,12 @@ impl OpenAiLlm {
             };
             let retryable = match res {
                 Ok(r) => {
-                    return r
-                        .into_json::<serde_json::Value>()
-                        .map_err(|e| other(format!("{what}: unreadable response from {url}: {e}")))
+                    return r.into_json::<serde_json::Value>().map_err(|e| {
+                        (
+                            false,
+                            other(format!("{what}: unreadable response from {url}: {e}")),
+                        )
+                    })
                 }
                 Err(ureq::Error::Status(code, r)) => {
                     let text = r.into_string().unwrap_or_default();
@@ -217,19 +246,25 @@ impl OpenAiLlm {
                             text.chars().take(300).collect::<String>()
                         )
                     } else {
-                        return Err(other(format!(
-                            "{what}: {url} answered HTTP {code}: {}",
-                            text.chars().take(500).collect::<String>()
-                        )));
+                        return Err((
+                            true,
+                            other(format!(
+                                "{what}: {url} answered HTTP {code}: {}",
+                                text.chars().take(500).collect::<String>()
+                            )),
+                        ));
                     }
                 }
                 Err(ureq::Error::Transport(t)) => format!("connection error: {t}"),
             };
             if attempt >= self.retries {
-                return Err(other(format!(
-                    "{what}: {url} failed after {} attempts: {retryable}",
-                    attempt + 1
-                )));
+                return Err((
+                    false,
+                    other(format!(
+                        "{what}: {url} failed after {} attempts: {retryable}",
+                        attempt + 1
+                    )),
+                ));
             }
             attempt += 1;
             self.retried.fetch_add(1, Ordering::Relaxed);
@@ -245,6 +280,120 @@ impl OpenAiLlm {
         let v = self.call(&url, Some(&body), &format!("request {index}"))?;
         parse_chat_response(&v).map_err(|m| other(format!("request {index}: {m}")))
     }
+
+    /// The most likely next tokens for request `index` (a one-token chat
+    /// completion with `top_logprobs`).
+    fn next_tokens(&self, index: usize, r: &NextTokenRequest) -> Result<NextTokens> {
+        let body = logprobs_body(&self.model, r);
+        let url = format!("{}/chat/completions", self.base);
+        let what = format!("logprobs request {index}");
+        let v = self
+            .call_status(&url, Some(&body), &what)
+            .map_err(|(rejected, e)| {
+                if rejected {
+                    LlmError::Unsupported(format!("{e} (the server rejects logprobs requests)"))
+                } else {
+                    e
+                }
+            })?;
+        parse_top_logprobs(&v).map_err(|m| LlmError::Unsupported(format!("{what} to {url}: {m}")))
+    }
+
+    /// Run `f` on requests `0..n` with at most `concurrency` in flight;
+    /// results in request order.
+    fn in_parallel<T: Send>(
+        &self,
+        n: usize,
+        f: impl Fn(usize) -> Result<T> + Sync,
+    ) -> Vec<Result<T>> {
+        let next = AtomicUsize::new(0);
+        let mut slots: Vec<Option<Result<T>>> = (0..n).map(|_| None).collect();
+        let workers = self.concurrency.min(n).max(1);
+        let results = std::sync::Mutex::new(&mut slots);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    let g = f(i);
+                    if let Ok(mut r) = results.lock() {
+                        r[i] = Some(g);
+                    }
+                });
+            }
+        });
+        slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| g.unwrap_or_else(|| Err(other(format!("request {i} was not sent")))))
+            .collect()
+    }
+}
+
+/// `top_logprobs` asked of a server: OpenAI's maximum.
+pub const TOP_LOGPROBS: usize = 20;
+
+/// The JSON body of a one-token chat completion returning the `top` most
+/// likely next tokens after `r`'s messages and assistant prefix.
+pub fn logprobs_body(model: &str, r: &NextTokenRequest) -> serde_json::Value {
+    let mut messages = r.messages.clone();
+    let prefixed = !r.assistant_prefix.is_empty();
+    if prefixed {
+        messages.push(Message::assistant(r.assistant_prefix.clone()));
+    }
+    let probe = Request {
+        messages,
+        ..Request::user("", 1)
+    };
+    let mut body = chat_body(model, &probe);
+    body["temperature"] = 0.0.into();
+    body["top_p"] = 1.0.into();
+    body["logprobs"] = true.into();
+    body["top_logprobs"] = r.top.clamp(1, TOP_LOGPROBS).into();
+    if prefixed {
+        body["continue_final_message"] = true.into();
+        body["add_generation_prompt"] = false.into();
+    }
+    body
+}
+
+/// The first generated token's `top_logprobs` and the prompt's token count
+/// from a chat-completion response.
+pub fn parse_top_logprobs(v: &serde_json::Value) -> std::result::Result<NextTokens, String> {
+    let first = &v["choices"][0]["logprobs"]["content"][0];
+    let top = first["top_logprobs"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| format!("response without top_logprobs: {}", short(v)))?;
+    let top = top
+        .iter()
+        .map(|t| {
+            Some(TokenLogprob {
+                token: t["token"].as_str()?.to_string(),
+                logprob: t["logprob"].as_f64()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| format!("malformed top_logprobs entry: {}", short(first)))?;
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+    Ok(NextTokens { prompt_tokens, top })
+}
+
+/// Choice scores from a backend's most likely next tokens: a choice's
+/// log-probability is that of the token with exactly its text, and a choice
+/// not among them gets probability 0 (lowering the coverage).
+pub fn scores_from_top(choices: &[String], top: &[TokenLogprob]) -> ChoiceScores {
+    let lp = choices
+        .iter()
+        .map(|c| {
+            top.iter()
+                .find(|t| &t.token == c)
+                .map_or(f64::NEG_INFINITY, |t| t.logprob)
+        })
+        .collect();
+    ChoiceScores::from_logprobs(lp)
 }
 
 fn load_tokenizer(p: &Path) -> Result<Tokenizer> {
@@ -359,30 +508,55 @@ fn short(v: &serde_json::Value) -> String {
 
 impl Llm for OpenAiLlm {
     fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
-        let next = AtomicUsize::new(0);
-        let mut slots: Vec<Option<Result<Generation>>> =
-            (0..requests.len()).map(|_| None).collect();
-        let workers = self.concurrency.min(requests.len()).max(1);
-        let results = std::sync::Mutex::new(&mut slots);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests.len() {
-                        return;
-                    }
-                    let g = self.chat(i, &requests[i]);
-                    if let Ok(mut r) = results.lock() {
-                        r[i] = Some(g);
-                    }
+        self.in_parallel(requests.len(), |i| self.chat(i, &requests[i]))
+            .into_iter()
+            .collect()
+    }
+
+    fn top_logprobs(&self, requests: &[NextTokenRequest]) -> Result<Vec<NextTokens>> {
+        self.in_parallel(requests.len(), |i| self.next_tokens(i, &requests[i]))
+            .into_iter()
+            .collect()
+    }
+
+    fn score_choices(&self, requests: &[ChoiceRequest]) -> Result<Vec<ChoiceScores>> {
+        for (index, r) in requests.iter().enumerate() {
+            let mut seen = std::collections::BTreeSet::new();
+            if r.choices.is_empty() {
+                return Err(LlmError::BadRequest {
+                    index,
+                    message: "no choices".into(),
                 });
             }
-        });
-        slots
-            .into_iter()
-            .enumerate()
-            .map(|(i, g)| g.unwrap_or_else(|| Err(other(format!("request {i} was not sent")))))
-            .collect()
+            if let Some(c) = r.choices.iter().find(|c| !seen.insert(c.as_str())) {
+                return Err(LlmError::BadRequest {
+                    index,
+                    message: format!("choice {c:?} duplicates another choice"),
+                });
+            }
+            if let Some(t) = &self.tokenizer {
+                if let Some(c) = r.choices.iter().find(|c| t.count(c) != 1) {
+                    return Err(LlmError::BadRequest {
+                        index,
+                        message: format!("choice {c:?} is not exactly one token"),
+                    });
+                }
+            }
+        }
+        let asks: Vec<NextTokenRequest> = requests
+            .iter()
+            .map(|r| NextTokenRequest {
+                messages: r.messages.clone(),
+                assistant_prefix: r.assistant_prefix.clone(),
+                top: TOP_LOGPROBS,
+            })
+            .collect();
+        let tops = self.top_logprobs(&asks)?;
+        Ok(requests
+            .iter()
+            .zip(&tops)
+            .map(|(r, t)| scores_from_top(&r.choices, &t.top))
+            .collect())
     }
 
     fn count_tokens(&self, text: &str) -> usize {

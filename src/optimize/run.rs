@@ -20,7 +20,7 @@ use super::{
 };
 use crate::attribution::{
     contrast_groups, shuffled_groups, AgentCredits, Attributer, AttributionGroup, CreditStats,
-    IdentityAttributer, JudgeAttributer, LlmAttributer,
+    FallbackAttributer, IdentityAttributer, JudgeAttributer, LlmAttributer,
 };
 use crate::graph::{AgentSpec, PromptSet};
 use crate::llm::Llm;
@@ -195,11 +195,21 @@ fn make_attributer<'a>(config: &OptimizeConfig, llm: &'a dyn Llm) -> Box<dyn Att
             max_new_tokens: config.attribution_max_new_tokens,
             temperature: config.attribution_temperature,
         }),
-        AttributerKind::Judge => Box::new(JudgeAttributer {
-            llm,
-            field_cap: config.attribution_field_cap,
-            min_coverage: config.judge_min_coverage,
-        }),
+        // A backend without token probabilities (a server without logprobs)
+        // hands over to the generative attributer.
+        AttributerKind::Judge => Box::new(FallbackAttributer::new(
+            Box::new(JudgeAttributer {
+                llm,
+                field_cap: config.attribution_field_cap,
+                min_coverage: config.judge_min_coverage,
+            }),
+            Box::new(LlmAttributer {
+                llm,
+                field_cap: config.attribution_field_cap,
+                max_new_tokens: config.attribution_max_new_tokens,
+                temperature: config.attribution_temperature,
+            }),
+        )),
     }
 }
 

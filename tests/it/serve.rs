@@ -24,6 +24,15 @@ fn engine(p: &std::path::Path) -> CandleLlm {
     .unwrap()
 }
 
+/// Sets the server's stop flag when dropped (also while a test unwinds).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Raw HTTP call: (status, body).
 fn http(
     addr: SocketAddr,
@@ -251,5 +260,129 @@ fn flaky_server_is_survived_with_retries_counted() {
         // Stop the stand-in server.
         let _ =
             ureq::post(&format!("http://{addr}/v1/chat/completions")).send_string(r#"{"quit":1}"#);
+    });
+}
+
+/// The judge attributer's label probabilities over HTTP: `cantante serve`
+/// answers `logprobs`/`top_logprobs` (with `continue_final_message` for the
+/// assistant prefix) from the engine, so a remote `score_choices` equals the
+/// in-process one for every choice among the top 20 tokens, and gives
+/// probability 0 (never a made-up score) to the others.
+#[test]
+fn choice_scores_over_http_equal_the_engine() {
+    use cantante::llm::{ChoiceRequest, Message, NextTokenRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, TinySpec::default()).unwrap();
+    let local = engine(&p);
+    let served = engine(&p);
+    let stop = AtomicBool::new(false);
+    let opts = ServeOptions {
+        port: 0,
+        model_name: "tiny".into(),
+        ..ServeOptions::default()
+    };
+    let (atx, arx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(&served, &opts, &stop, move |a| atx.send(a).unwrap()));
+        let addr: SocketAddr = arx.recv().unwrap();
+        // A failed assertion must stop the server, or the scope never ends.
+        let _stop = StopOnDrop(&stop);
+        let remote = OpenAiLlm::connect(RemoteOptions::new(format!("http://{addr}/v1"))).unwrap();
+        let asks: Vec<NextTokenRequest> = ["", "Rating: ", "The answer is"]
+            .iter()
+            .enumerate()
+            .map(|(i, prefix)| NextTokenRequest {
+                messages: vec![
+                    Message::system("Judge."),
+                    Message::user(format!("Rate item {i} {}", "of the list ".repeat(i))),
+                ],
+                assistant_prefix: prefix.to_string(),
+                top: 20,
+            })
+            .collect();
+        let want = local.top_logprobs(&asks).unwrap();
+        let got = remote.top_logprobs(&asks).unwrap();
+        assert_eq!(got, want, "top tokens over HTTP differ from the engine's");
+        // Choices: three of the top tokens and one that is not among them.
+        let reqs: Vec<ChoiceRequest> = asks
+            .iter()
+            .zip(&want)
+            .map(|(a, w)| {
+                let outside = (0..200)
+                    .map(|k| format!("z{k}"))
+                    .find(|c| w.top.iter().all(|t| &t.token != c) && local.count_tokens(c) == 1)
+                    .unwrap_or_else(|| "zzzz".into());
+                let mut choices: Vec<String> = Vec::new();
+                for t in &w.top {
+                    if choices.len() < 3
+                        && !choices.contains(&t.token)
+                        && !t.token.is_empty()
+                        && !t.token.contains('\u{FFFD}')
+                    {
+                        choices.push(t.token.clone());
+                    }
+                }
+                choices.push(outside);
+                ChoiceRequest {
+                    messages: a.messages.clone(),
+                    assistant_prefix: a.assistant_prefix.clone(),
+                    choices,
+                }
+            })
+            .collect();
+        let remote_scores = remote.score_choices(&reqs).unwrap();
+        for (r, (rs, w)) in reqs.iter().zip(remote_scores.iter().zip(&want)) {
+            for (c, lp) in r.choices.iter().zip(&rs.logprobs) {
+                match w.top.iter().find(|t| &t.token == c) {
+                    Some(t) => assert_eq!(*lp, t.logprob, "choice {c:?}"),
+                    None => assert_eq!(*lp, f64::NEG_INFINITY, "choice {c:?} is not a top token"),
+                }
+            }
+            assert!(rs.coverage > 0.0 && rs.coverage <= 1.0 + 1e-9);
+        }
+        // Where every choice is a single engine token among the top 20, the
+        // remote scores are the engine's own.
+        let single: Vec<ChoiceRequest> = reqs
+            .iter()
+            .map(|r| ChoiceRequest {
+                choices: r.choices[..r.choices.len() - 1].to_vec(),
+                ..r.clone()
+            })
+            .collect();
+        let mut compared = 0;
+        for r in &single {
+            // (a top token can fail the engine's one-token-after-the-prefix check)
+            if let Ok(l) = local.score_choices(std::slice::from_ref(r)) {
+                assert_eq!(remote.score_choices(std::slice::from_ref(r)).unwrap(), l);
+                compared += 1;
+            }
+        }
+        assert!(compared > 0, "no request had engine-valid choices");
+        // Malformed logprobs requests are 400s naming the problem.
+        for (body, needle) in [
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 5}"#,
+                "next token only",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "top_logprobs": 99}"#,
+                "0..=20",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "continue_final_message": true, "max_tokens": 1}"#,
+                "together with",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}"#,
+                "final assistant message",
+            ),
+        ] {
+            let (c, b) = http(addr, "POST", "/v1/chat/completions", body, None);
+            assert_eq!(c, 400, "{b}");
+            assert!(b.contains(needle), "{needle}: {b}");
+        }
+        stop.store(true, Ordering::SeqCst);
+        server.join().unwrap().unwrap();
     });
 }
