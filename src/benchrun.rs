@@ -396,6 +396,9 @@ pub struct SeedParts {
     pub tests: BTreeMap<Method, TestRecord>,
     /// Optimize runs by method (cantante, identity).
     pub runs: BTreeMap<Method, OptPart>,
+    /// Per-item test scores by method (example id → score), from
+    /// `<method>_test_traces.jsonl`, for the paired comparisons.
+    pub item_scores: BTreeMap<Method, BTreeMap<String, f64>>,
 }
 
 /// Whether an optimize summary marks a finished run (all rounds, or the
@@ -444,6 +447,43 @@ pub fn read_rounds(run_dir: &Path) -> Result<Vec<RoundRecord>, BenchError> {
         .collect()
 }
 
+/// Per-item scores of a test evaluation's traces (example id → score; None
+/// when the file is absent). An item evaluated more than once keeps its mean.
+pub fn load_item_scores(path: &Path) -> Result<Option<BTreeMap<String, f64>>, BenchError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |message: String| BenchError::Format {
+            path: format!("{} line {}", path.display(), i + 1),
+            message,
+        };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+        let id = match &v["example_id"] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return Err(bad("no `example_id`".into())),
+        };
+        let score = v["score"]
+            .as_f64()
+            .ok_or_else(|| bad("no numeric `score`".into()))?;
+        let e = sums.entry(id).or_default();
+        e.0 += score;
+        e.1 += 1;
+    }
+    Ok(Some(
+        sums.into_iter()
+            .map(|(k, (s, n))| (k, s / n as f64))
+            .collect(),
+    ))
+}
+
 /// Load a finished test record (None when absent).
 pub fn load_test(path: &Path) -> Result<Option<TestRecord>, BenchError> {
     read_json(path)
@@ -473,6 +513,14 @@ pub fn load_seed(out: &Path, task: &str, seed: u64) -> (SeedParts, Vec<BenchErro
         match load_test(&dir.join(m.test_file())) {
             Ok(Some(t)) => {
                 parts.tests.insert(m, t);
+                let traces = dir.join(format!("{}_test_traces.jsonl", m.as_str()));
+                match load_item_scores(&traces) {
+                    Ok(Some(scores)) => {
+                        parts.item_scores.insert(m, scores);
+                    }
+                    Ok(None) => {}
+                    Err(e) => errors.push(e),
+                }
             }
             Ok(None) => {}
             Err(e) => errors.push(e),
@@ -592,6 +640,118 @@ pub struct CreditRow {
     pub counterfactual_rho: Option<MeanStd>,
 }
 
+/// A paired comparison of two methods over the (seed, test item) pairs both
+/// evaluated: the same items, so item difficulty cancels out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairedRow {
+    /// Task.
+    pub task: String,
+    /// The method compared.
+    pub method: Method,
+    /// The method it is compared against.
+    pub baseline: Method,
+    /// The comparison itself.
+    pub stat: PairedStat,
+}
+
+/// Paired statistics of per-item scores `a` vs `b` (see [`paired_stat`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairedStat {
+    /// Pairs (seed, item).
+    pub n: usize,
+    /// Seeds contributing pairs.
+    pub seeds: Vec<u64>,
+    /// Mean of `a − b` (in [−1, 1]).
+    pub mean_diff: f64,
+    /// 95% paired-bootstrap interval of the mean difference (2.5%, 97.5%).
+    pub ci95: (f64, f64),
+    /// Items `a` solved and `b` did not (score ≥ 0.5 counts as solved).
+    pub only_a: usize,
+    /// Items `b` solved and `a` did not.
+    pub only_b: usize,
+    /// Exact two-sided McNemar p-value on those discordant pairs.
+    pub mcnemar_p: f64,
+}
+
+/// Bootstrap resamples of [`paired_stat`].
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+
+/// Paired comparison of scores `(a, b)` per item: the mean difference, a 95%
+/// paired-bootstrap interval (resampling items with replacement,
+/// [`BOOTSTRAP_RESAMPLES`] times from a fixed seed, so the table is
+/// reproducible) and the exact McNemar test on the discordant pairs
+/// (`p = min(1, 2·P[X ≤ min(b, c)])`, X ~ Binomial(b + c, ½)). None for no pairs.
+pub fn paired_stat(pairs: &[(f64, f64)], seeds: Vec<u64>) -> Option<PairedStat> {
+    use rand::{Rng, SeedableRng};
+    let n = pairs.len();
+    if n == 0 {
+        return None;
+    }
+    let d: Vec<f64> = pairs.iter().map(|(a, b)| a - b).collect();
+    let mean_diff = d.iter().sum::<f64>() / n as f64;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5EED_B007);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| (0..n).map(|_| d[rng.random_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let at = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+    let solved = |x: f64| x >= 0.5;
+    let only_a = pairs
+        .iter()
+        .filter(|(a, b)| solved(*a) && !solved(*b))
+        .count();
+    let only_b = pairs
+        .iter()
+        .filter(|(a, b)| !solved(*a) && solved(*b))
+        .count();
+    Some(PairedStat {
+        n,
+        seeds,
+        mean_diff,
+        ci95: (at(0.025), at(0.975)),
+        only_a,
+        only_b,
+        mcnemar_p: mcnemar_exact(only_a, only_b),
+    })
+}
+
+/// Exact two-sided McNemar p-value for `b` and `c` discordant pairs.
+pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
+    let m = b + c;
+    if m == 0 {
+        return 1.0;
+    }
+    // P[X ≤ k] for X ~ Binomial(m, 1/2), in log space (m can be large).
+    let k = b.min(c);
+    let ln_half_m = -(m as f64) * std::f64::consts::LN_2;
+    let mut ln_choose = 0.0f64; // ln C(m, 0)
+    let mut cdf = 0.0;
+    for i in 0..=k {
+        if i > 0 {
+            ln_choose += ((m - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        cdf += (ln_choose + ln_half_m).exp();
+    }
+    (2.0 * cdf).min(1.0)
+}
+
+/// Pairs (method score, baseline score) over every seed's items both have.
+fn pairs_of(seeds: &[&SeedParts], a: Method, b: Method) -> (Vec<(f64, f64)>, Vec<u64>) {
+    let mut pairs = Vec::new();
+    let mut used = Vec::new();
+    for p in seeds {
+        let (Some(sa), Some(sb)) = (p.item_scores.get(&a), p.item_scores.get(&b)) else {
+            continue;
+        };
+        let before = pairs.len();
+        pairs.extend(sa.iter().filter_map(|(id, x)| sb.get(id).map(|y| (*x, *y))));
+        if pairs.len() > before {
+            used.push(p.seed);
+        }
+    }
+    (pairs, used)
+}
+
 /// A number reported by the paper (spec §9).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reference {
@@ -681,6 +841,10 @@ pub struct ResultsTable {
     pub rows: Vec<MethodRow>,
     /// Credit correlation per (task, agent).
     pub credit: Vec<CreditRow>,
+    /// CANTANTE vs the initial prompts and vs the identity ablation, paired
+    /// over (seed, test item).
+    #[serde(default)]
+    pub paired: Vec<PairedRow>,
     /// The paper's numbers.
     pub reference: Vec<Reference>,
     /// Remarks on the rows, e.g. test evaluations reused between methods.
@@ -699,9 +863,21 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     let mut machines = BTreeSet::new();
     let mut rows = Vec::new();
     let mut credit = Vec::new();
+    let mut paired = Vec::new();
     let mut notes = Vec::new();
     for task in &tasks {
         let seeds: Vec<&SeedParts> = parts.iter().filter(|p| &p.task == task).collect();
+        for baseline in [Method::Initial, Method::Identity] {
+            let (pairs, used) = pairs_of(&seeds, Method::Cantante, baseline);
+            if let Some(stat) = paired_stat(&pairs, used) {
+                paired.push(PairedRow {
+                    task: task.clone(),
+                    method: Method::Cantante,
+                    baseline,
+                    stat,
+                });
+            }
+        }
         for m in Method::ALL {
             let tests: Vec<(u64, &TestRecord)> = seeds
                 .iter()
@@ -819,6 +995,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
         machines: machines.into_iter().collect(),
         rows,
         credit,
+        paired,
         reference: paper_reference()
             .into_iter()
             .filter(|r| tasks.is_empty() || tasks.contains(&r.task))
@@ -885,6 +1062,39 @@ pub fn render_markdown(t: &ResultsTable) -> String {
         s.push('\n');
         for n in &t.notes {
             s.push_str(&format!("- {n}\n"));
+        }
+    }
+    s.push_str("\n## Paired comparison over (seed, test item)\n\n");
+    if t.paired.is_empty() {
+        s.push_str("No method pair has per-item test results yet.\n");
+    } else {
+        s.push_str(&format!(
+            "Both methods on the same test items of the same seeds. Difference in accuracy \
+             points with a 95% paired-bootstrap interval ({BOOTSTRAP_RESAMPLES} resamples of the \
+             items, fixed seed); McNemar's exact test on the items only one of the two solved. \
+             An interval that excludes 0 is a difference this sample can show.\n\n"
+        ));
+        s.push_str("| task | comparison | pairs | seeds | difference (points) | 95% CI | solved only by the first / only by the second | McNemar p |\n|---|---|---|---|---|---|---|---|\n");
+        for r in &t.paired {
+            let st = &r.stat;
+            s.push_str(&format!(
+                "| {} | {} vs {} | {} | {} | {:+.1} | [{:+.1}, {:+.1}] | {} / {} | {:.3} |\n",
+                r.task,
+                r.method.label(),
+                r.baseline.label(),
+                st.n,
+                st.seeds
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                st.mean_diff * 100.0,
+                st.ci95.0 * 100.0,
+                st.ci95.1 * 100.0,
+                st.only_a,
+                st.only_b,
+                st.mcnemar_p
+            ));
         }
     }
     s.push_str("\n## Credit check (spec §9.5)\n\n");
@@ -1056,6 +1266,89 @@ mod tests {
         assert_eq!(one.fmt(100.0, 1), "50.0 ± –");
         assert_eq!(MeanStd::of(&[]), None);
         assert_eq!(MeanStd::of(&[f64::NAN, 1.0]).unwrap().n, 1);
+    }
+
+    #[test]
+    fn mcnemar_and_paired_bootstrap_match_hand_computed_values() {
+        // b = 10, c = 2: p = 2·(C(12,0) + C(12,1) + C(12,2)) / 2^12 = 158 / 4096.
+        assert!((mcnemar_exact(10, 2) - 158.0 / 4096.0).abs() < 1e-12);
+        assert!((mcnemar_exact(2, 10) - 158.0 / 4096.0).abs() < 1e-12);
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert_eq!(mcnemar_exact(3, 3), 1.0);
+        // Large counts stay finite and tiny.
+        let p = mcnemar_exact(400, 100);
+        assert!(p > 0.0 && p < 1e-30, "{p}");
+        // 50 items: the method solves 12 the baseline misses, the baseline 2.
+        let mut pairs = vec![(1.0, 0.0); 12];
+        pairs.extend(vec![(0.0, 1.0); 2]);
+        pairs.extend(vec![(1.0, 1.0); 20]);
+        pairs.extend(vec![(0.0, 0.0); 16]);
+        let st = paired_stat(&pairs, vec![7]).unwrap();
+        assert_eq!((st.n, st.only_a, st.only_b), (50, 12, 2));
+        assert!((st.mean_diff - 0.2).abs() < 1e-12);
+        assert!(
+            st.ci95.0 > 0.0 && st.ci95.0 < 0.2 && st.ci95.1 > 0.2,
+            "{:?}",
+            st.ci95
+        );
+        assert!((st.mcnemar_p - mcnemar_exact(12, 2)).abs() < 1e-15);
+        // Reproducible (fixed bootstrap seed); no difference → interval around 0.
+        assert_eq!(paired_stat(&pairs, vec![7]).unwrap(), st);
+        let same = paired_stat(&[(1.0, 1.0), (0.0, 0.0)], vec![1]).unwrap();
+        assert_eq!(
+            (same.mean_diff, same.ci95, same.mcnemar_p),
+            (0.0, (0.0, 0.0), 1.0)
+        );
+        assert_eq!(paired_stat(&[], vec![]), None);
+    }
+
+    #[test]
+    fn paired_rows_use_the_items_both_methods_evaluated() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = dir.path().join("cantante_test_traces.jsonl");
+        std::fs::write(
+            &traces,
+            "{\"example_id\": \"a\", \"score\": 1.0}\n{\"example_id\": 7, \"score\": 0.0}\n\n{\"example_id\": \"a\", \"score\": 0.0}\n",
+        )
+        .unwrap();
+        let got = load_item_scores(&traces).unwrap().unwrap();
+        assert_eq!(got, BTreeMap::from([("a".into(), 0.5), ("7".into(), 0.0)]));
+        std::fs::write(&traces, "{\"score\": 1.0}\n").unwrap();
+        assert!(load_item_scores(&traces)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+        assert_eq!(
+            load_item_scores(&dir.path().join("none.jsonl")).unwrap(),
+            None
+        );
+        let scores = |v: &[(&str, f64)]| v.iter().map(|(k, s)| (k.to_string(), *s)).collect();
+        let mut s7 = SeedParts {
+            task: "gsm8k".into(),
+            seed: 7,
+            ..Default::default()
+        };
+        s7.item_scores.insert(
+            Method::Initial,
+            scores(&[("q1", 0.0), ("q2", 1.0), ("q3", 0.0)]),
+        );
+        s7.item_scores.insert(
+            Method::Cantante,
+            scores(&[("q1", 1.0), ("q2", 1.0), ("q4", 1.0)]),
+        );
+        let mut s42 = s7.clone();
+        s42.seed = 42;
+        s42.item_scores.remove(&Method::Initial);
+        let t = build_table("cpu-small", &[s7, s42]);
+        assert_eq!(t.paired.len(), 1, "no identity scores: one comparison");
+        let r = &t.paired[0];
+        assert_eq!(
+            (r.baseline, r.stat.n, r.stat.seeds.clone()),
+            (Method::Initial, 2, vec![7])
+        );
+        assert_eq!((r.stat.only_a, r.stat.only_b), (1, 0));
+        let md = render_markdown(&t);
+        assert!(md.contains("CANTANTE vs Initial | 2 | 7 | +50.0"), "{md}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! `cantante data fetch|check`: get and verify the benchmark data.
+//! `cantante data fetch|check|sample`: get and verify the benchmark data, and
+//! print the exact items a seed draws (what `eval`, `optimize` and
+//! `bench-run` use), e.g. for baselines run outside cantante.
 
 use crate::task::fetch::{check_all, fetch_all, Fetched, MIRROR_ENV};
-use crate::task::resolve_data_dir;
+use crate::task::{load_task, resolve_data_dir, Split};
 use anyhow::Result;
 use std::path::PathBuf;
 
@@ -32,6 +34,26 @@ pub enum DataAction {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Print the items of a seeded sample as JSON lines (id, query, target,
+    /// tests, visible_tests, setup_code): the same items `bench-run --seeds S`
+    /// draws for that split and size.
+    Sample {
+        /// Task: gsm8k or mbpp.
+        #[arg(long)]
+        task: String,
+        /// Split.
+        #[arg(long, value_enum, default_value = "test")]
+        split: Split,
+        /// Items (the protocol's test_size / dev_size / val_size).
+        #[arg(long)]
+        n: usize,
+        /// Seed (bench-run: the run seed).
+        #[arg(long)]
+        seed: u64,
+        /// Data directory (default: $CANTANTE_DATA, else datasets/).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 /// Run the command.
@@ -55,6 +77,18 @@ pub fn run(a: DataArgs) -> Result<()> {
             let dir = resolve_data_dir(data_dir.as_deref());
             check_all(&dir)?;
             println!("all data files verified in {}", dir.display());
+        }
+        DataAction::Sample {
+            task,
+            split,
+            n,
+            seed,
+            data_dir,
+        } => {
+            let t = load_task(&task, data_dir.as_deref())?;
+            for e in t.load(split, Some(n), seed)? {
+                println!("{}", serde_json::to_string(&e)?);
+            }
         }
     }
     Ok(())
