@@ -399,6 +399,8 @@ pub struct SeedParts {
     /// Per-item test scores by method (example id → score), from
     /// `<method>_test_traces.jsonl`, for the paired comparisons.
     pub item_scores: BTreeMap<Method, BTreeMap<String, f64>>,
+    /// External baselines on the same items (`dspy_<optimizer>.json`).
+    pub baselines: Vec<BaselineRecord>,
 }
 
 /// Whether an optimize summary marks a finished run (all rounds, or the
@@ -509,6 +511,24 @@ pub fn load_seed(out: &Path, task: &str, seed: u64) -> (SeedParts, Vec<BenchErro
         ..Default::default()
     };
     let mut errors = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("dspy_") && n.ends_with(".json"))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            match read_json::<BaselineRecord>(&f) {
+                Ok(Some(b)) => parts.baselines.push(b),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+    }
     for m in Method::ALL {
         match load_test(&dir.join(m.test_file())) {
             Ok(Some(t)) => {
@@ -646,12 +666,73 @@ pub struct CreditRow {
 pub struct PairedRow {
     /// Task.
     pub task: String,
-    /// The method compared.
-    pub method: Method,
-    /// The method it is compared against.
-    pub baseline: Method,
+    /// The method compared (its label).
+    pub method: String,
+    /// What it is compared against: a method's label or an external
+    /// baseline's name (e.g. `DSPy MIPROv2`).
+    pub baseline: String,
     /// The comparison itself.
     pub stat: PairedStat,
+}
+
+/// An external baseline's result on one seed's test items
+/// (`DIR/<task>/seed<S>/dspy_<optimizer>.json`, written by
+/// `benches/dspy/baseline.py`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRecord {
+    /// Optimizer (`mipro`, `gepa`, `none`).
+    pub optimizer: String,
+    /// DSPy version.
+    #[serde(default)]
+    pub dspy_version: String,
+    /// Served model name.
+    #[serde(default)]
+    pub model: String,
+    /// Test accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Per-item scores (example id → score).
+    pub item_scores: BTreeMap<String, f64>,
+    /// Optimization tokens (input, output) from the server's usage.
+    #[serde(default)]
+    pub opt_tokens: BTreeMap<String, u64>,
+    /// Test tokens (input, output).
+    #[serde(default)]
+    pub test_tokens: BTreeMap<String, u64>,
+    /// Optimization wall time.
+    #[serde(default)]
+    pub opt_wall_secs: f64,
+}
+
+impl BaselineRecord {
+    /// Display name, e.g. `DSPy MIPROv2`.
+    pub fn label(&self) -> String {
+        let o = match self.optimizer.as_str() {
+            "mipro" => "MIPROv2",
+            "gepa" => "GEPA",
+            "none" => "unoptimized",
+            o => o,
+        };
+        format!("DSPy {o}")
+    }
+}
+
+/// One (task, external baseline) row of the results table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineRow {
+    /// Task.
+    pub task: String,
+    /// Display name.
+    pub name: String,
+    /// Seeds with a result.
+    pub seeds: Vec<u64>,
+    /// Test accuracy over seeds.
+    pub accuracy: Option<MeanStd>,
+    /// Test tokens per query (input + output).
+    pub tokens_per_query: Option<MeanStd>,
+    /// Optimization tokens (input + output).
+    pub opt_tokens: Option<MeanStd>,
+    /// Optimization wall time in seconds.
+    pub opt_wall_secs: Option<MeanStd>,
 }
 
 /// Paired statistics of per-item scores `a` vs `b` (see [`paired_stat`]).
@@ -735,12 +816,17 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * cdf).min(1.0)
 }
 
-/// Pairs (method score, baseline score) over every seed's items both have.
-fn pairs_of(seeds: &[&SeedParts], a: Method, b: Method) -> (Vec<(f64, f64)>, Vec<u64>) {
+/// Pairs (method score, baseline score) over every seed's items both have;
+/// `b` picks the baseline's per-item scores of a seed.
+fn pairs_of<'a>(
+    seeds: &[&'a SeedParts],
+    a: Method,
+    b: impl Fn(&'a SeedParts) -> Option<&'a BTreeMap<String, f64>>,
+) -> (Vec<(f64, f64)>, Vec<u64>) {
     let mut pairs = Vec::new();
     let mut used = Vec::new();
     for p in seeds {
-        let (Some(sa), Some(sb)) = (p.item_scores.get(&a), p.item_scores.get(&b)) else {
+        let (Some(sa), Some(sb)) = (p.item_scores.get(&a), b(p)) else {
             continue;
         };
         let before = pairs.len();
@@ -845,6 +931,9 @@ pub struct ResultsTable {
     /// over (seed, test item).
     #[serde(default)]
     pub paired: Vec<PairedRow>,
+    /// External baselines (DSPy) on the same test items.
+    #[serde(default)]
+    pub baselines: Vec<BaselineRow>,
     /// The paper's numbers.
     pub reference: Vec<Reference>,
     /// Remarks on the rows, e.g. test evaluations reused between methods.
@@ -864,16 +953,62 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     let mut rows = Vec::new();
     let mut credit = Vec::new();
     let mut paired = Vec::new();
+    let mut baselines = Vec::new();
     let mut notes = Vec::new();
     for task in &tasks {
         let seeds: Vec<&SeedParts> = parts.iter().filter(|p| &p.task == task).collect();
         for baseline in [Method::Initial, Method::Identity] {
-            let (pairs, used) = pairs_of(&seeds, Method::Cantante, baseline);
+            let (pairs, used) =
+                pairs_of(&seeds, Method::Cantante, |p| p.item_scores.get(&baseline));
             if let Some(stat) = paired_stat(&pairs, used) {
                 paired.push(PairedRow {
                     task: task.clone(),
-                    method: Method::Cantante,
-                    baseline,
+                    method: Method::Cantante.label().into(),
+                    baseline: baseline.label().into(),
+                    stat,
+                });
+            }
+        }
+        let mut names: Vec<String> = Vec::new();
+        for p in &seeds {
+            for b in &p.baselines {
+                if !names.contains(&b.label()) {
+                    names.push(b.label());
+                }
+            }
+        }
+        for name in names {
+            let of = |p: &SeedParts| p.baselines.iter().find(|b| b.label() == name).cloned();
+            let recs: Vec<(u64, BaselineRecord)> = seeds
+                .iter()
+                .filter_map(|p| of(p).map(|b| (p.seed, b)))
+                .collect();
+            let stat = |f: &dyn Fn(&BaselineRecord) -> f64| {
+                MeanStd::of(&recs.iter().map(|(_, b)| f(b)).collect::<Vec<_>>())
+            };
+            let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>() as f64;
+            baselines.push(BaselineRow {
+                task: task.clone(),
+                name: name.clone(),
+                seeds: recs.iter().map(|(s, _)| *s).collect(),
+                accuracy: stat(&|b| b.accuracy),
+                tokens_per_query: stat(&|b| {
+                    sum(&b.test_tokens) / b.item_scores.len().max(1) as f64
+                }),
+                opt_tokens: stat(&|b| sum(&b.opt_tokens)),
+                opt_wall_secs: stat(&|b| b.opt_wall_secs),
+            });
+            let (pairs, used) = pairs_of(&seeds, Method::Cantante, |p| {
+                p.baselines
+                    .iter()
+                    .find(|b| b.label() == name)
+                    .map(|b| &b.item_scores)
+            });
+            if let Some(stat) = paired_stat(&pairs, used) {
+                paired.push(PairedRow {
+                    task: task.clone(),
+                    method: Method::Cantante.label().into(),
+                    baseline: name.clone(),
                     stat,
                 });
             }
@@ -996,6 +1131,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
         rows,
         credit,
         paired,
+        baselines,
         reference: paper_reference()
             .into_iter()
             .filter(|r| tasks.is_empty() || tasks.contains(&r.task))
@@ -1064,6 +1200,32 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             s.push_str(&format!("- {n}\n"));
         }
     }
+    s.push_str("\n## External baselines on the same test items\n\n");
+    if t.baselines.is_empty() {
+        s.push_str(
+            "None yet: `benches/dspy/baseline.py --out DIR/<task>/seed<S>/dspy_<optimizer>.json` \
+             (DSPy MIPROv2 / GEPA through `cantante serve` with the same model) adds them.\n",
+        );
+    } else {
+        s.push_str("| task | baseline | n seeds | seeds | test acc (%) | tokens / test query | opt tokens | opt wall (s) |\n|---|---|---|---|---|---|---|---|\n");
+        for b in &t.baselines {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                b.task,
+                b.name,
+                b.seeds.len(),
+                b.seeds
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                opt(&b.accuracy, 100.0, 2),
+                opt(&b.tokens_per_query, 1.0, 0),
+                opt(&b.opt_tokens, 1.0, 0),
+                opt(&b.opt_wall_secs, 1.0, 0),
+            ));
+        }
+    }
     s.push_str("\n## Paired comparison over (seed, test item)\n\n");
     if t.paired.is_empty() {
         s.push_str("No method pair has per-item test results yet.\n");
@@ -1080,8 +1242,8 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             s.push_str(&format!(
                 "| {} | {} vs {} | {} | {} | {:+.1} | [{:+.1}, {:+.1}] | {} / {} | {:.3} |\n",
                 r.task,
-                r.method.label(),
-                r.baseline.label(),
+                r.method,
+                r.baseline,
                 st.n,
                 st.seeds
                     .iter()
@@ -1343,12 +1505,51 @@ mod tests {
         assert_eq!(t.paired.len(), 1, "no identity scores: one comparison");
         let r = &t.paired[0];
         assert_eq!(
-            (r.baseline, r.stat.n, r.stat.seeds.clone()),
-            (Method::Initial, 2, vec![7])
+            (r.baseline.as_str(), r.stat.n, r.stat.seeds.clone()),
+            ("Initial", 2, vec![7])
         );
         assert_eq!((r.stat.only_a, r.stat.only_b), (1, 0));
         let md = render_markdown(&t);
         assert!(md.contains("CANTANTE vs Initial | 2 | 7 | +50.0"), "{md}");
+        // A DSPy result in the seed directory: its own row and a paired row.
+        let seed_dir = seed_dir(dir.path(), "gsm8k", 7);
+        std::fs::create_dir_all(&seed_dir).unwrap();
+        std::fs::write(
+            seed_dir.join("dspy_mipro.json"),
+            r#"{"optimizer": "mipro", "dspy_version": "3.4.1", "accuracy": 0.5,
+                "item_scores": {"q1": 0.0, "q2": 1.0, "q9": 1.0},
+                "opt_tokens": {"input": 900, "output": 100},
+                "test_tokens": {"input": 200, "output": 100}, "opt_wall_secs": 12.0}"#,
+        )
+        .unwrap();
+        std::fs::write(seed_dir.join("dspy_gepa.json"), "{broken").unwrap();
+        let (mut loaded, errors) = load_seed(dir.path(), "gsm8k", 7);
+        assert_eq!(errors.len(), 1, "the broken file is reported: {errors:?}");
+        assert_eq!(loaded.baselines.len(), 1);
+        loaded.item_scores.insert(
+            Method::Cantante,
+            scores(&[("q1", 1.0), ("q2", 1.0), ("q4", 1.0)]),
+        );
+        let t = build_table("cpu-small", &[loaded]);
+        assert_eq!(t.baselines.len(), 1);
+        let b = &t.baselines[0];
+        assert_eq!(
+            (b.name.as_str(), b.seeds.clone()),
+            ("DSPy MIPROv2", vec![7])
+        );
+        assert_eq!(b.opt_tokens.unwrap().mean, 1000.0);
+        assert_eq!(b.tokens_per_query.unwrap().mean, 100.0);
+        let r = t
+            .paired
+            .iter()
+            .find(|r| r.baseline == "DSPy MIPROv2")
+            .unwrap();
+        assert_eq!((r.stat.n, r.stat.only_a, r.stat.only_b), (2, 1, 0));
+        let md = render_markdown(&t);
+        assert!(
+            md.contains("| gsm8k | DSPy MIPROv2 | 1 | 7 | 50.00 ± –"),
+            "{md}"
+        );
     }
 
     #[test]
