@@ -7,7 +7,8 @@
 //! channel, so concurrent HTTP requests join the same continuous batch at the
 //! next decode step. Answers go back through a per-request channel.
 //!
-//! Endpoints: `POST /v1/chat/completions` (with `n`, `seed`, `stop`,
+//! Endpoints: `POST /v1/completions` (a raw `prompt`, no chat template; the
+//! same sampling fields), `POST /v1/chat/completions` (with `n`, `seed`, `stop`,
 //! `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `top_k`;
 //! `stream: true` answers as server-sent events with one content chunk, then
 //! the finish chunk, then `[DONE]`), `GET /v1/models`, `GET /health`.
@@ -317,7 +318,8 @@ fn handle(
                 {"id": opts.model_name, "object": "model", "created": 0, "owned_by": "cantante"}
             ]}),
         ),
-        (tiny_http::Method::Post, "/v1/chat/completions") => {
+        (tiny_http::Method::Post, p @ ("/v1/chat/completions" | "/v1/completions")) => {
+            let text_api = p == "/v1/completions";
             let mut body = Vec::new();
             let limit = opts.max_body_bytes;
             if req
@@ -340,7 +342,12 @@ fn handle(
                     },
                 );
             }
-            match chat(&body, llm, tx, opts, ids) {
+            let answer = if text_api {
+                completion(&body, tx, opts, ids).map(|v| (v, false))
+            } else {
+                chat(&body, llm, tx, opts, ids)
+            };
+            match answer {
                 Ok((v, stream)) => {
                     if stream {
                         respond_stream(req, &v)
@@ -356,7 +363,7 @@ fn handle(
             ApiError {
                 status: 404,
                 message: format!(
-                    "no route {p} (served: POST /v1/chat/completions, GET /v1/models, GET /health)"
+                    "no route {p} (served: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health)"
                 ),
                 kind: "invalid_request_error",
                 param: None,
@@ -554,6 +561,7 @@ pub fn parse_chat_request(
             seed: seed.wrapping_add(k as u64),
             stop: stop.clone(),
             constraint: None,
+            raw_prompt: None,
         })
         .collect();
     Ok((reqs, seed, stream))
@@ -676,35 +684,68 @@ fn logprobs_answer(
     }))
 }
 
-fn chat(
-    body: &[u8],
-    llm: &dyn Llm,
-    tx: &mpsc::SyncSender<Job>,
+/// The requests of a text-completion body: the chat fields' rules, with a
+/// raw `prompt` (a string, or a list of one string) instead of `messages`;
+/// `echo`, `suffix`, `logprobs` and `stream` are refused.
+pub fn parse_completion_request(
+    v: &serde_json::Value,
     opts: &ServeOptions,
-    ids: &AtomicU64,
-) -> Result<(serde_json::Value, bool), ApiError> {
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}"), None))?;
-    if let Some(m) = v["model"].as_str() {
-        if m != opts.model_name {
-            return Err(ApiError {
-                status: 404,
-                message: format!("model `{m}` does not exist (served: {})", opts.model_name),
-                kind: "invalid_request_error",
-                param: Some("model".into()),
-                code: Some("model_not_found"),
-            });
+    default_seed: u64,
+) -> Result<(Vec<Request>, u64), String> {
+    if !v.is_object() {
+        return Err("the request body must be a JSON object".into());
+    }
+    if !v["messages"].is_null() {
+        return Err("`messages` belongs to /v1/chat/completions; send `prompt`".into());
+    }
+    for (f, ok) in [
+        ("echo", v["echo"].as_bool() != Some(true)),
+        ("suffix", v["suffix"].is_null()),
+        ("logprobs", v["logprobs"].is_null()),
+        (
+            "best_of",
+            v["best_of"].is_null() || v["best_of"].as_u64() == Some(1),
+        ),
+        ("stream", v["stream"].as_bool() != Some(true)),
+    ] {
+        if !ok {
+            return Err(format!(
+                "`{f}` is not supported on /v1/completions by cantante serve"
+            ));
         }
     }
-    let (reqs, seed, stream) =
-        parse_chat_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
-    if let Some(ask) = parse_logprobs(&v, &reqs, stream).map_err(|m| bad(m, Some("logprobs")))? {
-        let id = ids.fetch_add(1, Ordering::Relaxed);
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        return Ok((logprobs_answer(llm, ask, opts, id, created, seed)?, false));
+    let prompt = match &v["prompt"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        serde_json::Value::Array(_) => {
+            return Err("`prompt` as a list must hold exactly one string".into())
+        }
+        _ => return Err("`prompt` must be a non-empty string".into()),
+    };
+    if prompt.is_empty() {
+        return Err("`prompt` must be a non-empty string".into());
     }
+    let mut as_chat = v.clone();
+    as_chat["messages"] = serde_json::json!([{"role": "user", "content": ""}]);
+    if let Some(o) = as_chat.as_object_mut() {
+        o.remove("prompt");
+    }
+    let (mut reqs, seed, _) = parse_chat_request(&as_chat, opts, default_seed)?;
+    for r in &mut reqs {
+        r.messages.clear();
+        r.raw_prompt = Some(prompt.clone());
+    }
+    Ok((reqs, seed))
+}
+
+/// Send `reqs` to the engine and wait for every answer.
+fn run_jobs(
+    reqs: Vec<Request>,
+    tx: &mpsc::SyncSender<Job>,
+    opts: &ServeOptions,
+) -> Result<Vec<Generation>, ApiError> {
     let mut waits = Vec::with_capacity(reqs.len());
     for req in reqs {
         let (rtx, rrx) = mpsc::sync_channel(1);
@@ -739,6 +780,97 @@ fn chat(
             }
         }
     }
+    Ok(gens)
+}
+
+fn check_model(v: &serde_json::Value, opts: &ServeOptions) -> Result<(), ApiError> {
+    if let Some(m) = v["model"].as_str() {
+        if m != opts.model_name {
+            return Err(ApiError {
+                status: 404,
+                message: format!("model `{m}` does not exist (served: {})", opts.model_name),
+                kind: "invalid_request_error",
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn finish_reason(g: &Generation) -> &'static str {
+    if g.stop_reason == StopReason::Length {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
+fn stop_reason_name(g: &Generation) -> &'static str {
+    match g.stop_reason {
+        StopReason::Eos => "eos",
+        StopReason::StopString => "stop_string",
+        StopReason::Length => "length",
+        StopReason::Constraint => "constraint",
+    }
+}
+
+/// `/v1/completions`: raw prompt in, text out (same engine, seeds and usage).
+fn completion(
+    body: &[u8],
+    tx: &mpsc::SyncSender<Job>,
+    opts: &ServeOptions,
+    ids: &AtomicU64,
+) -> Result<serde_json::Value, ApiError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}"), None))?;
+    check_model(&v, opts)?;
+    let (reqs, seed) =
+        parse_completion_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
+    let gens = run_jobs(reqs, tx, opts)?;
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let choices: Vec<serde_json::Value> = gens
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            serde_json::json!({"index": i, "text": g.text, "logprobs": null,
+                "finish_reason": finish_reason(g)})
+        })
+        .collect();
+    let prompt: usize = gens.first().map_or(0, |g| g.prompt_tokens);
+    let completion: usize = gens.iter().map(|g| g.completion_tokens).sum();
+    let reasons: Vec<&str> = gens.iter().map(stop_reason_name).collect();
+    Ok(serde_json::json!({
+        "id": format!("cmpl-{id}"), "object": "text_completion", "created": created,
+        "model": opts.model_name, "choices": choices,
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "cantante": {"seed": seed, "stop_reason": reasons.first().copied().unwrap_or("eos"), "stop_reasons": reasons},
+    }))
+}
+
+fn chat(
+    body: &[u8],
+    llm: &dyn Llm,
+    tx: &mpsc::SyncSender<Job>,
+    opts: &ServeOptions,
+    ids: &AtomicU64,
+) -> Result<(serde_json::Value, bool), ApiError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}"), None))?;
+    check_model(&v, opts)?;
+    let (reqs, seed, stream) =
+        parse_chat_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
+    if let Some(ask) = parse_logprobs(&v, &reqs, stream).map_err(|m| bad(m, Some("logprobs")))? {
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return Ok((logprobs_answer(llm, ask, opts, id, created, seed)?, false));
+    }
+    let gens = run_jobs(reqs, tx, opts)?;
     let id = ids.fetch_add(1, Ordering::Relaxed);
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -748,20 +880,12 @@ fn chat(
         .enumerate()
         .map(|(i, g)| {
             serde_json::json!({"index": i, "message": {"role": "assistant", "content": g.text},
-                "finish_reason": if g.stop_reason == StopReason::Length { "length" } else { "stop" }})
+                "finish_reason": finish_reason(g)})
         })
         .collect();
     let prompt: usize = gens.first().map_or(0, |g| g.prompt_tokens);
     let completion: usize = gens.iter().map(|g| g.completion_tokens).sum();
-    let reasons: Vec<&str> = gens
-        .iter()
-        .map(|g| match g.stop_reason {
-            StopReason::Eos => "eos",
-            StopReason::StopString => "stop_string",
-            StopReason::Length => "length",
-            StopReason::Constraint => "constraint",
-        })
-        .collect();
+    let reasons: Vec<&str> = gens.iter().map(stop_reason_name).collect();
     Ok((
         serde_json::json!({
             "id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": created,

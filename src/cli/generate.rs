@@ -91,6 +91,7 @@ fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
         seed: v["seed"].as_u64().unwrap_or(a.seed),
         stop: a.stop.clone(),
         constraint: constraint(a),
+        raw_prompt: None,
     })
 }
 
@@ -114,6 +115,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
             stop: a.stop.clone(),
             constraint: constraint(&a),
+            raw_prompt: None,
         });
     } else if let Some(path) = &a.prompts {
         let f =

@@ -964,6 +964,7 @@ pub(super) fn turn_request(
             Vec::new()
         },
         constraint: guard(opts, &a.output_vars, tool_turn),
+        raw_prompt: None,
     };
     (req, tool_turn)
 }
@@ -1097,6 +1098,7 @@ pub(super) fn repair_requests(
             seed: request_seed(run_seed(p.run), &p.call.agent, p.call_index, p.turn),
             stop: Vec::new(),
             constraint: guard(opts, &missing, false),
+            raw_prompt: None,
         };
         p.turn += 1;
         out.push((i, missing, req));

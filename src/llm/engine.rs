@@ -339,7 +339,10 @@ impl CandleLlm {
 
     /// The exact prompt text a request is turned into.
     pub fn render(&self, req: &Request) -> Result<String> {
-        self.chat.render(&req.messages)
+        match &req.raw_prompt {
+            Some(p) => Ok(p.clone()),
+            None => self.chat.render(&req.messages),
+        }
     }
 
     fn plan_prefixes(&self, prompts: &[&[u32]]) -> Result<()> {
@@ -848,14 +851,20 @@ impl CandleLlm {
 
     /// Render and tokenize request `index`, checking it fits the context.
     fn validate(&self, index: usize, r: &Request) -> Result<Vec<u32>> {
-        if r.messages.is_empty() {
+        if r.messages.is_empty() && r.raw_prompt.is_none() {
             return Err(LlmError::BadRequest {
                 index,
                 message: "no messages".into(),
             });
         }
-        let text = self.chat.render(&r.messages)?;
+        let text = self.render(r)?;
         let ids = self.tokenizer.encode(&text)?;
+        if ids.is_empty() {
+            return Err(LlmError::BadRequest {
+                index,
+                message: "empty prompt".into(),
+            });
+        }
         if ids.len() + r.max_new_tokens.max(1) > self.model.config().max_position {
             return Err(LlmError::BadRequest {
                 index,

@@ -197,6 +197,11 @@ pub struct Request {
     /// ([`guard`]); others ignore it (their callers repair formats afterwards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<OutputConstraint>,
+    /// Raw prompt text used as is instead of rendering `messages` with the
+    /// chat template (the completions API); `messages` are then ignored by
+    /// the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_prompt: Option<String>,
 }
 
 impl Request {
@@ -209,6 +214,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             constraint: None,
+            raw_prompt: None,
         }
     }
     /// A request from a system and a user message.
@@ -225,6 +231,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             constraint: None,
+            raw_prompt: None,
         }
     }
     /// Builder: set sampling.

@@ -3,7 +3,8 @@
 //! so the optimizer drives a serving cluster through the same trait as the
 //! in-process engine (not in the paper, which calls hosted APIs the same way).
 //!
-//! Each [`Request`] is one `/v1/chat/completions` call; a batch is sent as
+//! Each [`Request`] is one `/v1/chat/completions` call (`/v1/completions`
+//! for a request with a raw prompt); a batch is sent as
 //! bounded concurrent requests (`concurrency`). Every sampling field is sent
 //! explicitly so server defaults never leak in; `max_tokens` and
 //! `max_completion_tokens` carry the same value; token counts come from the
@@ -273,10 +274,21 @@ impl OpenAiLlm {
         }
     }
 
-    /// One chat completion for request `index`.
+    /// One chat completion for request `index` (a text completion when the
+    /// request carries a raw prompt).
     fn chat(&self, index: usize, r: &Request) -> Result<Generation> {
-        let body = chat_body(&self.model, r);
-        let url = format!("{}/chat/completions", self.base);
+        let mut body = chat_body(&self.model, r);
+        let url = match &r.raw_prompt {
+            Some(p) => {
+                if let Some(o) = body.as_object_mut() {
+                    o.remove("messages");
+                    o.remove("max_completion_tokens");
+                }
+                body["prompt"] = p.clone().into();
+                format!("{}/completions", self.base)
+            }
+            None => format!("{}/chat/completions", self.base),
+        };
         let v = self.call(&url, Some(&body), &format!("request {index}"))?;
         parse_chat_response(&v).map_err(|m| other(format!("request {index}: {m}")))
     }
@@ -458,8 +470,10 @@ pub fn parse_chat_response(v: &serde_json::Value) -> std::result::Result<Generat
     let choice = v["choices"]
         .get(0)
         .ok_or_else(|| format!("response without choices: {}", short(v)))?;
+    // Chat completions answer in `message.content`, text completions in `text`.
     let text = choice["message"]["content"]
         .as_str()
+        .or(choice["text"].as_str())
         .unwrap_or("")
         .to_string();
     let usage = &v["usage"];

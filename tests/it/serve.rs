@@ -359,6 +359,54 @@ fn choice_scores_over_http_equal_the_engine() {
             }
         }
         assert!(compared > 0, "no request had engine-valid choices");
+        // Raw prompts go through /v1/completions and equal the engine's text.
+        let raw: Vec<Request> = (0..4)
+            .map(|i| {
+                let mut r = Request::user("", 6).with_seed(40 + i);
+                if i % 2 == 1 {
+                    r = r.with_sampling(Sampling::temperature(0.8));
+                }
+                r.messages.clear();
+                r.raw_prompt = Some(format!("Once upon a time {i}"));
+                r
+            })
+            .collect();
+        let want = local.generate(&raw).unwrap();
+        let got = remote.generate(&raw).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(
+                (&g.text, g.prompt_tokens, g.completion_tokens),
+                (&w.text, w.prompt_tokens, w.completion_tokens)
+            );
+        }
+        let (c, b) = http(
+            addr,
+            "POST",
+            "/v1/completions",
+            r#"{"prompt": ["Once upon a time 0"], "max_tokens": 6, "temperature": 0}"#,
+            None,
+        );
+        assert_eq!(c, 200, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(
+            v["choices"][0]["text"].as_str(),
+            Some(want[0].text.as_str())
+        );
+        for (body, needle) in [
+            (r#"{"prompt": "x", "echo": true}"#, "`echo`"),
+            (r#"{"prompt": ""}"#, "non-empty"),
+            (r#"{"prompt": ["a", "b"]}"#, "exactly one"),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}]}"#,
+                "chat/completions",
+            ),
+            (r#"{"prompt": "x", "max_tokens": -3}"#, "max_tokens"),
+        ] {
+            let (c, b) = http(addr, "POST", "/v1/completions", body, None);
+            assert_eq!(c, 400, "{body}: {b}");
+            assert!(b.contains(needle), "{needle}: {b}");
+        }
         // Malformed logprobs requests are 400s naming the problem.
         for (body, needle) in [
             (
