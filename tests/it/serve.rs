@@ -434,3 +434,86 @@ fn choice_scores_over_http_equal_the_engine() {
         server.join().unwrap().unwrap();
     });
 }
+
+/// `eval` through the OpenAI backend against `cantante serve` gives the
+/// in-process run: the same states, predictions, scores and token counts
+/// (seeded sampling, a format-repair turn; the tag guard off, since a remote
+/// backend cannot constrain decoding).
+#[test]
+fn eval_over_http_equals_the_in_process_run() {
+    use cantante::eval::{execute, EvalOptions};
+    use cantante::graph::setup::Validation;
+    use cantante::graph::Setup;
+    use cantante::task::{load_task, Split};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, TinySpec::default()).unwrap();
+    let local = engine(&p);
+    let served = engine(&p);
+    let task = load_task("gsm8k", Some(&crate::data_dir())).unwrap();
+    let rules = Validation::new(&task.provided_vars(), &task.tool_names());
+    let setup = Setup::load_validated(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/gsm8k.yaml"),
+        &rules,
+    )
+    .unwrap();
+    let examples = task.load(Split::Test, Some(2), 3).unwrap();
+    let mut opts = EvalOptions::default();
+    opts.run.max_new_tokens = 8;
+    opts.run.format_repairs = 1;
+    opts.run.tag_guard = false;
+    let configs = [setup.pool_config(0), setup.pool_config(1)];
+    let want = execute(
+        &local,
+        &setup,
+        task.as_ref(),
+        &configs,
+        &examples,
+        &opts,
+        None,
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let sopts = ServeOptions {
+        port: 0,
+        model_name: "tiny".into(),
+        ..ServeOptions::default()
+    };
+    let (atx, arx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(&served, &sopts, &stop, move |a| atx.send(a).unwrap()));
+        let addr: SocketAddr = arx.recv().unwrap();
+        let _stop = StopOnDrop(&stop);
+        let remote = OpenAiLlm::connect(RemoteOptions {
+            tokenizer: Some(p.clone()),
+            ..RemoteOptions::new(format!("http://{addr}/v1"))
+        })
+        .unwrap();
+        let got = execute(
+            &remote,
+            &setup,
+            task.as_ref(),
+            &configs,
+            &examples,
+            &opts,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got.len(), want.len());
+        let mut calls = 0;
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(g.score, w.score);
+            assert_eq!(g.result.state, w.result.state);
+            assert_eq!(g.result.prediction, w.result.prediction);
+            assert_eq!(
+                (g.result.input_tokens, g.result.output_tokens),
+                (w.result.input_tokens, w.result.output_tokens)
+            );
+            assert_eq!(g.result.calls.len(), w.result.calls.len());
+            calls += g.result.calls.len();
+        }
+        assert!(calls >= 8, "every agent of every run was called: {calls}");
+        stop.store(true, Ordering::SeqCst);
+        server.join().unwrap().unwrap();
+    });
+}
