@@ -798,6 +798,14 @@ fn check_model(v: &serde_json::Value, opts: &ServeOptions) -> Result<(), ApiErro
     Ok(())
 }
 
+/// A response's id number and creation time (Unix seconds).
+fn stamp(ids: &AtomicU64) -> (u64, u64) {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (ids.fetch_add(1, Ordering::Relaxed), created)
+}
+
 fn finish_reason(g: &Generation) -> &'static str {
     if g.stop_reason == StopReason::Length {
         "length"
@@ -828,10 +836,7 @@ fn completion(
     let (reqs, seed) =
         parse_completion_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
     let gens = run_jobs(reqs, tx, opts)?;
-    let id = ids.fetch_add(1, Ordering::Relaxed);
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let (id, created) = stamp(ids);
     let choices: Vec<serde_json::Value> = gens
         .iter()
         .enumerate()
@@ -864,17 +869,11 @@ fn chat(
     let (reqs, seed, stream) =
         parse_chat_request(&v, opts, fresh_seed(ids)).map_err(|m| bad(m, None))?;
     if let Some(ask) = parse_logprobs(&v, &reqs, stream).map_err(|m| bad(m, Some("logprobs")))? {
-        let id = ids.fetch_add(1, Ordering::Relaxed);
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let (id, created) = stamp(ids);
         return Ok((logprobs_answer(llm, ask, opts, id, created, seed)?, false));
     }
     let gens = run_jobs(reqs, tx, opts)?;
-    let id = ids.fetch_add(1, Ordering::Relaxed);
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let (id, created) = stamp(ids);
     let choices: Vec<serde_json::Value> = gens
         .iter()
         .enumerate()

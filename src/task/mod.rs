@@ -355,16 +355,22 @@ pub fn strip_code_fences(text: &str) -> String {
 pub(crate) mod tests {
     use super::*;
 
-    /// The shared test data directory: `$CANTANTE_DATA` or `../shared/datasets`.
-    /// Panics with a clear message when it is absent (tests needing data must not pass silently).
+    /// The test data directory, in the integration tests' order:
+    /// `$CANTANTE_DATA`, else the clone's `datasets/` when `cantante data
+    /// fetch` filled it, else `../shared/datasets`. Panics with a clear
+    /// message when it is absent (tests needing data must not pass silently).
     pub(crate) fn test_data_dir() -> PathBuf {
+        let have =
+            |d: &Path| d.join("gsm8k/train.jsonl").is_file() && d.join("mbpp/mbpp.jsonl").is_file();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let dir = match std::env::var_os(DATA_ENV) {
             Some(v) if !v.is_empty() => PathBuf::from(v),
-            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets"),
+            _ if have(&repo.join("datasets")) => repo.join("datasets"),
+            _ => repo.join("../shared/datasets"),
         };
         assert!(
-            dir.join("gsm8k/train.jsonl").is_file() && dir.join("mbpp/mbpp.jsonl").is_file(),
-            "test data not found in {}: set CANTANTE_DATA or place the datasets at ../shared/datasets (see datasets/README.md)",
+            have(&dir),
+            "test data not found in {}: run `cantante data fetch` (or ./setup.sh), set CANTANTE_DATA, or place the datasets at ../shared/datasets (see datasets/README.md)",
             dir.display()
         );
         dir

@@ -86,6 +86,20 @@ fn check(gguf_name: &str, oracle: &str) {
     let (json, _special) = tokenizer_json_from_gguf(&ct, &path.display().to_string()).unwrap();
     let ours = Tokenizer::from_json_str(&json.to_string()).unwrap();
     let odir = shared().join("models/oracle-tokenizers").join(oracle);
+    // The oracle tokenizers are project files beside the clone (../shared),
+    // not something a user's fresh clone has; CI requires them.
+    if !odir.join("tokenizer.json").is_file() {
+        assert!(
+            std::env::var_os("CANTANTE_REQUIRE_ORACLES").is_none(),
+            "{} is missing (CANTANTE_REQUIRE_ORACLES is set)",
+            odir.display()
+        );
+        eprintln!(
+            "skipped {oracle}: no oracle tokenizer at {} (set CANTANTE_REQUIRE_ORACLES to make this an error)",
+            odir.display()
+        );
+        return;
+    }
     let theirs = Tokenizer::from_file(&odir.join("tokenizer.json")).unwrap();
     assert_eq!(ours.vocab_size(), theirs.vocab_size());
     for s in corpus() {
