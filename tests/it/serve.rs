@@ -33,6 +33,24 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Run `f` against `cantante serve` on `served` (ephemeral loopback port);
+/// the server is stopped and joined afterwards, also when `f` panics.
+fn with_server<R>(served: &CandleLlm, opts: ServeOptions, f: impl FnOnce(SocketAddr) -> R) -> R {
+    let stop = AtomicBool::new(false);
+    let opts = ServeOptions { port: 0, ..opts };
+    let (atx, arx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| serve(served, &opts, &stop, move |a| atx.send(a).unwrap()));
+        let addr: SocketAddr = arx.recv().unwrap();
+        let out = {
+            let _stop = StopOnDrop(&stop);
+            f(addr)
+        };
+        server.join().unwrap().unwrap();
+        out
+    })
+}
+
 /// Raw HTTP call: (status, body).
 fn http(
     addr: SocketAddr,
@@ -65,114 +83,112 @@ fn serve_answers_like_the_engine_batches_clients_and_rejects_bad_requests() {
     write_tiny_gguf(&p, TinySpec::default()).unwrap();
     let local = engine(&p);
     let served = engine(&p);
-    let stop = AtomicBool::new(false);
-    let opts = ServeOptions {
-        port: 0,
-        model_name: "tiny".into(),
-        api_key: Some("sekret".into()),
-        ..ServeOptions::default()
-    };
-    let (atx, arx) = mpsc::channel();
-    std::thread::scope(|s| {
-        let server = s.spawn(|| serve(&served, &opts, &stop, move |a| atx.send(a).unwrap()));
-        let addr: SocketAddr = arx.recv().unwrap();
-        std::env::set_var("CANTANTE_TEST_KEY", "sekret");
-        let remote = OpenAiLlm::connect(RemoteOptions {
-            api_key_env: Some("CANTANTE_TEST_KEY".into()),
-            tokenizer: Some(p.clone()),
-            ..RemoteOptions::new(format!("http://{addr}/v1"))
-        })
-        .unwrap();
-        assert!(remote.model_id().contains("tiny"));
-        // 16 requests, greedy and seeded sampling, stop strings: same answers.
-        let reqs: Vec<Request> = (0..16)
-            .map(|i| {
-                let r = Request::chat(
-                    "Be brief.",
-                    &format!("Item {i}: {}", "words ".repeat(i)),
-                    4 + i % 5,
-                );
-                if i % 2 == 0 {
-                    r
-                } else {
-                    r.with_sampling(Sampling::temperature(0.9))
-                        .with_seed(u64::MAX - i as u64)
-                }
+    with_server(
+        &served,
+        ServeOptions {
+            port: 0,
+            model_name: "tiny".into(),
+            api_key: Some("sekret".into()),
+            ..ServeOptions::default()
+        },
+        |addr| {
+            std::env::set_var("CANTANTE_TEST_KEY", "sekret");
+            let remote = OpenAiLlm::connect(RemoteOptions {
+                api_key_env: Some("CANTANTE_TEST_KEY".into()),
+                tokenizer: Some(p.clone()),
+                ..RemoteOptions::new(format!("http://{addr}/v1"))
             })
-            .collect();
-        let want = local.generate(&reqs).unwrap();
-        let before = served.stats();
-        let got = remote.generate(&reqs).unwrap();
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.text, w.text, "request {i}");
-            assert_eq!(
-                (g.prompt_tokens, g.completion_tokens),
-                (w.prompt_tokens, w.completion_tokens),
-                "request {i}"
+            .unwrap();
+            assert!(remote.model_id().contains("tiny"));
+            // 16 requests, greedy and seeded sampling, stop strings: same answers.
+            let reqs: Vec<Request> = (0..16)
+                .map(|i| {
+                    let r = Request::chat(
+                        "Be brief.",
+                        &format!("Item {i}: {}", "words ".repeat(i)),
+                        4 + i % 5,
+                    );
+                    if i % 2 == 0 {
+                        r
+                    } else {
+                        r.with_sampling(Sampling::temperature(0.9))
+                            .with_seed(u64::MAX - i as u64)
+                    }
+                })
+                .collect();
+            let want = local.generate(&reqs).unwrap();
+            let before = served.stats();
+            let got = remote.generate(&reqs).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.text, w.text, "request {i}");
+                assert_eq!(
+                    (g.prompt_tokens, g.completion_tokens),
+                    (w.prompt_tokens, w.completion_tokens),
+                    "request {i}"
+                );
+            }
+            let st = served.stats().since(&before);
+            assert!(
+                st.decode_rows > st.decode_steps,
+                "16 concurrent clients never shared a decode step: {st:?}"
             );
-        }
-        let st = served.stats().since(&before);
-        assert!(
-            st.decode_rows > st.decode_steps,
-            "16 concurrent clients never shared a decode step: {st:?}"
-        );
-        assert_eq!(
-            remote.count_tokens("hello world"),
-            local.count_tokens("hello world")
-        );
-        // Errors: OpenAI-shaped, and the server keeps serving.
-        let (c, b) = http(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            "{not json",
-            Some("sekret"),
-        );
-        assert_eq!(c, 400, "{b}");
-        assert!(b.contains("\"error\"") && b.contains("invalid JSON"), "{b}");
-        let (c, b) = http(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            r#"{"messages": []}"#,
-            Some("sekret"),
-        );
-        assert_eq!(c, 400);
-        assert!(b.contains("must not be empty"), "{b}");
-        let (c, _) = http(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            r#"{"messages": [{"role":"user","content":"x"}]}"#,
-            None,
-        );
-        assert_eq!(c, 401);
-        let words: String = (0..3000).map(|i| format!("x{i} ")).collect();
-        let long =
-            format!(r#"{{"messages": [{{"role":"user","content":"{words}"}}], "max_tokens": 10}}"#);
-        let (c, b) = http(addr, "POST", "/v1/chat/completions", &long, Some("sekret"));
-        assert_eq!(c, 400, "{b}");
-        assert!(b.contains("context"), "{b}");
-        let (c, _) = http(addr, "GET", "/nope", "", Some("sekret"));
-        assert_eq!(c, 404);
-        let (c, b) = http(addr, "GET", "/health", "", None);
-        assert_eq!((c, b.contains("ok")), (200, true));
-        // n = 3 with one seed: three different seeds, reported.
-        let (c, b) = http(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            r#"{"model": "tiny", "messages": [{"role":"user","content":"hi"}], "n": 3, "max_completion_tokens": 3, "temperature": 1.0, "seed": 5, "stream": true}"#,
-            Some("sekret"),
-        );
-        assert_eq!(c, 200, "{b}");
-        assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
-        assert!(b.contains("\"seed\":5"), "{b}");
-        // Still serving after all that.
-        assert_eq!(remote.generate(&reqs[..2]).unwrap()[0].text, want[0].text);
-        stop.store(true, Ordering::SeqCst);
-        server.join().unwrap().unwrap();
-    });
+            assert_eq!(
+                remote.count_tokens("hello world"),
+                local.count_tokens("hello world")
+            );
+            // Errors: OpenAI-shaped, and the server keeps serving.
+            let (c, b) = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                "{not json",
+                Some("sekret"),
+            );
+            assert_eq!(c, 400, "{b}");
+            assert!(b.contains("\"error\"") && b.contains("invalid JSON"), "{b}");
+            let (c, b) = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                r#"{"messages": []}"#,
+                Some("sekret"),
+            );
+            assert_eq!(c, 400);
+            assert!(b.contains("must not be empty"), "{b}");
+            let (c, _) = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                r#"{"messages": [{"role":"user","content":"x"}]}"#,
+                None,
+            );
+            assert_eq!(c, 401);
+            let words: String = (0..3000).map(|i| format!("x{i} ")).collect();
+            let long = format!(
+                r#"{{"messages": [{{"role":"user","content":"{words}"}}], "max_tokens": 10}}"#
+            );
+            let (c, b) = http(addr, "POST", "/v1/chat/completions", &long, Some("sekret"));
+            assert_eq!(c, 400, "{b}");
+            assert!(b.contains("context"), "{b}");
+            let (c, _) = http(addr, "GET", "/nope", "", Some("sekret"));
+            assert_eq!(c, 404);
+            let (c, b) = http(addr, "GET", "/health", "", None);
+            assert_eq!((c, b.contains("ok")), (200, true));
+            // n = 3 with one seed: three different seeds, reported.
+            let (c, b) = http(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                r#"{"model": "tiny", "messages": [{"role":"user","content":"hi"}], "n": 3, "max_completion_tokens": 3, "temperature": 1.0, "seed": 5, "stream": true}"#,
+                Some("sekret"),
+            );
+            assert_eq!(c, 200, "{b}");
+            assert!(b.trim_end().ends_with("data: [DONE]"), "{b}");
+            assert!(b.contains("\"seed\":5"), "{b}");
+            // Still serving after all that.
+            assert_eq!(remote.generate(&reqs[..2]).unwrap()[0].text, want[0].text);
+        },
+    );
 }
 
 /// A server that answers /v1/models, then fails chat calls in turn with a
@@ -276,163 +292,161 @@ fn choice_scores_over_http_equal_the_engine() {
     write_tiny_gguf(&p, TinySpec::default()).unwrap();
     let local = engine(&p);
     let served = engine(&p);
-    let stop = AtomicBool::new(false);
-    let opts = ServeOptions {
-        port: 0,
-        model_name: "tiny".into(),
-        ..ServeOptions::default()
-    };
-    let (atx, arx) = mpsc::channel();
-    std::thread::scope(|s| {
-        let server = s.spawn(|| serve(&served, &opts, &stop, move |a| atx.send(a).unwrap()));
-        let addr: SocketAddr = arx.recv().unwrap();
-        // A failed assertion must stop the server, or the scope never ends.
-        let _stop = StopOnDrop(&stop);
-        let remote = OpenAiLlm::connect(RemoteOptions::new(format!("http://{addr}/v1"))).unwrap();
-        let asks: Vec<NextTokenRequest> = ["", "Rating: ", "The answer is"]
-            .iter()
-            .enumerate()
-            .map(|(i, prefix)| NextTokenRequest {
-                messages: vec![
-                    Message::system("Judge."),
-                    Message::user(format!("Rate item {i} {}", "of the list ".repeat(i))),
-                ],
-                assistant_prefix: prefix.to_string(),
-                top: 20,
-            })
-            .collect();
-        let want = local.top_logprobs(&asks).unwrap();
-        let got = remote.top_logprobs(&asks).unwrap();
-        assert_eq!(got, want, "top tokens over HTTP differ from the engine's");
-        // Choices: three of the top tokens and one that is not among them.
-        let reqs: Vec<ChoiceRequest> = asks
-            .iter()
-            .zip(&want)
-            .map(|(a, w)| {
-                let outside = (0..200)
-                    .map(|k| format!("z{k}"))
-                    .find(|c| w.top.iter().all(|t| &t.token != c) && local.count_tokens(c) == 1)
-                    .unwrap_or_else(|| "zzzz".into());
-                let mut choices: Vec<String> = Vec::new();
-                for t in &w.top {
-                    if choices.len() < 3
-                        && !choices.contains(&t.token)
-                        && !t.token.is_empty()
-                        && !t.token.contains('\u{FFFD}')
-                    {
-                        choices.push(t.token.clone());
+    with_server(
+        &served,
+        ServeOptions {
+            port: 0,
+            model_name: "tiny".into(),
+            ..ServeOptions::default()
+        },
+        |addr| {
+            let remote =
+                OpenAiLlm::connect(RemoteOptions::new(format!("http://{addr}/v1"))).unwrap();
+            let asks: Vec<NextTokenRequest> = ["", "Rating: ", "The answer is"]
+                .iter()
+                .enumerate()
+                .map(|(i, prefix)| NextTokenRequest {
+                    messages: vec![
+                        Message::system("Judge."),
+                        Message::user(format!("Rate item {i} {}", "of the list ".repeat(i))),
+                    ],
+                    assistant_prefix: prefix.to_string(),
+                    top: 20,
+                })
+                .collect();
+            let want = local.top_logprobs(&asks).unwrap();
+            let got = remote.top_logprobs(&asks).unwrap();
+            assert_eq!(got, want, "top tokens over HTTP differ from the engine's");
+            // Choices: three of the top tokens and one that is not among them.
+            let reqs: Vec<ChoiceRequest> = asks
+                .iter()
+                .zip(&want)
+                .map(|(a, w)| {
+                    let outside = (0..200)
+                        .map(|k| format!("z{k}"))
+                        .find(|c| w.top.iter().all(|t| &t.token != c) && local.count_tokens(c) == 1)
+                        .unwrap_or_else(|| "zzzz".into());
+                    let mut choices: Vec<String> = Vec::new();
+                    for t in &w.top {
+                        if choices.len() < 3
+                            && !choices.contains(&t.token)
+                            && !t.token.is_empty()
+                            && !t.token.contains('\u{FFFD}')
+                        {
+                            choices.push(t.token.clone());
+                        }
+                    }
+                    choices.push(outside);
+                    ChoiceRequest {
+                        messages: a.messages.clone(),
+                        assistant_prefix: a.assistant_prefix.clone(),
+                        choices,
+                    }
+                })
+                .collect();
+            let remote_scores = remote.score_choices(&reqs).unwrap();
+            for (r, (rs, w)) in reqs.iter().zip(remote_scores.iter().zip(&want)) {
+                for (c, lp) in r.choices.iter().zip(&rs.logprobs) {
+                    match w.top.iter().find(|t| &t.token == c) {
+                        Some(t) => assert_eq!(*lp, t.logprob, "choice {c:?}"),
+                        None => {
+                            assert_eq!(*lp, f64::NEG_INFINITY, "choice {c:?} is not a top token")
+                        }
                     }
                 }
-                choices.push(outside);
-                ChoiceRequest {
-                    messages: a.messages.clone(),
-                    assistant_prefix: a.assistant_prefix.clone(),
-                    choices,
-                }
-            })
-            .collect();
-        let remote_scores = remote.score_choices(&reqs).unwrap();
-        for (r, (rs, w)) in reqs.iter().zip(remote_scores.iter().zip(&want)) {
-            for (c, lp) in r.choices.iter().zip(&rs.logprobs) {
-                match w.top.iter().find(|t| &t.token == c) {
-                    Some(t) => assert_eq!(*lp, t.logprob, "choice {c:?}"),
-                    None => assert_eq!(*lp, f64::NEG_INFINITY, "choice {c:?} is not a top token"),
+                assert!(rs.coverage > 0.0 && rs.coverage <= 1.0 + 1e-9);
+            }
+            // Where every choice is a single engine token among the top 20, the
+            // remote scores are the engine's own.
+            let single: Vec<ChoiceRequest> = reqs
+                .iter()
+                .map(|r| ChoiceRequest {
+                    choices: r.choices[..r.choices.len() - 1].to_vec(),
+                    ..r.clone()
+                })
+                .collect();
+            let mut compared = 0;
+            for r in &single {
+                // (a top token can fail the engine's one-token-after-the-prefix check)
+                if let Ok(l) = local.score_choices(std::slice::from_ref(r)) {
+                    assert_eq!(remote.score_choices(std::slice::from_ref(r)).unwrap(), l);
+                    compared += 1;
                 }
             }
-            assert!(rs.coverage > 0.0 && rs.coverage <= 1.0 + 1e-9);
-        }
-        // Where every choice is a single engine token among the top 20, the
-        // remote scores are the engine's own.
-        let single: Vec<ChoiceRequest> = reqs
-            .iter()
-            .map(|r| ChoiceRequest {
-                choices: r.choices[..r.choices.len() - 1].to_vec(),
-                ..r.clone()
-            })
-            .collect();
-        let mut compared = 0;
-        for r in &single {
-            // (a top token can fail the engine's one-token-after-the-prefix check)
-            if let Ok(l) = local.score_choices(std::slice::from_ref(r)) {
-                assert_eq!(remote.score_choices(std::slice::from_ref(r)).unwrap(), l);
-                compared += 1;
+            assert!(compared > 0, "no request had engine-valid choices");
+            // Raw prompts go through /v1/completions and equal the engine's text.
+            let raw: Vec<Request> = (0..4)
+                .map(|i| {
+                    let mut r = Request::user("", 6).with_seed(40 + i);
+                    if i % 2 == 1 {
+                        r = r.with_sampling(Sampling::temperature(0.8));
+                    }
+                    r.messages.clear();
+                    r.raw_prompt = Some(format!("Once upon a time {i}"));
+                    r
+                })
+                .collect();
+            let want = local.generate(&raw).unwrap();
+            let got = remote.generate(&raw).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(
+                    (&g.text, g.prompt_tokens, g.completion_tokens),
+                    (&w.text, w.prompt_tokens, w.completion_tokens)
+                );
             }
-        }
-        assert!(compared > 0, "no request had engine-valid choices");
-        // Raw prompts go through /v1/completions and equal the engine's text.
-        let raw: Vec<Request> = (0..4)
-            .map(|i| {
-                let mut r = Request::user("", 6).with_seed(40 + i);
-                if i % 2 == 1 {
-                    r = r.with_sampling(Sampling::temperature(0.8));
-                }
-                r.messages.clear();
-                r.raw_prompt = Some(format!("Once upon a time {i}"));
-                r
-            })
-            .collect();
-        let want = local.generate(&raw).unwrap();
-        let got = remote.generate(&raw).unwrap();
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(
-                (&g.text, g.prompt_tokens, g.completion_tokens),
-                (&w.text, w.prompt_tokens, w.completion_tokens)
+            let (c, b) = http(
+                addr,
+                "POST",
+                "/v1/completions",
+                r#"{"prompt": ["Once upon a time 0"], "max_tokens": 6, "temperature": 0}"#,
+                None,
             );
-        }
-        let (c, b) = http(
-            addr,
-            "POST",
-            "/v1/completions",
-            r#"{"prompt": ["Once upon a time 0"], "max_tokens": 6, "temperature": 0}"#,
-            None,
-        );
-        assert_eq!(c, 200, "{b}");
-        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-        assert_eq!(v["object"], "text_completion");
-        assert_eq!(
-            v["choices"][0]["text"].as_str(),
-            Some(want[0].text.as_str())
-        );
-        for (body, needle) in [
-            (r#"{"prompt": "x", "echo": true}"#, "`echo`"),
-            (r#"{"prompt": ""}"#, "non-empty"),
-            (r#"{"prompt": ["a", "b"]}"#, "exactly one"),
-            (
-                r#"{"messages": [{"role":"user","content":"x"}]}"#,
-                "chat/completions",
-            ),
-            (r#"{"prompt": "x", "max_tokens": -3}"#, "max_tokens"),
-        ] {
-            let (c, b) = http(addr, "POST", "/v1/completions", body, None);
-            assert_eq!(c, 400, "{body}: {b}");
-            assert!(b.contains(needle), "{needle}: {b}");
-        }
-        // Malformed logprobs requests are 400s naming the problem.
-        for (body, needle) in [
-            (
-                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 5}"#,
-                "next token only",
-            ),
-            (
-                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "top_logprobs": 99}"#,
-                "0..=20",
-            ),
-            (
-                r#"{"messages": [{"role":"user","content":"x"}], "continue_final_message": true, "max_tokens": 1}"#,
-                "together with",
-            ),
-            (
-                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}"#,
-                "final assistant message",
-            ),
-        ] {
-            let (c, b) = http(addr, "POST", "/v1/chat/completions", body, None);
-            assert_eq!(c, 400, "{b}");
-            assert!(b.contains(needle), "{needle}: {b}");
-        }
-        stop.store(true, Ordering::SeqCst);
-        server.join().unwrap().unwrap();
-    });
+            assert_eq!(c, 200, "{b}");
+            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+            assert_eq!(v["object"], "text_completion");
+            assert_eq!(
+                v["choices"][0]["text"].as_str(),
+                Some(want[0].text.as_str())
+            );
+            for (body, needle) in [
+                (r#"{"prompt": "x", "echo": true}"#, "`echo`"),
+                (r#"{"prompt": ""}"#, "non-empty"),
+                (r#"{"prompt": ["a", "b"]}"#, "exactly one"),
+                (
+                    r#"{"messages": [{"role":"user","content":"x"}]}"#,
+                    "chat/completions",
+                ),
+                (r#"{"prompt": "x", "max_tokens": -3}"#, "max_tokens"),
+            ] {
+                let (c, b) = http(addr, "POST", "/v1/completions", body, None);
+                assert_eq!(c, 400, "{body}: {b}");
+                assert!(b.contains(needle), "{needle}: {b}");
+            }
+            // Malformed logprobs requests are 400s naming the problem.
+            for (body, needle) in [
+                (
+                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 5}"#,
+                    "next token only",
+                ),
+                (
+                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "top_logprobs": 99}"#,
+                    "0..=20",
+                ),
+                (
+                    r#"{"messages": [{"role":"user","content":"x"}], "continue_final_message": true, "max_tokens": 1}"#,
+                    "together with",
+                ),
+                (
+                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}"#,
+                    "final assistant message",
+                ),
+            ] {
+                let (c, b) = http(addr, "POST", "/v1/chat/completions", body, None);
+                assert_eq!(c, 400, "{b}");
+                assert!(b.contains(needle), "{needle}: {b}");
+            }
+        },
+    );
 }
 
 /// `eval` through the OpenAI backend against `cantante serve` gives the
@@ -473,47 +487,43 @@ fn eval_over_http_equals_the_in_process_run() {
         None,
     )
     .unwrap();
-    let stop = AtomicBool::new(false);
-    let sopts = ServeOptions {
-        port: 0,
-        model_name: "tiny".into(),
-        ..ServeOptions::default()
-    };
-    let (atx, arx) = mpsc::channel();
-    std::thread::scope(|s| {
-        let server = s.spawn(|| serve(&served, &sopts, &stop, move |a| atx.send(a).unwrap()));
-        let addr: SocketAddr = arx.recv().unwrap();
-        let _stop = StopOnDrop(&stop);
-        let remote = OpenAiLlm::connect(RemoteOptions {
-            tokenizer: Some(p.clone()),
-            ..RemoteOptions::new(format!("http://{addr}/v1"))
-        })
-        .unwrap();
-        let got = execute(
-            &remote,
-            &setup,
-            task.as_ref(),
-            &configs,
-            &examples,
-            &opts,
-            None,
-        )
-        .unwrap();
-        assert_eq!(got.len(), want.len());
-        let mut calls = 0;
-        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-            assert_eq!(g.score, w.score);
-            assert_eq!(g.result.state, w.result.state);
-            assert_eq!(g.result.prediction, w.result.prediction);
-            assert_eq!(
-                (g.result.input_tokens, g.result.output_tokens),
-                (w.result.input_tokens, w.result.output_tokens)
-            );
-            assert_eq!(g.result.calls.len(), w.result.calls.len());
-            calls += g.result.calls.len();
-        }
-        assert!(calls >= 8, "every agent of every run was called: {calls}");
-        stop.store(true, Ordering::SeqCst);
-        server.join().unwrap().unwrap();
-    });
+    with_server(
+        &served,
+        ServeOptions {
+            port: 0,
+            model_name: "tiny".into(),
+            ..ServeOptions::default()
+        },
+        |addr| {
+            let remote = OpenAiLlm::connect(RemoteOptions {
+                tokenizer: Some(p.clone()),
+                ..RemoteOptions::new(format!("http://{addr}/v1"))
+            })
+            .unwrap();
+            let got = execute(
+                &remote,
+                &setup,
+                task.as_ref(),
+                &configs,
+                &examples,
+                &opts,
+                None,
+            )
+            .unwrap();
+            assert_eq!(got.len(), want.len());
+            let mut calls = 0;
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert_eq!(g.score, w.score);
+                assert_eq!(g.result.state, w.result.state);
+                assert_eq!(g.result.prediction, w.result.prediction);
+                assert_eq!(
+                    (g.result.input_tokens, g.result.output_tokens),
+                    (w.result.input_tokens, w.result.output_tokens)
+                );
+                assert_eq!(g.result.calls.len(), w.result.calls.len());
+                calls += g.result.calls.len();
+            }
+            assert!(calls >= 8, "every agent of every run was called: {calls}");
+        },
+    );
 }
