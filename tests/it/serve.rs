@@ -51,6 +51,16 @@ fn with_server<R>(served: &CandleLlm, opts: ServeOptions, f: impl FnOnce(SocketA
     })
 }
 
+/// The tiny model written to a temp dir, loaded twice: one engine for the
+/// in-process reference, one behind the server.
+fn tiny_pair() -> (tempfile::TempDir, std::path::PathBuf, CandleLlm, CandleLlm) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, TinySpec::default()).unwrap();
+    let (local, served) = (engine(&p), engine(&p));
+    (dir, p, local, served)
+}
+
 /// Raw HTTP call: (status, body).
 fn http(
     addr: SocketAddr,
@@ -78,15 +88,10 @@ fn http(
 
 #[test]
 fn serve_answers_like_the_engine_batches_clients_and_rejects_bad_requests() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&p, TinySpec::default()).unwrap();
-    let local = engine(&p);
-    let served = engine(&p);
+    let (_dir, p, local, served) = tiny_pair();
     with_server(
         &served,
         ServeOptions {
-            port: 0,
             model_name: "tiny".into(),
             api_key: Some("sekret".into()),
             ..ServeOptions::default()
@@ -287,15 +292,10 @@ fn flaky_server_is_survived_with_retries_counted() {
 #[test]
 fn choice_scores_over_http_equal_the_engine() {
     use cantante::llm::{ChoiceRequest, Message, NextTokenRequest};
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&p, TinySpec::default()).unwrap();
-    let local = engine(&p);
-    let served = engine(&p);
+    let (_dir, _, local, served) = tiny_pair();
     with_server(
         &served,
         ServeOptions {
-            port: 0,
             model_name: "tiny".into(),
             ..ServeOptions::default()
         },
@@ -459,11 +459,7 @@ fn eval_over_http_equals_the_in_process_run() {
     use cantante::graph::setup::Validation;
     use cantante::graph::Setup;
     use cantante::task::{load_task, Split};
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&p, TinySpec::default()).unwrap();
-    let local = engine(&p);
-    let served = engine(&p);
+    let (_dir, p, local, served) = tiny_pair();
     let task = load_task("gsm8k", Some(&crate::data_dir())).unwrap();
     let rules = Validation::new(&task.provided_vars(), &task.tool_names());
     let setup = Setup::load_validated(
@@ -490,7 +486,6 @@ fn eval_over_http_equals_the_in_process_run() {
     with_server(
         &served,
         ServeOptions {
-            port: 0,
             model_name: "tiny".into(),
             ..ServeOptions::default()
         },
