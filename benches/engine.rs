@@ -240,7 +240,7 @@ fn bench_model(
     let cfg = llm.model().config().clone();
     let wbytes = llm.model().int8_weight_bytes().unwrap_or(0);
     println!(
-        "\n== {} — {} layers, hidden {}, {} ({:.0} MB of int8 weights read per step, loaded in {load_s:.1} s)",
+        "\n== {} — {} layers, hidden {}, {} ({:.0} MB of weights read per step, loaded in {load_s:.1} s)",
         llm.model_id(),
         cfg.n_layers,
         cfg.hidden,

@@ -17,9 +17,10 @@ use std::path::Path;
 /// How matmul weights are held in memory and which executor runs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum WeightFormat {
-    /// The file's quantized blocks expanded losslessly to int8 blocks, run by
-    /// cantante's CPU executor and int8 kernels (about the GGUF size in memory;
-    /// f32/f16 files are quantized to Q8_0-style blocks). Default on CPU.
+    /// The file's quantized blocks, converted losslessly (4/5-bit values stay
+    /// packed, 6/8-bit become bytes, scales keep their f16 or integer form) and
+    /// run by cantante's CPU executor and int8 kernels (about the GGUF size in
+    /// memory; f32/f16 files are quantized to Q8_0-style blocks). Default on CPU.
     #[default]
     Int8,
     /// Dense f32 through candle (about 4 bytes per weight).

@@ -5,7 +5,7 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use cantante::llm::kernels::{matmul, scalar, Packing, QActs, QMatrix, Tier, TILE};
+use cantante::llm::kernels::{matmul, scalar, Packing, QActs, QMatrix, ScaleKind, Tier, TILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -56,15 +56,32 @@ fn gguf_blocks_convert_losslessly() {
         assert_eq!(m.dequantize(), reference, "{dt:?}");
         let k_quant = matches!(dt, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         assert_eq!(m.sub.is_some(), dt == GgmlDType::Q6K, "{dt:?}");
-        // Bit widths are kept: 4-, 5-, 6- and 8-bit values stay that wide.
+        // Bit widths are kept: 4-, 5- and 8-bit values stay that wide; 6-bit
+        // (Q6_K) become bytes.
         let packing = match dt {
             GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Packing::U4,
             GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Packing::U5,
-            GgmlDType::Q6K => Packing::U6,
             _ => Packing::I8,
         };
         assert_eq!(m.packing, packing, "{dt:?}");
-        assert_eq!(m.qs.len(), m.d.len() * packing.bytes());
+        // Scales keep their storage too: bytes per 32 values (rows padded to 8)
+        // equal the file's, Q4_K/Q5_K within 1 byte (one u8 scale and min per
+        // block, f32 super-block factors), Q6_K 36 (the file: 26.25).
+        let blocks = 8 * 512 / 32;
+        assert_eq!(m.qs.len(), blocks * packing.bytes());
+        let (kind, per_block) = match dt {
+            GgmlDType::Q8_0 => (ScaleKind::F16, 34),
+            GgmlDType::Q4_0 => (ScaleKind::F16, 18),
+            GgmlDType::Q4_1 => (ScaleKind::F16, 20),
+            GgmlDType::Q5_0 => (ScaleKind::F16, 22),
+            GgmlDType::Q5_1 => (ScaleKind::F16, 24),
+            GgmlDType::Q4K => (ScaleKind::Super, 19),
+            GgmlDType::Q5K => (ScaleKind::Super, 23),
+            GgmlDType::Q6K => (ScaleKind::F16, 36),
+            _ => unreachable!(),
+        };
+        assert_eq!(m.d.kind(), kind, "{dt:?}");
+        assert_eq!(m.bytes(), blocks * per_block, "{dt:?}");
         assert_eq!(
             m.m.is_some(),
             matches!(dt, GgmlDType::Q4_1 | GgmlDType::Q5_1) || (k_quant && dt != GgmlDType::Q6K),
@@ -87,27 +104,39 @@ fn every_tier_matches_the_scalar_reference_bit_for_bit() {
     let tiers = Tier::available();
     assert!(tiers.contains(&Tier::Scalar));
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    for dt in FORMATS {
-        let (w, wf) = qmatrix(&mut rng, dt, 13, 768);
-        let x = randn(&mut rng, 9 * 768);
+    // 896 = 28 blocks (the default model's width): a part-filled last group
+    // of 5-bit high bits; K formats need whole 256-value super-blocks.
+    let shapes = FORMATS.iter().flat_map(|&dt| {
+        let k_quant = matches!(dt, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
+        let widths: &[usize] = if k_quant { &[768] } else { &[768, 896] };
+        widths.iter().map(move |&k| (dt, k))
+    });
+    for (dt, k) in shapes {
+        let (w, wf) = qmatrix(&mut rng, dt, 13, k);
+        let x = randn(&mut rng, 9 * k);
         let mut acts = QActs::default();
-        acts.quantize(&x, 9, 768);
+        acts.quantize(&x, 9, k);
         let rows: Vec<_> = (0..9).map(|r| acts.row(r)).collect();
         for c in 0..w.rows {
             let want: Vec<f32> = rows.iter().map(|a| scalar::dot(&w, c, a)).collect();
-            for &tier in &tiers {
-                let mut got = vec![[0f32; TILE]; rows.len()];
-                tier.tile_rows(&w, c / TILE, &rows, &mut got);
-                let got: Vec<f32> = got.iter().map(|o| o[c % TILE]).collect();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{dt:?} tier {tier:?} row {c}");
+            // 1–3 rows, 4-row groups and the unpack-once path (≥ 8 rows).
+            for n in [1, 2, 4, 5, 9] {
+                for &tier in &tiers {
+                    let mut got = vec![[0f32; TILE]; n];
+                    tier.tile_rows(&w, c / TILE, &rows[..n], &mut got);
+                    let got: Vec<f32> = got.iter().map(|o| o[c % TILE]).collect();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got),
+                        bits(&want[..n]),
+                        "{dt:?} tier {tier:?} row {c}, {n} activation rows"
+                    );
+                }
             }
             // Semantics: close to the f32 product of the stored weights and the input.
             for (r, &got) in want.iter().enumerate() {
-                let exact: f32 = (0..768).map(|k| wf[c * 768 + k] * x[r * 768 + k]).sum();
-                let scale: f32 = (0..768)
-                    .map(|k| (wf[c * 768 + k] * x[r * 768 + k]).abs())
-                    .sum();
+                let exact: f32 = (0..k).map(|e| wf[c * k + e] * x[r * k + e]).sum();
+                let scale: f32 = (0..k).map(|e| (wf[c * k + e] * x[r * k + e]).abs()).sum();
                 assert!(
                     (got - exact).abs() <= 0.02 * scale + 1e-5,
                     "{dt:?}: {got} vs {exact} (scale {scale})"

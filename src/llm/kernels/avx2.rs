@@ -10,7 +10,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::blocks::{ActRow, Packing, QMatrix, QK, TILE};
+use super::blocks::{ActRow, Packing, QMatrix, Scales, HI_GROUP, HI_PAIR_BYTES, QK, SUPER, TILE};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -18,7 +18,9 @@ use std::arch::x86_64::*;
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -33,38 +35,62 @@ pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[
         Packing::I8 => rows::<0>(w, tile, a, out),
         Packing::U4 => rows::<1>(w, tile, a, out),
         Packing::U5 => rows::<2>(w, tile, a, out),
-        Packing::U6 => rows::<3>(w, tile, a, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
     let nb = w.blocks_per_row();
     let bpb = w.packing.bytes();
     let packed = w.qs.as_ptr().add(tile * nb * TILE * bpb);
-    if P != 0 && a.len() >= EXPAND_ROWS {
+    if P == 0 {
+        row_groups::<0>(w, tile, packed, bpb, a, out);
+    } else if a.len() >= EXPAND_ROWS {
         // Many rows: unpack the tile once and run the byte kernels over it.
         EXPANDED.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.resize(nb * TILE * QK, 0);
-            for i in 0..nb * TILE {
-                let mut v = load_values::<P>(packed.add(i * bpb));
-                if P == 3 {
-                    v = _mm256_sub_epi8(v, _mm256_set1_epi8(32));
+            for b in 0..nb {
+                for c in 0..TILE {
+                    let i = b * TILE + c;
+                    let mut v = nibbles(packed.add(i * 16));
+                    if P == 2 {
+                        let h =
+                            w.hi.as_ptr()
+                                .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
+                        let h = _mm256_set_m128i(
+                            _mm_loadu_si128(h.add(32) as *const __m128i),
+                            _mm_loadu_si128(h as *const __m128i),
+                        );
+                        v = _mm256_or_si256(v, bit4(h, b % HI_GROUP));
+                    }
+                    _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
                 }
-                _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
             }
-            if P == 3 {
-                row_groups::<0>(w, tile, buf.as_ptr(), QK, a, out);
-            } else {
-                row_groups::<4>(w, tile, buf.as_ptr(), QK, a, out);
-            }
+            row_groups::<4>(w, tile, buf.as_ptr(), QK, a, out);
         });
     } else {
-        row_groups::<P>(w, tile, packed, bpb, a, out);
+        // Packed nibbles: two weight rows per 32-byte load.
+        const RM: usize = NIBBLE_ROWS;
+        let mut j = 0;
+        while j + RM <= a.len() {
+            let r = kernel_nibbles::<RM, P>(w, tile, packed, std::array::from_fn(|k| &a[j + k]));
+            for (k, v) in r.iter().enumerate() {
+                _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
+            }
+            j += RM;
+        }
+        while j < a.len() {
+            let r = kernel_nibbles::<1, P>(w, tile, packed, [&a[j]]);
+            _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
+            j += 1;
+        }
     }
 }
+
+/// Activation rows per call of [`kernel_nibbles`].
+const NIBBLE_ROWS: usize = 4;
 
 /// Activation rows from which [`rows`] unpacks a tile once instead of per row group.
 const EXPAND_ROWS: usize = 8;
@@ -73,8 +99,10 @@ thread_local! {
     static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// [`kernel`] over groups of up to 4 activation rows. `P`: 0 = signed bytes,
+/// 4 = unsigned bytes (an unpacked tile).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_groups<const P: u8>(
     w: &QMatrix,
     tile: usize,
@@ -99,50 +127,31 @@ unsafe fn row_groups<const P: u8>(
     }
 }
 
-/// 0xFF in byte `e` where bit `e` of the little-endian u32 at `p` is set (ggml's
-/// `bytes_from_bits_32`).
+/// The 32 values of one row's packed 16 nibble bytes at `p` (values 0–15 in the
+/// low lane, 16–31 in the high lane).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn bit_bytes(p: *const u8) -> __m256i {
-    let x = std::ptr::read_unaligned(p as *const u32) as i32;
-    let shuf = _mm256_set_epi64x(
-        0x0303030303030303,
-        0x0202020202020202,
-        0x0101010101010101,
-        0x0000000000000000,
-    );
-    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
-    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
-}
-
-/// The 32 stored values of the packed block at `p` as bytes (`u`, or `q` for I8).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn load_values<const P: u8>(p: *const u8) -> __m256i {
-    if P == 0 || P == 4 {
-        return _mm256_loadu_si256(p as *const __m256i);
-    }
+unsafe fn nibbles(p: *const u8) -> __m256i {
     let x = _mm_loadu_si128(p as *const __m128i);
     let m4 = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(x, m4);
     let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), m4);
-    let mut u = _mm256_set_m128i(hi, lo);
-    if P >= 2 {
-        u = _mm256_or_si256(
-            u,
-            _mm256_and_si256(bit_bytes(p.add(16)), _mm256_set1_epi8(0x10)),
-        );
-    }
-    if P == 3 {
-        u = _mm256_or_si256(
-            u,
-            _mm256_and_si256(bit_bytes(p.add(20)), _mm256_set1_epi8(0x20)),
-        );
-    }
-    u
+    _mm256_set_m128i(hi, lo)
+}
+
+/// Bit `k` of every byte of `h`, moved to bit 4 (`0x10` or 0). A 16-bit shift
+/// never carries a byte's bit `k` into the other byte's bit 4 (|4 − k| ≤ 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bit4(h: __m256i, k: usize) -> __m256i {
+    let t = if k <= 4 {
+        _mm256_sll_epi16(h, _mm_cvtsi32_si128((4 - k) as i32))
+    } else {
+        _mm256_srl_epi16(h, _mm_cvtsi32_si128((k - 4) as i32))
+    };
+    _mm256_and_si256(t, _mm256_set1_epi8(0x10))
 }
 
 /// Fold the pairwise `hadd`s of 8 vectors of 8 i32 lanes (`h[k] = hadd(v₂ₖ,
@@ -159,8 +168,148 @@ unsafe fn fold_pairs(h: [__m256i; 4]) -> __m256i {
     )
 }
 
+/// Where one tile's [`Scales`] start.
+#[derive(Clone, Copy)]
+enum ScalePtr {
+    F32(*const f32),
+    F16(*const u16),
+    Super(*const u8, *const f32),
+}
+
+impl ScalePtr {
+    /// The tile whose blocks start at index `base` (super-blocks at `sbase`).
+    unsafe fn new(s: &Scales, base: usize, sbase: usize) -> Self {
+        match s {
+            Scales::F32(v) => ScalePtr::F32(v.as_ptr().add(base)),
+            Scales::F16(v) => ScalePtr::F16(v.as_ptr().add(base) as *const u16),
+            Scales::Super { sc, sup } => {
+                ScalePtr::Super(sc.as_ptr().add(base), sup.as_ptr().add(sbase))
+            }
+        }
+    }
+
+    /// The 8 rows' f32 values of block `b` (exactly [`Scales::get`]).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load(self, b: usize) -> __m256 {
+        match self {
+            ScalePtr::F32(p) => _mm256_loadu_ps(p.add(b * TILE)),
+            ScalePtr::F16(p) => _mm256_cvtph_ps(_mm_loadu_si128(p.add(b * TILE) as *const __m128i)),
+            ScalePtr::Super(sc, sup) => {
+                let k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.add(b * TILE) as *const __m128i));
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(k),
+                    _mm256_loadu_ps(sup.add((b / SUPER) * TILE)),
+                )
+            }
+        }
+    }
+}
+
+/// [`kernel`] for packed 4- and 5-bit values (`P` 1 = [`Packing::U4`], 2 =
+/// [`Packing::U5`]): the 16-byte nibble blocks of weight rows `2k` and `2k+1`
+/// are adjacent, so one 32-byte load holds both; its low nibbles (values 0–15
+/// of the two rows) multiply the activations' first half duplicated to both
+/// lanes, its high nibbles the second half. For 5-bit values the two 32-byte
+/// loads of [`QMatrix::hi`] for the pair hold bit 4 of the same values (one
+/// shift per block selects the block's bit).
+/// `madd` leaves four partial sums per row (row `2k` low lane, `2k+1` high),
+/// and three `hadd`s and a permute fold the 8 rows; every partial is an exact
+/// integer, so the block sums equal [`kernel`]'s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn kernel_nibbles<const R: usize, const P: u8>(
+    w: &QMatrix,
+    tile: usize,
+    qs: *const u8,
+    a: [&ActRow<'_>; R],
+) -> [__m256; R] {
+    let nb = w.blocks_per_row();
+    let base = tile * nb * TILE;
+    let sbase = tile * (nb / SUPER) * TILE;
+    let d = ScalePtr::new(&w.d, base, sbase);
+    let m = w.m.as_ref().map(|m| ScalePtr::new(m, base, sbase));
+    let negz = _mm256_set1_ps(-(w.zero as f32));
+    let ones = _mm256_set1_epi16(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let hip = if P == 2 {
+        w.hi.as_ptr().add(w.hi_index(tile * TILE, 0))
+    } else {
+        std::ptr::null()
+    };
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut macc = [_mm256_setzero_ps(); R];
+    for b in 0..nb {
+        let mut alo = [_mm256_setzero_si256(); R];
+        let mut ahi = [_mm256_setzero_si256(); R];
+        for r in 0..R {
+            let p = a[r].qs.as_ptr().add(b * QK) as *const __m128i;
+            alo[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(p));
+            ahi[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1)));
+        }
+        let wb = qs.add(b * TILE * 16);
+        let hb = if P == 2 {
+            hip.add((b / HI_GROUP) * (TILE / 2) * HI_PAIR_BYTES)
+        } else {
+            hip
+        };
+        // Pairs of pairs are folded as soon as both exist (fewer live registers).
+        let mut prev = [_mm256_setzero_si256(); R];
+        let mut pr = [[_mm256_setzero_si256(); 2]; R];
+        for (k, _) in [(); 4].iter().enumerate() {
+            let x = _mm256_loadu_si256(wb.add(32 * k) as *const __m256i);
+            let mut lo = _mm256_and_si256(x, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+            if P == 2 {
+                let h = hb.add(k * HI_PAIR_BYTES);
+                lo = _mm256_or_si256(
+                    lo,
+                    bit4(_mm256_loadu_si256(h as *const __m256i), b % HI_GROUP),
+                );
+                hi = _mm256_or_si256(
+                    hi,
+                    bit4(
+                        _mm256_loadu_si256(h.add(32) as *const __m256i),
+                        b % HI_GROUP,
+                    ),
+                );
+            }
+            for r in 0..R {
+                // ≤ 2·31·127 per maddubs lane, twice: fits i16.
+                let s = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, alo[r]),
+                    _mm256_maddubs_epi16(hi, ahi[r]),
+                );
+                let v = _mm256_madd_epi16(s, ones);
+                if k % 2 == 0 {
+                    prev[r] = v;
+                } else {
+                    pr[r][k / 2] = _mm256_hadd_epi32(prev[r], v);
+                }
+            }
+        }
+        let dw = d.load(b);
+        let mv = m.map_or(_mm256_setzero_ps(), |m| m.load(b));
+        let off = _mm256_fmadd_ps(negz, dw, mv);
+        for r in 0..R {
+            let h = _mm256_hadd_epi32(pr[r][0], pr[r][1]);
+            let isum = _mm256_permutevar8x32_epi32(h, order);
+            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
+            macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+        }
+    }
+    for r in 0..R {
+        acc[r] = _mm256_add_ps(acc[r], macc[r]);
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn kernel<const R: usize, const P: u8>(
     w: &QMatrix,
@@ -171,10 +320,11 @@ unsafe fn kernel<const R: usize, const P: u8>(
 ) -> [__m256; R] {
     let nb = w.blocks_per_row();
     let base = tile * nb * TILE;
-    let d = w.d.as_ptr().add(base);
-    // P: 0 = signed bytes, 1/2/3 = packed U4/U5/U6, 4 = unsigned bytes.
-    let unsigned = P == 1 || P == 2 || P == 4;
-    let m = w.m.as_ref().map(|m| m.as_ptr().add(base));
+    let sbase = tile * (nb / SUPER) * TILE;
+    let d = ScalePtr::new(&w.d, base, sbase);
+    // P: 0 = signed bytes, 4 = unsigned bytes.
+    let unsigned = P == 4;
+    let m = w.m.as_ref().map(|m| ScalePtr::new(m, base, sbase));
     let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
     let negz = _mm256_set1_ps(-(w.zero as f32));
     let ones = _mm256_set1_epi16(1);
@@ -193,11 +343,11 @@ unsafe fn kernel<const R: usize, const P: u8>(
             let mut v = [[_mm256_setzero_si256(); 2]; R];
             for k in 0..2 {
                 let c = 2 * pair + k;
-                let mut wv = load_values::<P>(wb.add(c * bpb));
+                let wv = _mm256_loadu_si256(wb.add(c * bpb) as *const __m256i);
                 let scale = match sub {
                     Some(s) => {
                         let s = *s.add(b * TILE + c);
-                        _mm256_set_m128i(_mm_set1_epi16(s[1]), _mm_set1_epi16(s[0]))
+                        _mm256_set_m128i(_mm_set1_epi16(s[1] as i16), _mm_set1_epi16(s[0] as i16))
                     }
                     None => ones,
                 };
@@ -206,9 +356,6 @@ unsafe fn kernel<const R: usize, const P: u8>(
                         v[r][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[r]), scale);
                     }
                 } else {
-                    if P == 3 {
-                        wv = _mm256_sub_epi8(wv, _mm256_set1_epi8(32));
-                    }
                     let aw = _mm256_sign_epi8(wv, wv);
                     for r in 0..R {
                         let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
@@ -220,9 +367,9 @@ unsafe fn kernel<const R: usize, const P: u8>(
                 h[r][pair] = _mm256_hadd_epi32(v[r][0], v[r][1]);
             }
         }
-        let dw = _mm256_loadu_ps(d.add(b * TILE));
+        let dw = d.load(b);
         let off = if unsigned {
-            let mv = m.map_or(_mm256_setzero_ps(), |m| _mm256_loadu_ps(m.add(b * TILE)));
+            let mv = m.map_or(_mm256_setzero_ps(), |m| m.load(b));
             _mm256_fmadd_ps(negz, dw, mv)
         } else {
             _mm256_setzero_ps()

@@ -1,16 +1,20 @@
 //! Weight and activation block formats of the int8 kernels, and the lossless
 //! conversion of GGUF block formats into them.
 //!
-//! Every weight matrix is rows of 32-element blocks with one f32 scale `d`, an
-//! optional f32 offset `m` (the "min" of Q4_1/Q5_1/Q4_K/Q5_K) and optional
+//! Every weight matrix is rows of 32-element blocks with one scale `d`, an
+//! optional offset `m` (the "min" of Q4_1/Q5_1/Q4_K/Q5_K) and optional
 //! integer sub-scales per 16 values (Q6_K); a weight value is `(d · sub) · q + m`,
 //! exactly the value the GGUF file stores: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
 //! Q5_K and Q6_K convert without loss (checked in the tests against candle's
 //! dequantization); other types (F32, F16, …) are quantized to Q8_0-style blocks.
 //!
 //! Values keep their bit width ([`Packing`]): 8-bit as `i8`, 4-bit as nibbles,
-//! 5-bit as nibbles plus a bit plane, 6-bit as nibbles plus two bit planes, so a
-//! decode step streams about the GGUF's bytes. 4- and 5-bit values are stored
+//! 5-bit as nibbles plus a bit plane; 6-bit (Q6_K) become `i8` (unpacking two
+//! bit planes per block made Q6_K the slowest matrices of a decode step), and
+//! scales keep their storage ([`Scales`]): f16 where the file has an f16 per
+//! block, and for Q4_K/Q5_K the 6-bit integer per block with one f32 per
+//! 256-value super-block (their product is exact in f32), so a decode step
+//! streams about the GGUF's bytes (Q4_K: 19 bytes per 32 values, the file 18). 4- and 5-bit values are stored
 //! unsigned (`u = q + zero`) and the kernels multiply them unsigned; the signed
 //! offset of Q4_0/Q5_0 becomes `−zero · d` in the offset term.
 //!
@@ -37,24 +41,126 @@ pub const TILE: usize = 8;
 /// How a matrix stores its values (bytes per 32-block and row in parentheses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {
-    /// Signed 8-bit values (32): Q8_0 and requantized f32/f16.
+    /// Signed 8-bit values (32): Q8_0, Q6_K (values −32..31 with its integer
+    /// sub-scales: unpacking 6-bit planes per block costs more at small batches
+    /// than the 1.3× bytes) and requantized f32/f16.
     I8,
     /// Unsigned 4-bit values (16): byte `j` holds values `j` (low nibble) and `j+16`.
     U4,
-    /// Unsigned 5-bit values (20): nibbles as [`Packing::U4`], then 32 bits of bit 4.
+    /// Unsigned 5-bit values (16 + 4): nibbles as [`Packing::U4`] in
+    /// [`QMatrix::qs`], bit 4 in [`QMatrix::hi`].
     U5,
-    /// 6-bit values `q + 32` (24): nibbles, then 32 bits of bit 4, 32 bits of bit 5.
-    U6,
 }
 
 impl Packing {
-    /// Bytes per block and row.
+    /// Bytes per block and row in [`QMatrix::qs`].
     pub fn bytes(self) -> usize {
         match self {
             Packing::I8 => 32,
             Packing::U4 => 16,
-            Packing::U5 => 20,
-            Packing::U6 => 24,
+            Packing::U5 => 16,
+        }
+    }
+}
+
+/// Blocks per super-block of the K formats (256 values).
+pub const SUPER: usize = 8;
+
+/// How a matrix stores one f32 per block (its scales, or its offsets). Every
+/// variant gives back exactly the f32 the file defines.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scales {
+    /// One f32 per block, `[tile][block][row in tile]` (requantized weights).
+    F32(Vec<f32>),
+    /// One f16 per block, same layout (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q6_K).
+    F16(Vec<f16>),
+    /// `sup · sc`: an integer per block (same layout) times an f32 per
+    /// super-block of [`SUPER`] blocks (`[tile][super-block][row in tile]`):
+    /// Q4_K/Q5_K's f16 super-block scale (or negated min) and 6-bit sub-scale.
+    Super {
+        /// Integer per block.
+        sc: Vec<u8>,
+        /// Factor per super-block.
+        sup: Vec<f32>,
+    },
+}
+
+/// Which [`Scales`] variant a matrix uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleKind {
+    /// [`Scales::F32`].
+    F32,
+    /// [`Scales::F16`].
+    F16,
+    /// [`Scales::Super`].
+    Super,
+}
+
+impl Scales {
+    fn zeros(kind: ScaleKind, blocks: usize) -> Self {
+        match kind {
+            ScaleKind::F32 => Scales::F32(vec![0.0; blocks]),
+            ScaleKind::F16 => Scales::F16(vec![f16::ZERO; blocks]),
+            ScaleKind::Super => Scales::Super {
+                sc: vec![0; blocks],
+                sup: vec![0.0; blocks.div_ceil(SUPER)],
+            },
+        }
+    }
+
+    /// The variant.
+    pub fn kind(&self) -> ScaleKind {
+        match self {
+            Scales::F32(_) => ScaleKind::F32,
+            Scales::F16(_) => ScaleKind::F16,
+            Scales::Super { .. } => ScaleKind::Super,
+        }
+    }
+
+    /// The value at block index `i` (super-block index `s` for [`Scales::Super`]).
+    #[inline]
+    pub fn get(&self, i: usize, s: usize) -> f32 {
+        match self {
+            Scales::F32(v) => v[i],
+            Scales::F16(v) => v[i].to_f32(),
+            Scales::Super { sc, sup } => sc[i] as f32 * sup[s],
+        }
+    }
+
+    /// Decomposition `(sup, sc)` at `(i, s)` ([`Scales::Super`] only).
+    fn parts(&self, i: usize, s: usize) -> Option<(f32, u8)> {
+        match self {
+            Scales::Super { sc, sup } => Some((sup[s], sc[i])),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, i: usize, s: usize, v: f32, parts: Option<(f32, u8)>) {
+        match self {
+            Scales::F32(d) => d[i] = v,
+            Scales::F16(d) => {
+                let h = f16::from_f32(v);
+                assert!(
+                    h.to_f32() == v || v.is_nan(),
+                    "scale {v} is not an f16 value"
+                );
+                d[i] = h;
+            }
+            Scales::Super { sc, sup } => {
+                let (f, k) = parts.expect("a super-block scale needs its (factor, integer) parts");
+                debug_assert_eq!(k as f32 * f, v);
+                sc[i] = k;
+                sup[s] = f;
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Scales::F32(v) => 4 * v.len(),
+            Scales::F16(v) => 2 * v.len(),
+            Scales::Super { sc, sup } => sc.len() + 4 * sup.len(),
         }
     }
 }
@@ -72,14 +178,21 @@ pub struct QMatrix {
     /// For [`Packing::U4`]/[`Packing::U5`]: stored `u = q + zero` (8 for Q4_0,
     /// 16 for Q5_0, 0 for formats with a min).
     pub zero: i8,
-    /// Values, `[tile][block][row in tile][packing.bytes()]`.
+    /// Values (4-bit: nibbles), `[tile][block][row in tile][packing.bytes()]`.
     pub qs: Vec<u8>,
     /// Scales, `[tile][block][row in tile]`.
-    pub d: Vec<f32>,
-    /// Offsets (formats with a min), same layout as `d`, else `None`.
-    pub m: Option<Vec<f32>>,
-    /// Sub-scales per 16 values (Q6_K), same layout as `d`, else `None`.
-    pub sub: Option<Vec<[i16; 2]>>,
+    pub d: Scales,
+    /// Offsets (formats with a min), stored like `d`, else `None`.
+    pub m: Option<Scales>,
+    /// Sub-scales per 16 values (Q6_K), `[tile][block][row in tile]`, else `None`.
+    pub sub: Option<Vec<[i8; 2]>>,
+    /// Bit 4 of [`Packing::U5`] values (else empty), laid out for the kernels:
+    /// `[tile][group of HI_GROUP blocks][row pair][2][2][16]`. For rows `2p`,
+    /// `2p+1` of a tile and a group, 64 bytes: values 0–15 of row `2p`, of row
+    /// `2p+1`, then values 16–31 of each; bit `k` of byte `j` belongs to block
+    /// `k` of the group. So one 32-byte load holds what a pair of rows' packed
+    /// nibbles needs, and one shift moves block `k`'s bits into place.
+    pub hi: Vec<u8>,
 }
 
 /// One block of one row, as the file defines it.
@@ -92,7 +205,11 @@ pub struct Block {
     /// Offset (0 when the format has none).
     pub m: f32,
     /// Sub-scales of the two 16-value halves (1 when the format has none).
-    pub sub: [i16; 2],
+    pub sub: [i8; 2],
+    /// `(factor, integer)` with `d = integer · factor`, for [`Scales::Super`].
+    pub d_parts: Option<(f32, u8)>,
+    /// `(factor, integer)` with `m = integer · factor`, for [`Scales::Super`].
+    pub m_parts: Option<(f32, u8)>,
 }
 
 impl Default for Block {
@@ -102,77 +219,58 @@ impl Default for Block {
             d: 0.0,
             m: 0.0,
             sub: [1, 1],
+            d_parts: None,
+            m_parts: None,
         }
     }
 }
 
-/// Pack 32 unsigned values (< 64) into `out` as `packing` lays them out.
-fn pack(u: &[u8; QK], packing: Packing, out: &mut [u8]) {
-    match packing {
-        Packing::I8 => out.copy_from_slice(u),
-        _ => {
-            for j in 0..16 {
-                out[j] = (u[j] & 0xF) | ((u[j + 16] & 0xF) << 4);
-            }
-            let plane = |bit: u8| -> [u8; 4] {
-                let mut v = 0u32;
-                for (e, &x) in u.iter().enumerate() {
-                    v |= (((x >> bit) & 1) as u32) << e;
-                }
-                v.to_le_bytes()
-            };
-            if packing != Packing::U4 {
-                out[16..20].copy_from_slice(&plane(4));
-            }
-            if packing == Packing::U6 {
-                out[20..24].copy_from_slice(&plane(5));
-            }
-        }
-    }
-}
+/// Blocks whose bit 4 shares the bytes of one [`QMatrix::hi`] group.
+pub const HI_GROUP: usize = 8;
 
-/// The 32 stored values of a packed block (`u`, or `q` for [`Packing::I8`]).
-pub fn unpack(p: &[u8], packing: Packing) -> [u8; QK] {
-    let mut u = [0u8; QK];
-    match packing {
-        Packing::I8 => u.copy_from_slice(&p[..QK]),
-        _ => {
-            for j in 0..16 {
-                u[j] = p[j] & 0xF;
-                u[j + 16] = p[j] >> 4;
-            }
-            let bit = |at: usize, e: usize| (p[at + e / 8] >> (e % 8)) & 1;
-            for (e, x) in u.iter_mut().enumerate() {
-                if packing != Packing::U4 {
-                    *x |= bit(16, e) << 4;
-                }
-                if packing == Packing::U6 {
-                    *x |= bit(20, e) << 5;
-                }
-            }
-        }
-    }
-    u
-}
+/// Bytes of one [`QMatrix::hi`] group for a pair of rows.
+pub const HI_PAIR_BYTES: usize = 64;
 
 impl QMatrix {
-    /// A zero matrix with room for `rows × cols` (rows padded to whole tiles).
-    pub fn zeros(rows: usize, cols: usize, packing: Packing, zero: i8, has_min: bool) -> Self {
+    /// A zero matrix with room for `rows × cols` (rows padded to whole tiles),
+    /// scales stored as `d`, offsets (when the format has a min) as `m`, with
+    /// sub-scales per 16 values when `sub`.
+    pub fn zeros(
+        rows: usize,
+        cols: usize,
+        packing: Packing,
+        zero: i8,
+        d: ScaleKind,
+        m: Option<ScaleKind>,
+        sub: bool,
+    ) -> Self {
         assert_eq!(
             cols % QK,
             0,
             "{cols} input features are not a multiple of {QK}"
         );
+        let uses_super = d == ScaleKind::Super || m == Some(ScaleKind::Super);
+        assert!(
+            !uses_super || (cols / QK) % SUPER == 0,
+            "{cols} input features are not whole super-blocks"
+        );
         let blocks = rows.div_ceil(TILE) * TILE * (cols / QK);
+        let hi = match packing {
+            Packing::U5 => {
+                rows.div_ceil(TILE) * (cols / QK).div_ceil(HI_GROUP) * TILE / 2 * HI_PAIR_BYTES
+            }
+            _ => 0,
+        };
         Self {
             rows,
             cols,
             packing,
             zero,
             qs: vec![0; blocks * packing.bytes()],
-            d: vec![0.0; blocks],
-            m: has_min.then(|| vec![0.0; blocks]),
-            sub: (packing == Packing::U6).then(|| vec![[1, 1]; blocks]),
+            hi: vec![0; hi],
+            d: Scales::zeros(d, blocks),
+            m: m.map(|k| Scales::zeros(k, blocks)),
+            sub: sub.then(|| vec![[1, 1]; blocks]),
         }
     }
 
@@ -192,18 +290,85 @@ impl QMatrix {
         ((r / TILE) * self.blocks_per_row() + b) * TILE + r % TILE
     }
 
-    /// The stored bytes of block `b` of row `r`.
-    pub fn packed(&self, r: usize, b: usize) -> &[u8] {
-        let n = self.packing.bytes();
-        let i = self.index(r, b);
-        &self.qs[i * n..(i + 1) * n]
+    /// Index of the super-block holding block `b` of row `r` (for [`Scales::Super`]).
+    #[inline]
+    pub fn super_index(&self, r: usize, b: usize) -> usize {
+        ((r / TILE) * (self.blocks_per_row() / SUPER) + b / SUPER) * TILE + r % TILE
     }
 
-    /// Offset of block index `i` as the kernels use it: `m − zero · d`.
+    /// Scale of block `b` of row `r`.
     #[inline]
-    pub fn offset(&self, i: usize) -> f32 {
-        let m = self.m.as_ref().map_or(0.0, |m| m[i]);
-        (-(self.zero as f32)).mul_add(self.d[i], m)
+    pub fn scale(&self, r: usize, b: usize) -> f32 {
+        self.d.get(self.index(r, b), self.super_index(r, b))
+    }
+
+    /// Offset of block `b` of row `r` as the kernels use it: `m − zero · d`.
+    #[inline]
+    pub fn offset(&self, r: usize, b: usize) -> f32 {
+        let (i, s) = (self.index(r, b), self.super_index(r, b));
+        let m = self.m.as_ref().map_or(0.0, |m| m.get(i, s));
+        (-(self.zero as f32)).mul_add(self.d.get(i, s), m)
+    }
+
+    /// Offset in [`QMatrix::hi`] of the group holding block `b` for the row
+    /// pair of row `r` (add `16·(r & 1)` and `32` for values 16–31).
+    #[inline]
+    pub fn hi_index(&self, r: usize, b: usize) -> usize {
+        let groups = self.blocks_per_row().div_ceil(HI_GROUP);
+        (((r / TILE) * groups + b / HI_GROUP) * (TILE / 2) + (r % TILE) / 2) * HI_PAIR_BYTES
+    }
+
+    /// Where value `j` of row `r` keeps its bit 4 for block `b`: (byte, bit).
+    #[inline]
+    fn hi_bit(&self, r: usize, b: usize, j: usize) -> (usize, u8) {
+        let at = self.hi_index(r, b) + (j / 16) * 32 + (r & 1) * 16 + j % 16;
+        (at, (b % HI_GROUP) as u8)
+    }
+
+    /// The 32 stored values of block `b` of row `r` (`u`, or `q` as bytes for
+    /// [`Packing::I8`]).
+    pub fn values(&self, r: usize, b: usize) -> [u8; QK] {
+        let n = self.packing.bytes();
+        let i = self.index(r, b);
+        let p = &self.qs[i * n..(i + 1) * n];
+        let mut u = [0u8; QK];
+        match self.packing {
+            Packing::I8 => u.copy_from_slice(p),
+            Packing::U4 | Packing::U5 => {
+                for j in 0..16 {
+                    u[j] = p[j] & 0xF;
+                    u[j + 16] = p[j] >> 4;
+                }
+                if self.packing == Packing::U5 {
+                    for (j, x) in u.iter_mut().enumerate() {
+                        let (at, k) = self.hi_bit(r, b, j);
+                        *x |= ((self.hi[at] >> k) & 1) << 4;
+                    }
+                }
+            }
+        }
+        u
+    }
+
+    /// Store the 32 values `u` of block `b` of row `r`.
+    fn set_values(&mut self, r: usize, b: usize, u: &[u8; QK]) {
+        let n = self.packing.bytes();
+        let i = self.index(r, b);
+        let p = &mut self.qs[i * n..(i + 1) * n];
+        match self.packing {
+            Packing::I8 => p.copy_from_slice(u),
+            Packing::U4 | Packing::U5 => {
+                for j in 0..16 {
+                    p[j] = (u[j] & 0xF) | ((u[j + 16] & 0xF) << 4);
+                }
+                if self.packing == Packing::U5 {
+                    for (j, &x) in u.iter().enumerate() {
+                        let (at, k) = self.hi_bit(r, b, j);
+                        self.hi[at] = (self.hi[at] & !(1 << k)) | (((x >> 4) & 1) << k);
+                    }
+                }
+            }
+        }
     }
 
     /// Whether the kernels apply an offset term (4- and 5-bit packings).
@@ -213,52 +378,52 @@ impl QMatrix {
 
     /// Block `b` of row `r`.
     pub fn block(&self, r: usize, b: usize) -> Block {
-        let i = self.index(r, b);
-        let u = unpack(self.packed(r, b), self.packing);
+        let (i, s) = (self.index(r, b), self.super_index(r, b));
+        let u = self.values(r, b);
         let mut q = [0i8; QK];
         for (q, &u) in q.iter_mut().zip(&u) {
             *q = match self.packing {
                 Packing::I8 => u as i8,
-                Packing::U6 => u as i8 - 32,
                 _ => u as i8 - self.zero,
             };
         }
         Block {
             q,
-            d: self.d[i],
-            m: self.m.as_ref().map_or(0.0, |m| m[i]),
-            sub: self.sub.as_ref().map_or([1, 1], |s| s[i]),
+            d: self.d.get(i, s),
+            m: self.m.as_ref().map_or(0.0, |m| m.get(i, s)),
+            sub: self.sub.as_ref().map_or([1, 1], |v| v[i]),
+            d_parts: self.d.parts(i, s),
+            m_parts: self.m.as_ref().and_then(|m| m.parts(i, s)),
         }
     }
 
     /// Store block `b` of row `r` (its values must fit the packing).
     pub fn set_block(&mut self, r: usize, b: usize, blk: &Block) {
-        let i = self.index(r, b);
+        let (i, s) = (self.index(r, b), self.super_index(r, b));
         let mut u = [0u8; QK];
         for (u, &q) in u.iter_mut().zip(&blk.q) {
             *u = match self.packing {
                 Packing::I8 => q as u8,
-                Packing::U6 => (q + 32) as u8,
                 _ => (q + self.zero) as u8,
             };
         }
-        let n = self.packing.bytes();
-        pack(&u, self.packing, &mut self.qs[i * n..(i + 1) * n]);
-        self.d[i] = blk.d;
+        self.set_values(r, b, &u);
+        self.d.set(i, s, blk.d, blk.d_parts);
         if let Some(m) = self.m.as_mut() {
-            m[i] = blk.m;
+            m.set(i, s, blk.m, blk.m_parts);
         }
-        if let Some(s) = self.sub.as_mut() {
-            s[i] = blk.sub;
+        if let Some(v) = self.sub.as_mut() {
+            v[i] = blk.sub;
         }
     }
 
     /// Bytes held in memory.
     pub fn bytes(&self) -> usize {
         self.qs.len()
-            + 4 * self.d.len()
-            + self.m.as_ref().map_or(0, |m| 4 * m.len())
-            + self.sub.as_ref().map_or(0, |s| 4 * s.len())
+            + self.hi.len()
+            + self.d.bytes()
+            + self.m.as_ref().map_or(0, Scales::bytes)
+            + self.sub.as_ref().map_or(0, |s| 2 * s.len())
     }
 
     /// Write row `r` as f32 values (the exact stored values).
@@ -284,7 +449,7 @@ impl QMatrix {
     /// Quantize dense row-major f32 values to Q8_0-style blocks.
     pub fn quantize_f32(values: &[f32], rows: usize, cols: usize) -> Self {
         assert_eq!(values.len(), rows * cols);
-        let mut out = Self::zeros(rows, cols, Packing::I8, 0, false);
+        let mut out = Self::zeros(rows, cols, Packing::I8, 0, ScaleKind::F32, None, false);
         let mut blk = Block::default();
         for (i, x) in values.chunks_exact(QK).enumerate() {
             blk.d = quantize_block(x, &mut blk.q).0;
@@ -301,7 +466,9 @@ impl QMatrix {
             p.cols == first.cols
                 && p.packing == first.packing
                 && p.zero == first.zero
-                && p.m.is_some() == first.m.is_some()
+                && p.d.kind() == first.d.kind()
+                && p.m.as_ref().map(Scales::kind) == first.m.as_ref().map(Scales::kind)
+                && p.sub.is_some() == first.sub.is_some()
         });
         if !same {
             return None;
@@ -312,7 +479,9 @@ impl QMatrix {
             first.cols,
             first.packing,
             first.zero,
-            first.m.is_some(),
+            first.d.kind(),
+            first.m.as_ref().map(Scales::kind),
+            first.sub.is_some(),
         );
         let mut r0 = 0;
         for p in parts {
@@ -359,7 +528,15 @@ impl QMatrix {
                 data.len()
             );
         }
-        let mut out = Self::zeros(rows, cols, conv.packing, conv.zero, conv.has_min);
+        let mut out = Self::zeros(
+            rows,
+            cols,
+            conv.packing,
+            conv.zero,
+            conv.d,
+            conv.m,
+            conv.sub,
+        );
         let per = conv.elems / QK;
         let nb = cols / QK;
         let mut blk = [Block::default(); 8];
@@ -467,7 +644,9 @@ struct Converter {
     bytes: usize,
     packing: Packing,
     zero: i8,
-    has_min: bool,
+    d: ScaleKind,
+    m: Option<ScaleKind>,
+    sub: bool,
     f: fn(&[u8], &mut [Block]),
 }
 
@@ -489,31 +668,34 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 
 impl Converter {
     fn for_dtype(dt: GgmlDType) -> Option<Converter> {
-        let c = |elems, bytes, packing, zero, has_min, f| {
+        use ScaleKind::{Super, F16};
+        let c = |elems, bytes, packing, zero, d, m, f| {
             Some(Converter {
                 elems,
                 bytes,
                 packing,
                 zero,
-                has_min,
+                d,
+                m,
+                sub: false,
                 f,
             })
         };
         match dt {
-            GgmlDType::Q8_0 => c(32, 34, Packing::I8, 0, false, |s, o| {
+            GgmlDType::Q8_0 => c(32, 34, Packing::I8, 0, F16, None, |s, o| {
                 o[0].d = h(s, 0);
                 for (q, &b) in o[0].q.iter_mut().zip(&s[2..34]) {
                     *q = b as i8;
                 }
             }),
-            GgmlDType::Q4_0 => c(32, 18, Packing::U4, 8, false, |s, o| {
+            GgmlDType::Q4_0 => c(32, 18, Packing::U4, 8, F16, None, |s, o| {
                 o[0].d = h(s, 0);
                 for j in 0..16 {
                     o[0].q[j] = (s[2 + j] & 0xF) as i8 - 8;
                     o[0].q[j + 16] = (s[2 + j] >> 4) as i8 - 8;
                 }
             }),
-            GgmlDType::Q4_1 => c(32, 20, Packing::U4, 0, true, |s, o| {
+            GgmlDType::Q4_1 => c(32, 20, Packing::U4, 0, F16, Some(F16), |s, o| {
                 o[0].d = h(s, 0);
                 o[0].m = h(s, 2);
                 for j in 0..16 {
@@ -521,7 +703,7 @@ impl Converter {
                     o[0].q[j + 16] = (s[4 + j] >> 4) as i8;
                 }
             }),
-            GgmlDType::Q5_0 => c(32, 22, Packing::U5, 16, false, |s, o| {
+            GgmlDType::Q5_0 => c(32, 22, Packing::U5, 16, F16, None, |s, o| {
                 o[0].d = h(s, 0);
                 let qh = u32::from_le_bytes([s[2], s[3], s[4], s[5]]);
                 for j in 0..16 {
@@ -531,7 +713,7 @@ impl Converter {
                     o[0].q[j + 16] = ((s[6 + j] >> 4) | h1) as i8 - 16;
                 }
             }),
-            GgmlDType::Q5_1 => c(32, 24, Packing::U5, 0, true, |s, o| {
+            GgmlDType::Q5_1 => c(32, 24, Packing::U5, 0, F16, Some(F16), |s, o| {
                 o[0].d = h(s, 0);
                 o[0].m = h(s, 2);
                 let qh = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
@@ -542,7 +724,7 @@ impl Converter {
                     o[0].q[j + 16] = ((s[8 + j] >> 4) | h1) as i8;
                 }
             }),
-            GgmlDType::Q4K => c(256, 144, Packing::U4, 0, true, |s, o| {
+            GgmlDType::Q4K => c(256, 144, Packing::U4, 0, Super, Some(Super), |s, o| {
                 let (d, dmin) = (h(s, 0), h(s, 2));
                 let scales = &s[4..16];
                 let qs = &s[16..144];
@@ -553,13 +735,15 @@ impl Converter {
                         let b = &mut o[2 * g + half];
                         b.d = d * sc as f32;
                         b.m = -(dmin * m as f32);
+                        b.d_parts = Some((d, sc));
+                        b.m_parts = Some((-dmin, m));
                         for (dst, &v) in b.q.iter_mut().zip(q) {
                             *dst = if half == 0 { v & 0xF } else { v >> 4 } as i8;
                         }
                     }
                 }
             }),
-            GgmlDType::Q5K => c(256, 176, Packing::U5, 0, true, |s, o| {
+            GgmlDType::Q5K => c(256, 176, Packing::U5, 0, Super, Some(Super), |s, o| {
                 let (d, dmin) = (h(s, 0), h(s, 2));
                 let scales = &s[4..16];
                 let qh = &s[16..48];
@@ -572,6 +756,8 @@ impl Converter {
                         let b = &mut o[2 * g + half];
                         b.d = d * sc as f32;
                         b.m = -(dmin * m as f32);
+                        b.d_parts = Some((d, sc));
+                        b.m_parts = Some((-dmin, m));
                         for l in 0..32 {
                             let lo = if half == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
                             b.q[l] = (lo + if qh[l] & u != 0 { 16 } else { 0 }) as i8;
@@ -579,7 +765,7 @@ impl Converter {
                     }
                 }
             }),
-            GgmlDType::Q6K => c(256, 210, Packing::U6, 0, false, |s, o| {
+            GgmlDType::Q6K => c(256, 210, Packing::I8, 0, F16, None, |s, o| {
                 let ql = &s[0..128];
                 let qh = &s[128..192];
                 let sc = &s[192..208];
@@ -589,7 +775,7 @@ impl Converter {
                     for k in 0..4 {
                         let b = &mut o[4 * n + k];
                         b.d = d;
-                        b.sub = [sc[2 * k] as i8 as i16, sc[2 * k + 1] as i8 as i16];
+                        b.sub = [sc[2 * k] as i8, sc[2 * k + 1] as i8];
                         for l in 0..32 {
                             let v = match k {
                                 0 => (ql[l] & 0xF) | ((qh[l] & 3) << 4),
@@ -601,7 +787,8 @@ impl Converter {
                         }
                     }
                 }
-            }),
+            })
+            .map(|c| Converter { sub: true, ..c }),
             _ => None,
         }
     }

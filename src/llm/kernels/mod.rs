@@ -1,5 +1,5 @@
-//! CPU matmul kernels on int8 blocks: weights stay in (a lossless int8
-//! expansion of) their GGUF block format, activations are quantized to int8
+//! CPU matmul kernels on int8 blocks: weights stay in (a lossless repacking
+//! of) their GGUF block format, activations are quantized to int8
 //! blocks once per matmul, and every weight row is read once per call for the
 //! whole batch. One file per instruction-set tier with the scalar reference
 //! beside them and one dispatch table ([`Tier`]), like ggml-cpu's `arch/` split.
@@ -14,7 +14,7 @@ pub mod avx2;
 pub mod blocks;
 pub mod scalar;
 
-pub use blocks::{ActRow, Block, Packing, QActs, QMatrix, QK, TILE};
+pub use blocks::{ActRow, Block, Packing, QActs, QMatrix, ScaleKind, Scales, QK, SUPER, TILE};
 
 use crate::llm::team::{self, SharedMut};
 use std::sync::OnceLock;
