@@ -921,7 +921,11 @@ pub fn paper_credit_reference() -> Vec<(&'static str, &'static str, [f64; 3])> {
 pub struct ResultsTable {
     /// Protocol name.
     pub protocol: String,
-    /// Distinct machines the parts ran on.
+    /// The protocol's settings (test items per seed, rounds, tokens per turn,
+    /// optimizer), as the run directory recorded them; `None` when unknown.
+    #[serde(default)]
+    pub settings: Option<Protocol>,
+    /// Distinct machines the parts ran on (with the model each used).
     pub machines: Vec<Machine>,
     /// One row per (task, method), tasks in input order.
     pub rows: Vec<MethodRow>,
@@ -1127,6 +1131,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     }
     ResultsTable {
         protocol: protocol.into(),
+        settings: None,
         machines: machines.into_iter().collect(),
         rows,
         credit,
@@ -1151,6 +1156,25 @@ pub fn render_markdown(t: &ResultsTable) -> String {
     let mut s = String::new();
     s.push_str("# cantante bench-run results\n\n");
     s.push_str(&format!("Protocol: `{}`.\n\n", t.protocol));
+    if let Some(p) = &t.settings {
+        let o = &p.optimizer;
+        s.push_str(&format!(
+            "Settings: {} test items per seed, dev {}, validation {}; {} rounds ({:?} design, \
+             {:?} attributer, blocks of {}); {} new tokens per turn, tag guard {}, \
+             {} format-repair turns; temperature {}.\n\n",
+            p.test_size,
+            p.dev_size,
+            p.val_size,
+            o.rounds,
+            o.design,
+            o.attributer,
+            o.block_size,
+            p.max_new_tokens,
+            if p.tag_guard { "on" } else { "off" },
+            p.format_repairs,
+            p.temperature,
+        ));
+    }
     if t.machines.is_empty() {
         s.push_str("Machine: no finished part yet.\n\n");
     } else {

@@ -520,7 +520,15 @@ fn finish_table(out: &Path, protocol: &str, tasks: &[String], seeds: &[u64]) -> 
         }
         parts.push(p);
     }
-    let table: ResultsTable = benchrun::build_table(protocol, &parts);
+    let mut table: ResultsTable = benchrun::build_table(protocol, &parts);
+    let recorded = out.join("protocol.json");
+    if recorded.is_file() {
+        let j = read_json(&recorded)?;
+        table.settings = Some(
+            serde_json::from_value(j["protocol"].clone())
+                .with_context(|| format!("{}: field `protocol`", recorded.display()))?,
+        );
+    }
     let md = out.join("results.md");
     write_atomic(&md, benchrun::render_markdown(&table).as_bytes())?;
     let js = out.join("results.json");

@@ -122,6 +122,22 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
     assert_eq!(methods, ["initial", "cantante", "identity"]);
     assert_eq!(js["rows"][1]["rounds"]["mean"], 1.0);
     assert!(js["machines"][0]["cores"].as_u64().unwrap() >= 1);
+    assert!(
+        js["machines"][0]["model"]
+            .as_str()
+            .unwrap()
+            .contains("tiny"),
+        "{js}"
+    );
+    // The protocol's numbers travel with the results.
+    let st = &js["settings"];
+    assert_eq!(st["test_size"], 2, "{js}");
+    assert_eq!(st["max_new_tokens"], 6);
+    assert_eq!(st["optimizer"]["rounds"], 1);
+    assert!(
+        md.contains("Settings: 2 test items per seed, dev 4, validation 2; 1 rounds"),
+        "{md}"
+    );
 
     // A method whose best prompts are the initial ones reuses the initial
     // test evaluation instead of re-running it.
