@@ -177,6 +177,14 @@ enum ScalePtr {
 }
 
 impl ScalePtr {
+    /// Scales and offsets (if any) of tile `tile` of `w`.
+    unsafe fn tile(w: &QMatrix, tile: usize) -> (Self, Option<Self>) {
+        let nb = w.blocks_per_row();
+        let (base, sbase) = (tile * nb * TILE, tile * (nb / SUPER) * TILE);
+        let d = ScalePtr::new(&w.d, base, sbase);
+        (d, w.m.as_ref().map(|m| ScalePtr::new(m, base, sbase)))
+    }
+
     /// The tile whose blocks start at index `base` (super-blocks at `sbase`).
     unsafe fn new(s: &Scales, base: usize, sbase: usize) -> Self {
         match s {
@@ -227,10 +235,7 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8>(
     a: [&ActRow<'_>; R],
 ) -> [__m256; R] {
     let nb = w.blocks_per_row();
-    let base = tile * nb * TILE;
-    let sbase = tile * (nb / SUPER) * TILE;
-    let d = ScalePtr::new(&w.d, base, sbase);
-    let m = w.m.as_ref().map(|m| ScalePtr::new(m, base, sbase));
+    let (d, m) = ScalePtr::tile(w, tile);
     let negz = _mm256_set1_ps(-(w.zero as f32));
     let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0F);
@@ -320,11 +325,9 @@ unsafe fn kernel<const R: usize, const P: u8>(
 ) -> [__m256; R] {
     let nb = w.blocks_per_row();
     let base = tile * nb * TILE;
-    let sbase = tile * (nb / SUPER) * TILE;
-    let d = ScalePtr::new(&w.d, base, sbase);
+    let (d, m) = ScalePtr::tile(w, tile);
     // P: 0 = signed bytes, 4 = unsigned bytes.
     let unsigned = P == 4;
-    let m = w.m.as_ref().map(|m| ScalePtr::new(m, base, sbase));
     let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
     let negz = _mm256_set1_ps(-(w.zero as f32));
     let ones = _mm256_set1_epi16(1);
