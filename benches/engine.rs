@@ -15,6 +15,10 @@
 //!   only) the candle f32 executor (`--weights f32`) at batch 1 and 32 for
 //!   comparison (`CANTANTE_BENCH_F32=0` skips it).
 //!
+//! Each model is measured in `CANTANTE_BENCH_ROUNDS` (default 2) rounds that
+//! alternate ours and llama.cpp; each side's best round is reported, with the
+//! range over rounds (a shared VM swings by a quarter between minutes).
+//!
 //! Both engines decode greedily, time from the first prefill to the last token,
 //! and count generated tokens / seconds; model load is excluded.
 
@@ -247,39 +251,90 @@ fn bench_model(
         llm.model().executor(),
         wbytes as f64 / 1e6
     );
-    let mut ours = BTreeMap::new();
+    // Rounds alternate ours and llama.cpp, and each engine's best round
+    // counts: a shared VM's slow spells then hit both sides alike.
+    let rounds = env_list("CANTANTE_BENCH_ROUNDS", &[2])[0].max(1);
+    let mut runs: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
     let mut llm = llm;
-    for &b in batches {
-        llm.set_max_batch(b);
-        ours.insert(b, decode_rate(&llm, b, new_tokens));
+    let mut pre_tokens = 0;
+    let mut absent = None;
+    for _ in 0..rounds {
+        for &b in batches {
+            llm.set_max_batch(b);
+            let r = decode_rate(&llm, b, new_tokens);
+            runs.entry(format!("decode batch {b}"))
+                .or_default()
+                .0
+                .push(r);
+        }
+        llm.set_max_batch(32);
+        let (n, r) = prefill_rate(&llm);
+        pre_tokens = n;
+        runs.entry("prefill".into()).or_default().0.push(r);
+        if absent.is_some() {
+            continue;
+        }
+        match llama_cpp(&llm, model, batches, new_tokens) {
+            Ok((d, p)) => {
+                for (b, r) in d {
+                    runs.entry(format!("decode batch {b}"))
+                        .or_default()
+                        .1
+                        .push(r);
+                }
+                runs.entry("prefill".into()).or_default().1.push(p);
+            }
+            Err(e) => absent = Some(e),
+        }
     }
-    llm.set_max_batch(32);
-    let (pre_tokens, pre) = prefill_rate(&llm);
-    let theirs = llama_cpp(&llm, model, batches, new_tokens);
-    println!("{:<22} {:>9} {:>9} {:>6}", "", "ours", "llama.cpp", "ratio");
-    let (ld, lp) = match &theirs {
-        Ok((d, p)) => (Some(d.clone()), Some(*p)),
-        Err(e) => {
-            println!("(llama.cpp absent: {e}; run benches/llama_cpp.sh setup)");
-            (None, None)
+    let best = |v: &[f64]| {
+        v.iter()
+            .copied()
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
+    };
+    let span = |v: &[f64]| match v.len() {
+        0 | 1 => String::new(),
+        _ => {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{lo:.1}-{hi:.1}")
         }
     };
-    for &b in batches {
-        let r = ours[&b];
-        let t = ld.as_ref().and_then(|d| d.get(&b).copied());
-        println!(
-            "{:<22} {:>9.1} {}",
-            format!("decode batch {b} tok/s"),
-            r,
-            ratio(r, t)
-        );
-    }
     println!(
-        "{:<22} {:>9.1} {}",
-        format!("prefill {pre_tokens} tok/s"),
-        pre,
-        ratio(pre, lp)
+        "{:<22} {:>9} {:>9} {:>6}   (best of {rounds} alternating rounds; ranges: ours / llama.cpp)",
+        "", "ours", "llama.cpp", "ratio"
     );
+    if let Some(e) = &absent {
+        println!("(llama.cpp absent: {e}; run benches/llama_cpp.sh setup)");
+    }
+    let mut ours = BTreeMap::new();
+    let mut pre = 0.0;
+    let keys: Vec<(String, String)> = batches
+        .iter()
+        .map(|b| {
+            (
+                format!("decode batch {b}"),
+                format!("decode batch {b} tok/s"),
+            )
+        })
+        .chain([("prefill".to_string(), format!("prefill {pre_tokens} tok/s"))])
+        .collect();
+    for (key, label) in keys {
+        let (o, t) = &runs[&key];
+        let r = best(o).unwrap_or(0.0);
+        println!(
+            "{label:<22} {r:>9.1} {}   {} / {}",
+            ratio(r, best(t)),
+            span(o),
+            span(t)
+        );
+        match key.strip_prefix("decode batch ") {
+            Some(b) => {
+                ours.insert(b.parse::<usize>().unwrap(), r);
+            }
+            None => pre = r,
+        }
+    }
     let macs = cfg.matmul_params() as f64;
     if let Some(&r1) = ours.get(&1) {
         println!(
