@@ -100,6 +100,39 @@ fn gguf_blocks_convert_losslessly() {
 }
 
 #[test]
+fn concat_stacks_rows_exactly() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    for dt in FORMATS {
+        // Whole tiles first (the fast path), then a part-filled tile last; and
+        // a part-filled tile in the middle (the block-by-block path).
+        for sizes in [[16, 8, 13], [16, 5, 8]] {
+            let parts: Vec<_> = sizes
+                .iter()
+                .map(|&r| qmatrix(&mut rng, dt, r, 512).0)
+                .collect();
+            let refs: Vec<&QMatrix> = parts.iter().collect();
+            let cat = QMatrix::concat(&refs).unwrap();
+            assert_eq!(cat.rows, sizes.iter().sum::<usize>());
+            let mut r0 = 0;
+            for p in &parts {
+                for r in 0..p.rows {
+                    for b in 0..p.blocks_per_row() {
+                        assert_eq!(cat.block(r0 + r, b), p.block(r, b), "{dt:?} {sizes:?}");
+                    }
+                }
+                r0 += p.rows;
+            }
+            // Padding rows stay zero, so both paths build the same matrix.
+            let mut slow = parts[0].clone();
+            for p in &parts[1..] {
+                slow = QMatrix::concat(&[&slow, p]).unwrap();
+            }
+            assert_eq!(cat, slow, "{dt:?} {sizes:?}");
+        }
+    }
+}
+
+#[test]
 fn every_tier_matches_the_scalar_reference_bit_for_bit() {
     let tiers = Tier::available();
     assert!(tiers.contains(&Tier::Scalar));

@@ -63,6 +63,15 @@ impl Packing {
     }
 }
 
+/// The slices end to end.
+fn cat<'a, T: Copy + 'a>(parts: impl Iterator<Item = &'a [T]>) -> Vec<T> {
+    let mut v = Vec::new();
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
 /// Blocks per super-block of the K formats (256 values).
 pub const SUPER: usize = 8;
 
@@ -151,6 +160,35 @@ impl Scales {
                 debug_assert_eq!(k as f32 * f, v);
                 sc[i] = k;
                 sup[s] = f;
+            }
+        }
+    }
+
+    /// The parts end to end (all of one variant, whole tiles each).
+    fn concat<'a>(parts: impl Iterator<Item = &'a Scales>) -> Scales {
+        let parts: Vec<&Scales> = parts.collect();
+        let mixed = || -> ! { unreachable!("concat checks the scale kinds") };
+        match parts[0] {
+            Scales::F32(_) => Scales::F32(cat(parts.iter().map(|p| match p {
+                Scales::F32(v) => v.as_slice(),
+                _ => mixed(),
+            }))),
+            Scales::F16(_) => Scales::F16(cat(parts.iter().map(|p| match p {
+                Scales::F16(v) => v.as_slice(),
+                _ => mixed(),
+            }))),
+            Scales::Super { .. } => {
+                let (sc, sup) = parts
+                    .iter()
+                    .map(|p| match p {
+                        Scales::Super { sc, sup } => (sc.as_slice(), sup.as_slice()),
+                        _ => mixed(),
+                    })
+                    .unzip::<_, _, Vec<_>, Vec<_>>();
+                Scales::Super {
+                    sc: cat(sc.into_iter()),
+                    sup: cat(sup.into_iter()),
+                }
             }
         }
     }
@@ -474,6 +512,27 @@ impl QMatrix {
             return None;
         }
         let rows = parts.iter().map(|p| p.rows).sum();
+        if parts[..parts.len() - 1].iter().all(|p| p.rows % TILE == 0) {
+            // Whole tiles: every array is the parts' arrays end to end (the
+            // layouts are tile-major, padding rows are zeros either way).
+            return Some(QMatrix {
+                rows,
+                cols: first.cols,
+                packing: first.packing,
+                zero: first.zero,
+                qs: cat(parts.iter().map(|p| p.qs.as_slice())),
+                hi: cat(parts.iter().map(|p| p.hi.as_slice())),
+                d: Scales::concat(parts.iter().map(|p| &p.d)),
+                m: first
+                    .m
+                    .as_ref()
+                    .map(|_| Scales::concat(parts.iter().filter_map(|p| p.m.as_ref()))),
+                sub: first
+                    .sub
+                    .as_ref()
+                    .map(|_| cat(parts.iter().filter_map(|p| p.sub.as_deref()))),
+            });
+        }
         let mut out = Self::zeros(
             rows,
             first.cols,
