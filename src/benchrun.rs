@@ -1159,15 +1159,15 @@ pub fn render_markdown(t: &ResultsTable) -> String {
     if let Some(p) = &t.settings {
         let o = &p.optimizer;
         s.push_str(&format!(
-            "Settings: {} test items per seed, dev {}, validation {}; {} rounds ({:?} design, \
-             {:?} attributer, blocks of {}); {} new tokens per turn, tag guard {}, \
+            "Settings: {} test items per seed, dev {}, validation {}; rounds: {} ({} design, \
+             {} attributer, blocks of {}); {} new tokens per turn, tag guard {}, \
              {} format-repair turns; temperature {}.\n\n",
             p.test_size,
             p.dev_size,
             p.val_size,
             o.rounds,
-            o.design,
-            o.attributer,
+            format!("{:?}", o.design).to_lowercase(),
+            format!("{:?}", o.attributer).to_lowercase(),
             o.block_size,
             p.max_new_tokens,
             if p.tag_guard { "on" } else { "off" },

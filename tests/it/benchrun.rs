@@ -135,7 +135,7 @@ fn bench_run_end_to_end_and_resume_skips_finished_parts() {
     assert_eq!(st["max_new_tokens"], 6);
     assert_eq!(st["optimizer"]["rounds"], 1);
     assert!(
-        md.contains("Settings: 2 test items per seed, dev 4, validation 2; 1 rounds"),
+        md.contains("Settings: 2 test items per seed, dev 4, validation 2; rounds: 1 ("),
         "{md}"
     );
 
