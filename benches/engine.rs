@@ -287,11 +287,7 @@ fn bench_model(
             Err(e) => absent = Some(e),
         }
     }
-    let best = |v: &[f64]| {
-        v.iter()
-            .copied()
-            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))))
-    };
+    let best = |v: &[f64]| v.iter().copied().reduce(f64::max);
     let span = |v: &[f64]| match v.len() {
         0 | 1 => String::new(),
         _ => {

@@ -473,16 +473,10 @@ fn eval_over_http_equals_the_in_process_run() {
     opts.run.format_repairs = 1;
     opts.run.tag_guard = false;
     let configs = [setup.pool_config(0), setup.pool_config(1)];
-    let want = execute(
-        &local,
-        &setup,
-        task.as_ref(),
-        &configs,
-        &examples,
-        &opts,
-        None,
-    )
-    .unwrap();
+    let run = |llm: &dyn Llm| {
+        execute(llm, &setup, task.as_ref(), &configs, &examples, &opts, None).unwrap()
+    };
+    let want = run(&local);
     with_server(
         &served,
         ServeOptions {
@@ -495,16 +489,7 @@ fn eval_over_http_equals_the_in_process_run() {
                 ..RemoteOptions::new(format!("http://{addr}/v1"))
             })
             .unwrap();
-            let got = execute(
-                &remote,
-                &setup,
-                task.as_ref(),
-                &configs,
-                &examples,
-                &opts,
-                None,
-            )
-            .unwrap();
+            let got = run(&remote);
             assert_eq!(got.len(), want.len());
             let mut calls = 0;
             for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
