@@ -51,6 +51,14 @@ fn with_server<R>(served: &CandleLlm, opts: ServeOptions, f: impl FnOnce(SocketA
     })
 }
 
+/// Server options that name the served model `tiny`.
+fn tiny_options() -> ServeOptions {
+    ServeOptions {
+        model_name: "tiny".into(),
+        ..ServeOptions::default()
+    }
+}
+
 /// The tiny model written to a temp dir, loaded twice: one engine for the
 /// in-process reference, one behind the server.
 fn tiny_pair() -> (tempfile::TempDir, std::path::PathBuf, CandleLlm, CandleLlm) {
@@ -92,9 +100,8 @@ fn serve_answers_like_the_engine_batches_clients_and_rejects_bad_requests() {
     with_server(
         &served,
         ServeOptions {
-            model_name: "tiny".into(),
             api_key: Some("sekret".into()),
-            ..ServeOptions::default()
+            ..tiny_options()
         },
         |addr| {
             std::env::set_var("CANTANTE_TEST_KEY", "sekret");
@@ -293,160 +300,152 @@ fn flaky_server_is_survived_with_retries_counted() {
 fn choice_scores_over_http_equal_the_engine() {
     use cantante::llm::{ChoiceRequest, Message, NextTokenRequest};
     let (_dir, _, local, served) = tiny_pair();
-    with_server(
-        &served,
-        ServeOptions {
-            model_name: "tiny".into(),
-            ..ServeOptions::default()
-        },
-        |addr| {
-            let remote =
-                OpenAiLlm::connect(RemoteOptions::new(format!("http://{addr}/v1"))).unwrap();
-            let asks: Vec<NextTokenRequest> = ["", "Rating: ", "The answer is"]
-                .iter()
-                .enumerate()
-                .map(|(i, prefix)| NextTokenRequest {
-                    messages: vec![
-                        Message::system("Judge."),
-                        Message::user(format!("Rate item {i} {}", "of the list ".repeat(i))),
-                    ],
-                    assistant_prefix: prefix.to_string(),
-                    top: 20,
-                })
-                .collect();
-            let want = local.top_logprobs(&asks).unwrap();
-            let got = remote.top_logprobs(&asks).unwrap();
-            assert_eq!(got, want, "top tokens over HTTP differ from the engine's");
-            // Choices: three of the top tokens and one that is not among them.
-            let reqs: Vec<ChoiceRequest> = asks
-                .iter()
-                .zip(&want)
-                .map(|(a, w)| {
-                    let outside = (0..200)
-                        .map(|k| format!("z{k}"))
-                        .find(|c| w.top.iter().all(|t| &t.token != c) && local.count_tokens(c) == 1)
-                        .unwrap_or_else(|| "zzzz".into());
-                    let mut choices: Vec<String> = Vec::new();
-                    for t in &w.top {
-                        if choices.len() < 3
-                            && !choices.contains(&t.token)
-                            && !t.token.is_empty()
-                            && !t.token.contains('\u{FFFD}')
-                        {
-                            choices.push(t.token.clone());
-                        }
-                    }
-                    choices.push(outside);
-                    ChoiceRequest {
-                        messages: a.messages.clone(),
-                        assistant_prefix: a.assistant_prefix.clone(),
-                        choices,
-                    }
-                })
-                .collect();
-            let remote_scores = remote.score_choices(&reqs).unwrap();
-            for (r, (rs, w)) in reqs.iter().zip(remote_scores.iter().zip(&want)) {
-                for (c, lp) in r.choices.iter().zip(&rs.logprobs) {
-                    match w.top.iter().find(|t| &t.token == c) {
-                        Some(t) => assert_eq!(*lp, t.logprob, "choice {c:?}"),
-                        None => {
-                            assert_eq!(*lp, f64::NEG_INFINITY, "choice {c:?} is not a top token")
-                        }
+    with_server(&served, tiny_options(), |addr| {
+        let remote = OpenAiLlm::connect(RemoteOptions::new(format!("http://{addr}/v1"))).unwrap();
+        let asks: Vec<NextTokenRequest> = ["", "Rating: ", "The answer is"]
+            .iter()
+            .enumerate()
+            .map(|(i, prefix)| NextTokenRequest {
+                messages: vec![
+                    Message::system("Judge."),
+                    Message::user(format!("Rate item {i} {}", "of the list ".repeat(i))),
+                ],
+                assistant_prefix: prefix.to_string(),
+                top: 20,
+            })
+            .collect();
+        let want = local.top_logprobs(&asks).unwrap();
+        let got = remote.top_logprobs(&asks).unwrap();
+        assert_eq!(got, want, "top tokens over HTTP differ from the engine's");
+        // Choices: three of the top tokens and one that is not among them.
+        let reqs: Vec<ChoiceRequest> = asks
+            .iter()
+            .zip(&want)
+            .map(|(a, w)| {
+                let outside = (0..200)
+                    .map(|k| format!("z{k}"))
+                    .find(|c| w.top.iter().all(|t| &t.token != c) && local.count_tokens(c) == 1)
+                    .unwrap_or_else(|| "zzzz".into());
+                let mut choices: Vec<String> = Vec::new();
+                for t in &w.top {
+                    if choices.len() < 3
+                        && !choices.contains(&t.token)
+                        && !t.token.is_empty()
+                        && !t.token.contains('\u{FFFD}')
+                    {
+                        choices.push(t.token.clone());
                     }
                 }
-                assert!(rs.coverage > 0.0 && rs.coverage <= 1.0 + 1e-9);
-            }
-            // Where every choice is a single engine token among the top 20, the
-            // remote scores are the engine's own.
-            let single: Vec<ChoiceRequest> = reqs
-                .iter()
-                .map(|r| ChoiceRequest {
-                    choices: r.choices[..r.choices.len() - 1].to_vec(),
-                    ..r.clone()
-                })
-                .collect();
-            let mut compared = 0;
-            for r in &single {
-                // (a top token can fail the engine's one-token-after-the-prefix check)
-                if let Ok(l) = local.score_choices(std::slice::from_ref(r)) {
-                    assert_eq!(remote.score_choices(std::slice::from_ref(r)).unwrap(), l);
-                    compared += 1;
+                choices.push(outside);
+                ChoiceRequest {
+                    messages: a.messages.clone(),
+                    assistant_prefix: a.assistant_prefix.clone(),
+                    choices,
+                }
+            })
+            .collect();
+        let remote_scores = remote.score_choices(&reqs).unwrap();
+        for (r, (rs, w)) in reqs.iter().zip(remote_scores.iter().zip(&want)) {
+            for (c, lp) in r.choices.iter().zip(&rs.logprobs) {
+                match w.top.iter().find(|t| &t.token == c) {
+                    Some(t) => assert_eq!(*lp, t.logprob, "choice {c:?}"),
+                    None => {
+                        assert_eq!(*lp, f64::NEG_INFINITY, "choice {c:?} is not a top token")
+                    }
                 }
             }
-            assert!(compared > 0, "no request had engine-valid choices");
-            // Raw prompts go through /v1/completions and equal the engine's text.
-            let raw: Vec<Request> = (0..4)
-                .map(|i| {
-                    let mut r = Request::user("", 6).with_seed(40 + i);
-                    if i % 2 == 1 {
-                        r = r.with_sampling(Sampling::temperature(0.8));
-                    }
-                    r.messages.clear();
-                    r.raw_prompt = Some(format!("Once upon a time {i}"));
-                    r
-                })
-                .collect();
-            let want = local.generate(&raw).unwrap();
-            let got = remote.generate(&raw).unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert_eq!(
-                    (&g.text, g.prompt_tokens, g.completion_tokens),
-                    (&w.text, w.prompt_tokens, w.completion_tokens)
-                );
+            assert!(rs.coverage > 0.0 && rs.coverage <= 1.0 + 1e-9);
+        }
+        // Where every choice is a single engine token among the top 20, the
+        // remote scores are the engine's own.
+        let single: Vec<ChoiceRequest> = reqs
+            .iter()
+            .map(|r| ChoiceRequest {
+                choices: r.choices[..r.choices.len() - 1].to_vec(),
+                ..r.clone()
+            })
+            .collect();
+        let mut compared = 0;
+        for r in &single {
+            // (a top token can fail the engine's one-token-after-the-prefix check)
+            if let Ok(l) = local.score_choices(std::slice::from_ref(r)) {
+                assert_eq!(remote.score_choices(std::slice::from_ref(r)).unwrap(), l);
+                compared += 1;
             }
-            let (c, b) = http(
-                addr,
-                "POST",
-                "/v1/completions",
-                r#"{"prompt": ["Once upon a time 0"], "max_tokens": 6, "temperature": 0}"#,
-                None,
-            );
-            assert_eq!(c, 200, "{b}");
-            let v: serde_json::Value = serde_json::from_str(&b).unwrap();
-            assert_eq!(v["object"], "text_completion");
+        }
+        assert!(compared > 0, "no request had engine-valid choices");
+        // Raw prompts go through /v1/completions and equal the engine's text.
+        let raw: Vec<Request> = (0..4)
+            .map(|i| {
+                let mut r = Request::user("", 6).with_seed(40 + i);
+                if i % 2 == 1 {
+                    r = r.with_sampling(Sampling::temperature(0.8));
+                }
+                r.messages.clear();
+                r.raw_prompt = Some(format!("Once upon a time {i}"));
+                r
+            })
+            .collect();
+        let want = local.generate(&raw).unwrap();
+        let got = remote.generate(&raw).unwrap();
+        for (g, w) in got.iter().zip(&want) {
             assert_eq!(
-                v["choices"][0]["text"].as_str(),
-                Some(want[0].text.as_str())
+                (&g.text, g.prompt_tokens, g.completion_tokens),
+                (&w.text, w.prompt_tokens, w.completion_tokens)
             );
-            for (body, needle) in [
-                (r#"{"prompt": "x", "echo": true}"#, "`echo`"),
-                (r#"{"prompt": ""}"#, "non-empty"),
-                (r#"{"prompt": ["a", "b"]}"#, "exactly one"),
-                (
-                    r#"{"messages": [{"role":"user","content":"x"}]}"#,
-                    "chat/completions",
-                ),
-                (r#"{"prompt": "x", "max_tokens": -3}"#, "max_tokens"),
-            ] {
-                let (c, b) = http(addr, "POST", "/v1/completions", body, None);
-                assert_eq!(c, 400, "{body}: {b}");
-                assert!(b.contains(needle), "{needle}: {b}");
-            }
-            // Malformed logprobs requests are 400s naming the problem.
-            for (body, needle) in [
-                (
-                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 5}"#,
-                    "next token only",
-                ),
-                (
-                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "top_logprobs": 99}"#,
-                    "0..=20",
-                ),
-                (
-                    r#"{"messages": [{"role":"user","content":"x"}], "continue_final_message": true, "max_tokens": 1}"#,
-                    "together with",
-                ),
-                (
-                    r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}"#,
-                    "final assistant message",
-                ),
-            ] {
-                let (c, b) = http(addr, "POST", "/v1/chat/completions", body, None);
-                assert_eq!(c, 400, "{b}");
-                assert!(b.contains(needle), "{needle}: {b}");
-            }
-        },
-    );
+        }
+        let (c, b) = http(
+            addr,
+            "POST",
+            "/v1/completions",
+            r#"{"prompt": ["Once upon a time 0"], "max_tokens": 6, "temperature": 0}"#,
+            None,
+        );
+        assert_eq!(c, 200, "{b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(
+            v["choices"][0]["text"].as_str(),
+            Some(want[0].text.as_str())
+        );
+        for (body, needle) in [
+            (r#"{"prompt": "x", "echo": true}"#, "`echo`"),
+            (r#"{"prompt": ""}"#, "non-empty"),
+            (r#"{"prompt": ["a", "b"]}"#, "exactly one"),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}]}"#,
+                "chat/completions",
+            ),
+            (r#"{"prompt": "x", "max_tokens": -3}"#, "max_tokens"),
+        ] {
+            let (c, b) = http(addr, "POST", "/v1/completions", body, None);
+            assert_eq!(c, 400, "{body}: {b}");
+            assert!(b.contains(needle), "{needle}: {b}");
+        }
+        // Malformed logprobs requests are 400s naming the problem.
+        for (body, needle) in [
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 5}"#,
+                "next token only",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "top_logprobs": 99}"#,
+                "0..=20",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "continue_final_message": true, "max_tokens": 1}"#,
+                "together with",
+            ),
+            (
+                r#"{"messages": [{"role":"user","content":"x"}], "logprobs": true, "max_tokens": 1, "continue_final_message": true}"#,
+                "final assistant message",
+            ),
+        ] {
+            let (c, b) = http(addr, "POST", "/v1/chat/completions", body, None);
+            assert_eq!(c, 400, "{b}");
+            assert!(b.contains(needle), "{needle}: {b}");
+        }
+    });
 }
 
 /// `eval` through the OpenAI backend against `cantante serve` gives the
@@ -477,33 +476,26 @@ fn eval_over_http_equals_the_in_process_run() {
         execute(llm, &setup, task.as_ref(), &configs, &examples, &opts, None).unwrap()
     };
     let want = run(&local);
-    with_server(
-        &served,
-        ServeOptions {
-            model_name: "tiny".into(),
-            ..ServeOptions::default()
-        },
-        |addr| {
-            let remote = OpenAiLlm::connect(RemoteOptions {
-                tokenizer: Some(p.clone()),
-                ..RemoteOptions::new(format!("http://{addr}/v1"))
-            })
-            .unwrap();
-            let got = run(&remote);
-            assert_eq!(got.len(), want.len());
-            let mut calls = 0;
-            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                assert_eq!(g.score, w.score);
-                assert_eq!(g.result.state, w.result.state);
-                assert_eq!(g.result.prediction, w.result.prediction);
-                assert_eq!(
-                    (g.result.input_tokens, g.result.output_tokens),
-                    (w.result.input_tokens, w.result.output_tokens)
-                );
-                assert_eq!(g.result.calls.len(), w.result.calls.len());
-                calls += g.result.calls.len();
-            }
-            assert!(calls >= 8, "every agent of every run was called: {calls}");
-        },
-    );
+    with_server(&served, tiny_options(), |addr| {
+        let remote = OpenAiLlm::connect(RemoteOptions {
+            tokenizer: Some(p.clone()),
+            ..RemoteOptions::new(format!("http://{addr}/v1"))
+        })
+        .unwrap();
+        let got = run(&remote);
+        assert_eq!(got.len(), want.len());
+        let mut calls = 0;
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert_eq!(g.score, w.score);
+            assert_eq!(g.result.state, w.result.state);
+            assert_eq!(g.result.prediction, w.result.prediction);
+            assert_eq!(
+                (g.result.input_tokens, g.result.output_tokens),
+                (w.result.input_tokens, w.result.output_tokens)
+            );
+            assert_eq!(g.result.calls.len(), w.result.calls.len());
+            calls += g.result.calls.len();
+        }
+        assert!(calls >= 8, "every agent of every run was called: {calls}");
+    });
 }
