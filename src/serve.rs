@@ -549,6 +549,7 @@ pub fn parse_chat_request(
         return Err("`stop` takes at most 16 non-empty strings of at most 256 bytes".into());
     }
     let stream = v["stream"].as_bool().unwrap_or(false);
+    let grammar = crate::llm::grammar::from_openai_body(v)?;
     let reqs = (0..n)
         .map(|k| Request {
             messages: messages.clone(),
@@ -561,6 +562,7 @@ pub fn parse_chat_request(
             seed: seed.wrapping_add(k as u64),
             stop: stop.clone(),
             constraint: None,
+            grammar: grammar.clone(),
             raw_prompt: None,
         })
         .collect();
@@ -760,12 +762,27 @@ fn run_jobs(
         match w.recv_timeout(left) {
             Ok(Ok(g)) => gens.push(g),
             Ok(Err(LlmError::BadRequest { message, .. })) => {
+                let context = message.contains("exceeds the model context");
+                let param = if message.contains("grammar") {
+                    "response_format"
+                } else {
+                    "messages"
+                };
                 return Err(ApiError {
                     status: 400,
                     message,
                     kind: "invalid_request_error",
-                    param: Some("messages".into()),
-                    code: Some("context_length_exceeded"),
+                    param: Some(param.into()),
+                    code: context.then_some("context_length_exceeded"),
+                });
+            }
+            Ok(Err(LlmError::Unsupported(message))) => {
+                return Err(ApiError {
+                    status: 400,
+                    message,
+                    kind: "invalid_request_error",
+                    param: Some("response_format".into()),
+                    code: None,
                 })
             }
             Ok(Err(e)) => return Err(server_error(500, e.to_string())),

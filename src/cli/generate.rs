@@ -50,6 +50,18 @@ pub struct GenerateArgs {
     /// reply ends after the last one.
     #[arg(long, value_delimiter = ',')]
     require_tags: Vec<String>,
+    /// The whole reply must match this regular expression (enforced while
+    /// decoding; needs a build with `--features grammar`).
+    #[arg(long, conflicts_with_all = ["require_tags", "grammar_lark", "json_schema"])]
+    grammar_regex: Option<String>,
+    /// The whole reply must match the Lark grammar in this file
+    /// (llguidance's dialect; needs `--features grammar`).
+    #[arg(long, conflicts_with_all = ["require_tags", "json_schema"])]
+    grammar_lark: Option<PathBuf>,
+    /// The reply must be JSON matching the JSON schema in this file (needs
+    /// `--features grammar`).
+    #[arg(long, conflicts_with = "require_tags")]
+    json_schema: Option<PathBuf>,
     /// Print results as JSONL instead of text.
     #[arg(long)]
     json: bool,
@@ -60,7 +72,32 @@ fn constraint(a: &GenerateArgs) -> Option<crate::llm::OutputConstraint> {
         .then(|| crate::llm::OutputConstraint::tags(a.require_tags.iter().cloned()))
 }
 
-fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
+/// The grammar the options ask for, read from its file.
+fn grammar(a: &GenerateArgs) -> Result<Option<crate::llm::Grammar>> {
+    use crate::llm::Grammar;
+    if let Some(rx) = &a.grammar_regex {
+        return Ok(Some(Grammar::Regex(rx.clone())));
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    if let Some(p) = &a.grammar_lark {
+        return Ok(Some(Grammar::Lark(read(p)?)));
+    }
+    if let Some(p) = &a.json_schema {
+        let v: serde_json::Value = serde_json::from_str(&read(p)?)
+            .with_context(|| format!("{}: not a JSON schema (not JSON)", p.display()))?;
+        return Ok(Some(Grammar::JsonSchema(v)));
+    }
+    Ok(None)
+}
+
+fn parse_line(
+    line: &str,
+    lineno: usize,
+    a: &GenerateArgs,
+    grammar: &Option<crate::llm::Grammar>,
+) -> Result<Request> {
     let v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("line {lineno}: not JSON"))?;
     let mut messages = Vec::new();
@@ -91,6 +128,7 @@ fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
         seed: v["seed"].as_u64().unwrap_or(a.seed),
         stop: a.stop.clone(),
         constraint: constraint(a),
+        grammar: grammar.clone(),
         raw_prompt: None,
     })
 }
@@ -98,6 +136,7 @@ fn parse_line(line: &str, lineno: usize, a: &GenerateArgs) -> Result<Request> {
 /// Run the command.
 pub fn run(a: GenerateArgs) -> Result<()> {
     let mut base = Vec::new();
+    let g = grammar(&a)?;
     if let Some(p) = &a.prompt {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -115,6 +154,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             seed: a.seed,
             stop: a.stop.clone(),
             constraint: constraint(&a),
+            grammar: g.clone(),
             raw_prompt: None,
         });
     } else if let Some(path) = &a.prompts {
@@ -126,7 +166,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 continue;
             }
             base.push(
-                parse_line(&line, i + 1, &a).with_context(|| format!("in {}", path.display()))?,
+                parse_line(&line, i + 1, &a, &g)
+                    .with_context(|| format!("in {}", path.display()))?,
             );
         }
     } else {

@@ -154,6 +154,13 @@ pub struct AgentSpec {
     /// Maximum tool-loop iterations (0 = no tool loop).
     #[serde(default)]
     pub max_tool_calls: u32,
+    /// What some output variables must hold (`var: {regex: …}`,
+    /// `{json_schema: …}` or `{lark: …}`): with a constraining backend (the
+    /// local engine built with the `grammar` feature) the agent's reply is
+    /// decoded under a grammar of its tags in order, each such tag holding a
+    /// match. Not for agents with tools.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub output_grammars: BTreeMap<String, crate::llm::Grammar>,
 }
 
 /// A MAS setup file: graph, agents and initial prompt pools.

@@ -80,6 +80,9 @@
 //! `<tool_call>`). The in-process engine then never ends a reply before its
 //! tags are closed and forces them when the budget runs out
 //! ([`AgentCall::forced_tags`]); backends that cannot constrain ignore it.
+//! An agent that declares [`super::AgentSpec::output_grammars`] gets a
+//! [`Grammar`] instead ([`Grammar::tagged`]: its tags in order, declared
+//! ones holding a match), which the engine enforces token by token.
 //!
 //! # Tokens
 //!
@@ -105,7 +108,8 @@
 
 use super::{GraphError, PromptSet, Setup, ToolEnv, END, START};
 use crate::llm::{
-    generate_isolating, Generation, Llm, Message, OutputConstraint, Request, Sampling, StopReason,
+    generate_isolating, grammar::TaggedOutput, Generation, Grammar, Llm, Message, OutputConstraint,
+    Request, Sampling, StopReason,
 };
 use crate::prompt;
 use rayon::prelude::*;
@@ -208,7 +212,8 @@ pub struct RunOptions {
     /// banned until every output tag is closed, the tags are forced when the
     /// token budget runs out, and the reply ends after the last one. A tool
     /// turn may end with a `<tool_call>` instead. Backends that cannot
-    /// constrain ignore it; format repair still covers them.
+    /// constrain ignore it; format repair still covers them. Agents with
+    /// output grammars get their grammar instead; `false` turns both off.
     pub tag_guard: bool,
 }
 
@@ -943,6 +948,23 @@ fn guard(opts: &RunOptions, tags: &[String], tool_turn: bool) -> Option<OutputCo
     Some(OutputConstraint::tags(tags.iter().cloned()).with_escapes(escapes))
 }
 
+/// The grammar of an agent turn writing `tags`, when the agent declares
+/// output grammars and constraints are on: its tags in order, each declared
+/// one holding a match of its grammar.
+fn turn_grammar(opts: &RunOptions, a: &super::AgentSpec, tags: &[String]) -> Option<Grammar> {
+    if !opts.tag_guard || a.output_grammars.is_empty() || tags.is_empty() {
+        return None;
+    }
+    let parts: Vec<TaggedOutput> = tags
+        .iter()
+        .map(|t| TaggedOutput {
+            tag: t.clone(),
+            grammar: a.output_grammars.get(t).cloned(),
+        })
+        .collect();
+    Some(Grammar::tagged(&parts))
+}
+
 /// The next model turn of an unfinished call, and whether it is a tool turn
 /// (the agent has tools and tool budget left: the request stops at `</tool_call>`).
 pub(super) fn turn_request(
@@ -963,8 +985,13 @@ pub(super) fn turn_request(
         } else {
             Vec::new()
         },
-        constraint: guard(opts, &a.output_vars, tool_turn),
+        constraint: None,
+        grammar: turn_grammar(opts, a, &a.output_vars).filter(|_| !tool_turn),
         raw_prompt: None,
+    };
+    let req = Request {
+        constraint: guard(opts, &a.output_vars, tool_turn).filter(|_| req.grammar.is_none()),
+        ..req
     };
     (req, tool_turn)
 }
@@ -1097,8 +1124,16 @@ pub(super) fn repair_requests(
             sampling: opts.sampling,
             seed: request_seed(run_seed(p.run), &p.call.agent, p.call_index, p.turn),
             stop: Vec::new(),
-            constraint: guard(opts, &missing, false),
+            constraint: None,
+            grammar: g
+                .setup
+                .agent(&p.call.agent)
+                .and_then(|a| turn_grammar(opts, a, &missing)),
             raw_prompt: None,
+        };
+        let req = Request {
+            constraint: guard(opts, &missing, false).filter(|_| req.grammar.is_none()),
+            ..req
         };
         p.turn += 1;
         out.push((i, missing, req));

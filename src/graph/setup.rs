@@ -108,7 +108,9 @@ impl Setup {
     /// 6. some agent reads `query` and some agent writes `prediction`;
     /// 7. every input var is written by some agent or provided initially;
     /// 8. every pool prompt has a `{var}` placeholder for each of its agent's
-    ///    input vars (except `few_shots`, which is optional).
+    ///    input vars (except `few_shots`, which is optional);
+    /// 9. `output_grammars` only name the agent's output vars, and only on
+    ///    agents without tools.
     pub fn validate(&self, rules: &Validation) -> Result<(), GraphError> {
         // 1. names
         let mut seen = BTreeSet::new();
@@ -291,6 +293,27 @@ impl Setup {
                         format!("prompt lacks placeholder {}", m.join(", ")),
                     ));
                 }
+            }
+        }
+        // 9. output grammars
+        for a in &self.agents {
+            if let Some(v) = a
+                .output_grammars
+                .keys()
+                .find(|v| !a.output_vars.contains(v))
+            {
+                return Err(invalid(
+                    Some(&a.name),
+                    format!("output_grammars.{v}"),
+                    format!("`{v}` is not one of the agent's output_vars"),
+                ));
+            }
+            if !a.output_grammars.is_empty() && !a.tools.is_empty() {
+                return Err(invalid(
+                    Some(&a.name),
+                    "output_grammars",
+                    "output grammars are not supported on agents with tools (a tool call is another way to end a turn)",
+                ));
             }
         }
         Ok(())

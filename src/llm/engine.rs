@@ -6,6 +6,7 @@
 
 use super::chat::{ChatTemplate, CHATML_TEMPLATE};
 use super::gguf_tokenizer;
+use super::grammar;
 use super::guard::{Action, TagGuard};
 use super::model::{Chunk, Model, SeqKv, WeightFormat};
 use super::profile::{time, Phase};
@@ -81,6 +82,9 @@ pub struct CandleLlm {
     stats: Mutex<EngineStats>,
     prefixes: Mutex<Vec<PrefixEntry>>,
     clock: std::sync::atomic::AtomicU64,
+    /// Grammar compiler for this tokenizer, built on the first request with
+    /// a grammar (its error, if the tokenizer cannot be mapped to bytes).
+    grammars: std::sync::OnceLock<std::result::Result<grammar::Compiler, String>>,
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> LlmError {
@@ -284,6 +288,7 @@ impl CandleLlm {
             stats: Mutex::new(EngineStats::default()),
             prefixes: Mutex::new(Vec::new()),
             clock: std::sync::atomic::AtomicU64::new(0),
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -455,6 +460,15 @@ fn file_tag(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// A request ended by an error of its own (its grammar failed mid-reply):
+/// rejected, so the rest of the batch goes on.
+fn rejected(id: usize, e: LlmError) -> LlmError {
+    LlmError::BadRequest {
+        index: id,
+        message: e.to_string(),
+    }
+}
+
 /// The answer of a finished sequence (forced tag literals read from its guard).
 fn finished(s: &Seq, text: String, stop_reason: StopReason) -> Generation {
     Generation {
@@ -557,6 +571,8 @@ struct Seq {
     id: usize,
     /// The request's output constraint in force, if any.
     guard: Option<TagGuard>,
+    /// The request's grammar state, if it has a grammar.
+    grammar: Option<grammar::Matcher>,
     req: Request,
     kv: SeqKv,
     prompt: Vec<u32>,
@@ -565,11 +581,13 @@ struct Seq {
     rng: ChaCha8Rng,
 }
 
-/// A validated request waiting for a slot: its id, the request and its prompt tokens.
+/// A validated request waiting for a slot: its id, the request, its prompt
+/// tokens and its compiled grammar.
 struct Admitted {
     id: usize,
     req: Request,
     prompt: Vec<u32>,
+    grammar: Option<grammar::Matcher>,
 }
 
 /// Where the scheduler loop gets requests and leaves answers.
@@ -588,7 +606,7 @@ trait Feed {
 /// The whole batch of a [`Llm::generate`] call, validated up front.
 struct BatchFeed {
     items: Option<Vec<Admitted>>,
-    out: Vec<Option<Generation>>,
+    out: Vec<Option<Result<Generation>>>,
 }
 
 impl Feed for BatchFeed {
@@ -596,9 +614,7 @@ impl Feed for BatchFeed {
         Ok(self.items.take())
     }
     fn done(&mut self, id: usize, result: Result<Generation>) {
-        if let Ok(g) = result {
-            self.out[id] = Some(g);
-        }
+        self.out[id] = Some(result);
     }
     fn whole_batch(&self) -> bool {
         true
@@ -619,9 +635,9 @@ impl Feed for QueueFeed<'_> {
         let mut got = Vec::new();
         loop {
             match self.queue.next(block && got.is_empty()) {
-                Next::Ready(id, req) => match engine.validate(id, &req) {
-                    Ok(prompt) => got.push(Admitted { id, req, prompt }),
-                    Err(e) => self.queue.done(id, Err(e)),
+                Next::Ready(id, req) => match engine.admit(id, req) {
+                    Ok(a) => got.push(a),
+                    Err((e, id)) => self.queue.done(id, Err(e)),
                 },
                 Next::Wait => {
                     if block && got.is_empty() {
@@ -650,23 +666,22 @@ impl Llm for CandleLlm {
     fn generate(&self, requests: &[Request]) -> Result<Vec<Generation>> {
         let mut items = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
-            let prompt = self.validate(i, r)?;
-            items.push(Admitted {
-                id: i,
-                req: r.clone(),
-                prompt,
-            });
+            items.push(self.admit(i, r.clone()).map_err(|e| e.0)?);
         }
         let mut feed = BatchFeed {
             items: Some(items),
-            out: vec![None; requests.len()],
+            out: (0..requests.len()).map(|_| None).collect(),
         };
         self.schedule(&mut feed)?;
         feed.out
             .into_iter()
             .enumerate()
             .map(|(i, g)| {
-                g.ok_or_else(|| LlmError::Other(format!("request {i} produced no generation")))
+                g.unwrap_or_else(|| {
+                    Err(LlmError::Other(format!(
+                        "request {i} produced no generation"
+                    )))
+                })
             })
             .collect()
     }
@@ -849,6 +864,45 @@ impl CandleLlm {
             .collect()
     }
 
+    /// Validate request `id` and compile its grammar (the error comes back
+    /// with the id).
+    fn admit(&self, id: usize, req: Request) -> std::result::Result<Admitted, (LlmError, usize)> {
+        let prompt = self.validate(id, &req).map_err(|e| (e, id))?;
+        let grammar = match &req.grammar {
+            None => None,
+            Some(g) => {
+                let bad = |message: String| (LlmError::BadRequest { index: id, message }, id);
+                if req.constraint.is_some() {
+                    return Err(bad(
+                        "a request takes a grammar or an output constraint, not both".into(),
+                    ));
+                }
+                let compiler = self
+                    .grammars
+                    .get_or_init(|| {
+                        grammar::Compiler::new(
+                            &self.tokenizer,
+                            &self.eos,
+                            self.model.config().vocab_size,
+                        )
+                        .map_err(|e| e.to_string())
+                    })
+                    .as_ref()
+                    .map_err(|e| bad(e.clone()))?;
+                Some(compiler.matcher(g).map_err(|e| match e {
+                    LlmError::Unsupported(_) => (e, id),
+                    e => bad(e.to_string()),
+                })?)
+            }
+        };
+        Ok(Admitted {
+            id,
+            req,
+            prompt,
+            grammar,
+        })
+    }
+
     /// Render and tokenize request `index`, checking it fits the context.
     fn validate(&self, index: usize, r: &Request) -> Result<Vec<u32>> {
         if r.messages.is_empty() && r.raw_prompt.is_none() {
@@ -951,6 +1005,7 @@ impl CandleLlm {
                 active.push(Seq {
                     id: a.id,
                     guard,
+                    grammar: a.grammar,
                     rng: ChaCha8Rng::seed_from_u64(a.req.seed),
                     req: a.req,
                     kv,
@@ -1031,9 +1086,24 @@ impl CandleLlm {
                             sampling::sample(l, &s.req.sampling, &mut s.rng)
                         })
                     }
-                    _ => time(Phase::Sampling, || {
-                        sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
-                    }),
+                    _ => match s.grammar.as_mut() {
+                        // Tokens the grammar does not allow are masked out.
+                        Some(m) => {
+                            let l = &mut logits[row];
+                            match time(Phase::Sampling, || m.mask(l)) {
+                                Ok(()) => time(Phase::Sampling, || {
+                                    sampling::sample(l, &s.req.sampling, &mut s.rng)
+                                }),
+                                Err(e) => {
+                                    finished.push((*k, Err(rejected(s.id, e))));
+                                    continue;
+                                }
+                            }
+                        }
+                        None => time(Phase::Sampling, || {
+                            sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
+                        }),
+                    },
                 };
                 // An end-of-sequence while tags are missing wraps the reply up.
                 let tok = match s.guard.as_mut() {
@@ -1041,8 +1111,14 @@ impl CandleLlm {
                     None => tok,
                 };
                 s.generated.push(tok);
+                if let Some(m) = s.grammar.as_mut() {
+                    if let Err(e) = m.consume(tok) {
+                        finished.push((*k, Err(rejected(s.id, e))));
+                        continue;
+                    }
+                }
                 if let Some(g) = time(Phase::Tokenizer, || self.check_finished(s))? {
-                    finished.push((*k, g));
+                    finished.push((*k, Ok(g)));
                 }
             }
             if let Ok(mut st) = self.stats.lock() {
@@ -1061,10 +1137,13 @@ impl CandleLlm {
                 let s = active.swap_remove(k);
                 reserved -= s.prompt.len() + s.req.max_new_tokens;
                 if let Ok(mut st) = self.stats.lock() {
-                    st.generated += g.completion_tokens;
+                    st.generated += s.generated.len();
                 }
-                feed.done(s.id, Ok(g));
-                self.keep_finished(s);
+                let ok = g.is_ok();
+                feed.done(s.id, g);
+                if ok {
+                    self.keep_finished(s);
+                }
             }
         }
     }
@@ -1167,6 +1246,10 @@ impl CandleLlm {
                     return Ok(Some(finished(s, text, StopReason::Constraint)));
                 }
             }
+        }
+        if s.grammar.as_ref().is_some_and(grammar::Matcher::is_stopped) {
+            let text = self.tokenizer.decode(&s.generated, true)?;
+            return Ok(Some(finished(s, text, StopReason::Constraint)));
         }
         if n >= s.req.max_new_tokens {
             let text = self.tokenizer.decode(&s.generated, true)?;

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod cpu;
 pub mod engine;
 pub mod gguf_tokenizer;
+pub mod grammar;
 pub mod guard;
 pub mod kernels;
 pub mod model;
@@ -23,6 +24,7 @@ pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};
 
+pub use grammar::Grammar;
 pub use guard::OutputConstraint;
 pub use scripted::ScriptedLlm;
 
@@ -197,6 +199,11 @@ pub struct Request {
     /// ([`guard`]); others ignore it (their callers repair formats afterwards).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<OutputConstraint>,
+    /// A grammar the whole reply must match, enforced while decoding by the
+    /// engine built with the `grammar` feature; a backend that cannot
+    /// enforce it refuses the request. Exclusive with `constraint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
     /// Raw prompt text used as is instead of rendering `messages` with the
     /// chat template (the completions API); `messages` are then ignored by
     /// the engine.
@@ -214,6 +221,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             constraint: None,
+            grammar: None,
             raw_prompt: None,
         }
     }
@@ -231,6 +239,7 @@ impl Request {
             seed: 0,
             stop: Vec::new(),
             constraint: None,
+            grammar: None,
             raw_prompt: None,
         }
     }
@@ -247,6 +256,11 @@ impl Request {
     /// Builder: add stop strings.
     pub fn with_stop(mut self, stop: Vec<String>) -> Self {
         self.stop = stop;
+        self
+    }
+    /// Builder: set the output grammar.
+    pub fn with_grammar(mut self, g: Grammar) -> Self {
+        self.grammar = Some(g);
         self
     }
     /// Builder: set the output constraint.
@@ -266,7 +280,8 @@ pub enum StopReason {
     StopString,
     /// `max_new_tokens` was reached.
     Length,
-    /// The request's output constraint was met (the last required tag closed).
+    /// The request's output constraint was met (the last required tag
+    /// closed) or its grammar allows nothing more.
     Constraint,
 }
 

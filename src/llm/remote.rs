@@ -462,6 +462,9 @@ pub fn chat_body(model: &str, r: &Request) -> serde_json::Value {
     if !r.stop.is_empty() {
         body["stop"] = r.stop.clone().into();
     }
+    if let Some(g) = &r.grammar {
+        g.to_openai_body(&mut body);
+    }
     body
 }
 

@@ -288,6 +288,7 @@ mod tests {
             output_vars: vec!["answer".into()],
             tools: vec![],
             max_tool_calls: 0,
+            output_grammars: Default::default(),
         };
         let setup = Setup {
             edges: vec![],

@@ -474,6 +474,7 @@ mod tests {
             output_vars: vec!["answer".into()],
             tools: vec![],
             max_tool_calls: 0,
+            output_grammars: Default::default(),
         }
     }
 

@@ -182,6 +182,7 @@ mod tests {
             output_vars: vec!["answer".into()],
             tools: vec![],
             max_tool_calls: 0,
+            output_grammars: Default::default(),
         };
         let cfg = OptimizeConfig::default();
         let ctx = AgentContext {

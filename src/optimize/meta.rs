@@ -255,6 +255,7 @@ mod tests {
             output_vars: vec!["answer".into()],
             tools: vec![],
             max_tool_calls: 0,
+            output_grammars: Default::default(),
         };
         assert!(prompt_problems("Solve {query}. Put it in <answer></answer>.", &agent).is_empty());
         let p = prompt_problems("Solve {{query}}. Put it in <answer></answer>.", &agent);
@@ -274,6 +275,7 @@ mod tests {
             output_vars: vec!["answer".into()],
             tools: vec![],
             max_tool_calls: 0,
+            output_grammars: Default::default(),
         }
     }
 

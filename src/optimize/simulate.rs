@@ -72,6 +72,7 @@ impl PlantedWorld {
                 output_vars: vec![out.clone()],
                 tools: vec![],
                 max_tool_calls: 0,
+                output_grammars: Default::default(),
             });
             let prompts = STYLES
                 .iter()

@@ -663,3 +663,94 @@ fn score_choices_matches_greedy_and_is_batch_invariant() {
         Err(LlmError::BadRequest { index: 0, .. })
     ));
 }
+
+#[cfg(feature = "grammar")]
+#[test]
+fn grammar_constrains_a_random_model_alone_or_in_a_batch() {
+    use cantante::llm::Grammar;
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 21,
+        quantized: true,
+    });
+    let llm = load(&p, 16);
+    let rx = r"-?[0-9]{1,3}(\.[0-9]{1,2})?";
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999}},
+        "required": ["answer"],
+        "additionalProperties": false,
+        "x-guidance": {"whitespace_flexible": false},
+    });
+    let reqs: Vec<Request> = (0..12)
+        .map(|i| {
+            let g = if i % 2 == 0 {
+                Grammar::Regex(rx.into())
+            } else {
+                Grammar::JsonSchema(schema.clone())
+            };
+            Request::chat("You are terse.", &format!("Question {i}: {i} + 1?"), 40)
+                .with_sampling(Sampling::temperature(1.0))
+                .with_seed(i as u64)
+                .with_grammar(g)
+        })
+        .collect();
+    let free: Vec<Request> = reqs
+        .iter()
+        .map(|r| Request {
+            grammar: None,
+            ..r.clone()
+        })
+        .collect();
+    let whole = regex::Regex::new(&format!("^(?:{rx})$")).unwrap();
+    let free_ok = llm
+        .generate(&free)
+        .unwrap()
+        .iter()
+        .filter(|g| whole.is_match(&g.text))
+        .count();
+    assert_eq!(
+        free_ok, 0,
+        "a random model does not write numbers by itself"
+    );
+    let batch = llm.generate(&reqs).unwrap();
+    for (i, g) in batch.iter().enumerate() {
+        assert_ne!(g.stop_reason, StopReason::Length, "{i}: {:?}", g.text);
+        if i % 2 == 0 {
+            assert!(whole.is_match(&g.text), "{i}: {:?}", g.text);
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&g.text).unwrap();
+            assert!(v["answer"].as_u64().is_some_and(|a| a <= 999), "{i}: {v}");
+            assert_eq!(v.as_object().unwrap().len(), 1, "{i}: {v}");
+        }
+    }
+    let one = load(&p, 1);
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = one.generate(std::slice::from_ref(r)).unwrap().remove(0);
+        assert_eq!(alone, batch[i], "request {i} alone");
+    }
+    // A grammar that does not compile rejects its request with the reason.
+    let bad = reqs[0].clone().with_grammar(Grammar::Regex("(".into()));
+    let e = llm.generate(&[bad]).unwrap_err().to_string();
+    assert!(e.contains("request 0") && e.contains("regex"), "{e}");
+    // A grammar and a tag constraint on one request are refused.
+    let both = reqs[0]
+        .clone()
+        .with_constraint(cantante::llm::OutputConstraint::tags(["a"]));
+    assert!(llm.generate(&[both]).is_err());
+}
+
+#[cfg(not(feature = "grammar"))]
+#[test]
+fn grammar_requests_are_refused_without_the_grammar_feature() {
+    let (_d, p) = tiny(TinySpec {
+        arch: "qwen2",
+        seed: 21,
+        quantized: true,
+    });
+    let llm = load(&p, 4);
+    let r = Request::user("hi", 4).with_grammar(cantante::llm::Grammar::Regex("[0-9]+".into()));
+    let e = llm.generate(&[r]).unwrap_err();
+    assert!(matches!(e, cantante::llm::LlmError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("--features grammar"), "{e}");
+}

@@ -1566,3 +1566,78 @@ fn agent_turns_carry_the_tag_constraint_unless_the_guard_is_off() {
         }
     }
 }
+
+#[test]
+fn agents_with_output_grammars_get_a_tagged_grammar_instead_of_the_tag_guard() {
+    use cantante::llm::Grammar;
+    let mut setup = Setup::load_validated(
+        config("gsm8k.yaml"),
+        &Validation::new::<&str, &str>(&[], &[]),
+    )
+    .unwrap();
+    let consensus = setup
+        .agents
+        .iter_mut()
+        .find(|a| a.name == "consensus_agent")
+        .unwrap();
+    consensus
+        .output_grammars
+        .insert("prediction".into(), Grammar::Regex("-?[0-9]+".into()));
+    setup.validate(&Validation::default()).unwrap();
+    for guard in [true, false] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let llm = ScriptedLlm::new(move |r: &Request| {
+            log.lock().unwrap().push(r.clone());
+            (1..=3)
+                .map(|k| {
+                    format!(
+                        "<proposal_{k}>4</proposal_{k}><justification_{k}>x</justification_{k}>"
+                    )
+                })
+                .collect::<String>()
+                + "<prediction>4</prediction>"
+        });
+        let o = RunOptions {
+            tag_guard: guard,
+            ..opts()
+        };
+        let out = run_batch(&llm, &setup, specs(&setup, &["2+2?"]), &o, None).unwrap();
+        assert_eq!(out[0].prediction, "4");
+        let reqs = seen.lock().unwrap();
+        assert_eq!(reqs.len(), 4);
+        for r in reqs.iter() {
+            let is_consensus = user_prompt(r).contains("<prediction>");
+            match (&r.grammar, &r.constraint) {
+                (Some(Grammar::Lark(src)), None) if guard && is_consensus => {
+                    assert!(src.contains("t0_body: /-?[0-9]+/"), "{src}");
+                    assert!(src.contains("t0_body \"</prediction>\""), "{src}");
+                }
+                (None, Some(c)) if guard && !is_consensus => {
+                    assert_eq!(c.tags.len(), 2);
+                }
+                (None, None) if !guard => {}
+                other => panic!("guard {guard}, consensus {is_consensus}: {other:?}"),
+            }
+        }
+    }
+    // Grammars only for the agent's own outputs, and not on tool agents.
+    let mut bad = setup.clone();
+    bad.agents[0]
+        .output_grammars
+        .insert("prediction".into(), Grammar::Regex("x".into()));
+    let e = bad
+        .validate(&Validation::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("output_grammars.prediction"), "{e}");
+    let mut bad = yaml(TOOLS);
+    let a = bad.agents.iter_mut().find(|a| !a.tools.is_empty()).unwrap();
+    let v = a.output_vars[0].clone();
+    a.output_grammars.insert(v, Grammar::Regex("x".into()));
+    let e = bad
+        .validate(&Validation::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tools"), "{e}");
+}

@@ -30,6 +30,7 @@ fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
         output_vars: outputs.iter().map(|s| s.to_string()).collect(),
         tools: vec![],
         max_tool_calls: 0,
+        output_grammars: Default::default(),
     }
 }
 
