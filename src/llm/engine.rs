@@ -460,6 +460,45 @@ fn file_tag(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Apply each decoding sequence's grammar mask to its logits row, in
+/// parallel (every mask depends on its own request's tokens only). Returns
+/// the error of each sequence whose grammar failed, by position in `active`.
+fn mask_grammars(
+    active: &mut [Seq],
+    feed_rows: &[(usize, Vec<u32>, bool)],
+    logits: &mut [Vec<f32>],
+) -> Vec<Option<LlmError>> {
+    use rayon::prelude::*;
+    let mut errors: Vec<Option<LlmError>> = (0..active.len()).map(|_| None).collect();
+    if active.iter().all(|s| s.grammar.is_none()) {
+        return errors;
+    }
+    let mut row_of = vec![None; active.len()];
+    for (row, (k, _, produces)) in feed_rows.iter().enumerate() {
+        if *produces {
+            row_of[*k] = Some(row);
+        }
+    }
+    let mut rows: Vec<Option<&mut Vec<f32>>> = logits.iter_mut().map(Some).collect();
+    let jobs: Vec<(usize, &mut grammar::Matcher, &mut Vec<f32>)> = active
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(k, s)| {
+            let m = s.grammar.as_mut()?;
+            let l = rows[row_of[k]?].take()?;
+            Some((k, m, l))
+        })
+        .collect();
+    let failed: Vec<(usize, LlmError)> = jobs
+        .into_par_iter()
+        .filter_map(|(k, m, l)| m.mask(l).err().map(|e| (k, e)))
+        .collect();
+    for (k, e) in failed {
+        errors[k] = Some(e);
+    }
+    errors
+}
+
 /// A request ended by an error of its own (its grammar failed mid-reply):
 /// rejected, so the rest of the batch goes on.
 fn rejected(id: usize, e: LlmError) -> LlmError {
@@ -1060,6 +1099,9 @@ impl CandleLlm {
                 }
                 self.model.forward(&mut chunks)?
             };
+            let mut grammar_errors = time(Phase::Sampling, || {
+                mask_grammars(&mut active, &feed_rows, &mut logits)
+            });
             let mut computed = 0;
             let mut finished = Vec::new();
             for (row, (k, toks, produces)) in feed_rows.iter().enumerate() {
@@ -1086,24 +1128,16 @@ impl CandleLlm {
                             sampling::sample(l, &s.req.sampling, &mut s.rng)
                         })
                     }
-                    _ => match s.grammar.as_mut() {
-                        // Tokens the grammar does not allow are masked out.
-                        Some(m) => {
-                            let l = &mut logits[row];
-                            match time(Phase::Sampling, || m.mask(l)) {
-                                Ok(()) => time(Phase::Sampling, || {
-                                    sampling::sample(l, &s.req.sampling, &mut s.rng)
-                                }),
-                                Err(e) => {
-                                    finished.push((*k, Err(rejected(s.id, e))));
-                                    continue;
-                                }
-                            }
+                    _ => {
+                        // A grammar's forbidden tokens are already masked out.
+                        if let Some(e) = grammar_errors[*k].take() {
+                            finished.push((*k, Err(rejected(s.id, e))));
+                            continue;
                         }
-                        None => time(Phase::Sampling, || {
+                        time(Phase::Sampling, || {
                             sampling::sample(&logits[row], &s.req.sampling, &mut s.rng)
-                        }),
-                    },
+                        })
+                    }
                 };
                 // An end-of-sequence while tags are missing wraps the reply up.
                 let tok = match s.guard.as_mut() {

@@ -368,20 +368,26 @@ mod imp {
         pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
             let mask = self.m.compute_mask().map_err(|_| self.error())?;
             let eos_ok = self.eos.iter().any(|&e| mask.is_allowed(e));
-            let mut any = false;
-            for (i, x) in logits.iter_mut().enumerate() {
-                let ok = if self.eos.contains(&(i as u32)) {
-                    eos_ok
-                } else {
-                    i < mask.len() && mask.is_allowed(i as u32)
-                };
-                if ok {
-                    any |= x.is_finite();
-                } else {
+            let eos_logits: Vec<f32> = self
+                .eos
+                .iter()
+                .map(|&e| logits.get(e as usize).copied().unwrap_or(f32::NEG_INFINITY))
+                .collect();
+            let n = logits.len();
+            logits[n.min(mask.len())..].fill(f32::NEG_INFINITY);
+            mask.iter_unset_entries(|i| {
+                if let Some(x) = logits.get_mut(i) {
                     *x = f32::NEG_INFINITY;
                 }
+            });
+            // Every end-of-sequence token of the model ends the reply exactly
+            // when the grammar allows its own.
+            for (&e, &v) in self.eos.iter().zip(&eos_logits) {
+                if let Some(x) = logits.get_mut(e as usize) {
+                    *x = if eos_ok { v } else { f32::NEG_INFINITY };
+                }
             }
-            if any {
+            if logits.iter().any(|x| x.is_finite()) {
                 Ok(())
             } else {
                 Err(self.error())
