@@ -426,23 +426,13 @@ pub fn parse_chat_request(
         "tools",
         "functions",
         "tool_choice",
-        "structured_outputs",
-        "guided_json",
-        "guided_regex",
-        "guided_grammar",
+        "guided_choice",
         "grammar",
     ] {
         if !v[unsupported].is_null() {
             return Err(format!(
-                "`{unsupported}` is not supported by cantante serve"
+                "`{unsupported}` is not supported by cantante serve (grammars: `response_format`, `guided_regex`, `guided_grammar` in Lark, `guided_json`)"
             ));
-        }
-    }
-    if let Some(rf) = v.get("response_format").filter(|r| !r.is_null()) {
-        if rf["type"].as_str() != Some("text") {
-            return Err(
-                "`response_format` other than text is not supported by cantante serve".into(),
-            );
         }
     }
     let msgs = v["messages"]

@@ -160,6 +160,18 @@ pub fn from_openai_body(v: &serde_json::Value) -> Result<Option<Grammar>, String
         },
     }
     let so = &v["structured_outputs"];
+    if let Some(o) = so.as_object() {
+        if let Some(k) = o
+            .keys()
+            .find(|k| !["regex", "grammar", "json"].contains(&k.as_str()))
+        {
+            return Err(format!(
+                "`structured_outputs.{k}` is not supported (regex, grammar, json are)"
+            ));
+        }
+    } else if !so.is_null() {
+        return Err("`structured_outputs` must be an object".into());
+    }
     for (f, x) in [
         ("structured_outputs.regex", &so["regex"]),
         ("guided_regex", &v["guided_regex"]),

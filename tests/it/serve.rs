@@ -499,3 +499,74 @@ fn eval_over_http_equals_the_in_process_run() {
         assert!(calls >= 8, "every agent of every run was called: {calls}");
     });
 }
+
+#[cfg(feature = "grammar")]
+#[test]
+fn grammars_over_http_equal_the_engine_and_bad_ones_are_400s() {
+    use cantante::llm::Grammar;
+    let (_dir, p, local, served) = tiny_pair();
+    with_server(&served, tiny_options(), |addr| {
+        let remote = OpenAiLlm::connect(RemoteOptions {
+            tokenizer: Some(p.clone()),
+            ..RemoteOptions::new(format!("http://{addr}/v1"))
+        })
+        .unwrap();
+        let grammars = [
+            Grammar::Regex("[0-9]{1,4}".into()),
+            Grammar::JsonSchema(serde_json::json!({
+                "type": "object",
+                "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+                "required": ["n"], "additionalProperties": false,
+                "x-guidance": {"whitespace_flexible": false},
+            })),
+            Grammar::Lark("start: \"yes\" | \"no\"".into()),
+        ];
+        let reqs: Vec<Request> = grammars
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                Request::chat("Be brief.", &format!("Item {i}?"), 24)
+                    .with_sampling(Sampling::temperature(1.0))
+                    .with_seed(i as u64)
+                    .with_grammar(g.clone())
+            })
+            .collect();
+        let want = local.generate(&reqs).unwrap();
+        let got = remote.generate(&reqs).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.text, w.text, "request {i}");
+        }
+        assert!(
+            want[0].text.chars().all(|c| c.is_ascii_digit()),
+            "{:?}",
+            want[0].text
+        );
+        let v: serde_json::Value = serde_json::from_str(&want[1].text).unwrap();
+        assert!(v["n"].as_u64().is_some_and(|n| n <= 99), "{v}");
+        assert!(
+            ["yes", "no"].contains(&want[2].text.as_str()),
+            "{:?}",
+            want[2].text
+        );
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "guided_regex": "("}"#,
+            None,
+        );
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("response_format") && body.contains("regex"),
+            "{body}"
+        );
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}"#,
+            None,
+        );
+        assert_eq!(status, 400, "{body}");
+    });
+}
