@@ -62,14 +62,16 @@ pub fn config_id(config: &PromptSet) -> String {
     format!("{:016x}", fnv64(&parts))
 }
 
-/// Seed of one rollout: depends only on the run seed, the configuration's
-/// content and the example id — never on batch composition or position.
-pub fn rollout_seed(seed: u64, config: &PromptSet, example_id: &str) -> u64 {
-    fnv64(&[
-        &seed.to_le_bytes(),
-        config_id(config).as_bytes(),
-        example_id.as_bytes(),
-    ])
+/// Seed of one rollout: depends only on the run seed and the example id —
+/// never on batch composition or position, and not on the configuration.
+/// Every configuration meets a query with the same random numbers (common
+/// random numbers): an agent whose prompt and inputs are unchanged writes
+/// the same reply under every configuration, so the score difference of two
+/// configurations on one query comes from the agents that differ (the
+/// one-factor design's counterfactual credit, CAPO's paired races) and not
+/// from resampling the others.
+pub fn rollout_seed(seed: u64, example_id: &str) -> u64 {
+    fnv64(&[&seed.to_le_bytes(), example_id.as_bytes()])
 }
 
 /// One scored run.
@@ -141,7 +143,7 @@ pub fn execute(
                     init: task.initial_state(ex),
                     few_shots: Vec::new(),
                     tools: task.tool_env(ex),
-                    seed: rollout_seed(opts.seed, &configs[c], &ex.id),
+                    seed: rollout_seed(opts.seed, &ex.id),
                 }
             })
             .collect();

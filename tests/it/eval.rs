@@ -117,3 +117,52 @@ fn gsm8k_eval_on_tiny_model_runs_end_to_end() {
     }
     assert!(llm.count_tokens("hello world") > 0);
 }
+
+#[test]
+fn configurations_meet_a_query_with_common_random_numbers() {
+    // Sampled rollouts of two configurations that differ only in the
+    // consensus prompt: the executors (same prompts, same inputs) write the
+    // same replies under both, so a score difference is the consensus's.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&p, TinySpec::default()).unwrap();
+    let llm = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
+    let task = load_task("gsm8k", Some(&data())).unwrap();
+    let setup = setup_for(task.as_ref(), "gsm8k.yaml");
+    let examples = task.load(Split::Test, Some(2), 1).unwrap();
+    let mut opts = EvalOptions::default();
+    opts.run.max_new_tokens = 12;
+    // Free sampling (no tags forced), so every reply draws random numbers.
+    opts.run.tag_guard = false;
+    assert!(!opts.run.sampling.is_greedy());
+    let a = setup.pool_config(0);
+    let mut b = a.clone();
+    b.get_mut("consensus_agent")
+        .unwrap()
+        .push_str("\nBe brief.");
+    let runs = execute(&llm, &setup, task.as_ref(), &[a, b], &examples, &opts, None).unwrap();
+    for q in 0..examples.len() {
+        let (ra, rb) = (&runs[0][q].result, &runs[1][q].result);
+        let reply = |r: &cantante::graph::RunResult, agent: &str| {
+            r.calls
+                .iter()
+                .find(|c| c.agent == agent)
+                .unwrap()
+                .reply
+                .clone()
+        };
+        for e in ["executor_1", "executor_2", "executor_3"] {
+            assert_eq!(reply(ra, e), reply(rb, e), "query {q}, {e}");
+        }
+        assert_ne!(
+            reply(ra, "consensus_agent"),
+            reply(rb, "consensus_agent"),
+            "query {q}: the changed agent's prompt changes its reply"
+        );
+    }
+    // Different queries still get different random numbers.
+    assert_ne!(
+        cantante::eval::rollout_seed(7, &examples[0].id),
+        cantante::eval::rollout_seed(7, &examples[1].id)
+    );
+}
