@@ -86,15 +86,30 @@ fn gsm8k_eval_on_scripted_llm_has_known_accuracy() {
     assert_eq!(llm.calls(), 40);
 }
 
-#[test]
-fn gsm8k_eval_on_tiny_model_runs_end_to_end() {
+/// The tiny model (in a temp dir that must outlive it), the GSM8K task and
+/// setup, and `n` test examples.
+fn tiny_gsm8k(
+    n: usize,
+) -> (
+    tempfile::TempDir,
+    CandleLlm,
+    Box<dyn cantante::task::Task>,
+    Setup,
+    Vec<cantante::task::Example>,
+) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     write_tiny_gguf(&p, TinySpec::default()).unwrap();
     let llm = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
     let task = load_task("gsm8k", Some(&data())).unwrap();
     let setup = setup_for(task.as_ref(), "gsm8k.yaml");
-    let examples = task.load(Split::Test, Some(3), 1).unwrap();
+    let examples = task.load(Split::Test, Some(n), 1).unwrap();
+    (dir, llm, task, setup, examples)
+}
+
+#[test]
+fn gsm8k_eval_on_tiny_model_runs_end_to_end() {
+    let (_dir, llm, task, setup, examples) = tiny_gsm8k(3);
     let mut opts = EvalOptions::default();
     opts.run.max_new_tokens = 8;
     let runs = execute(
@@ -123,13 +138,7 @@ fn configurations_meet_a_query_with_common_random_numbers() {
     // Sampled rollouts of two configurations that differ only in the
     // consensus prompt: the executors (same prompts, same inputs) write the
     // same replies under both, so a score difference is the consensus's.
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&p, TinySpec::default()).unwrap();
-    let llm = CandleLlm::load(p.to_str().unwrap(), EngineOptions::default()).unwrap();
-    let task = load_task("gsm8k", Some(&data())).unwrap();
-    let setup = setup_for(task.as_ref(), "gsm8k.yaml");
-    let examples = task.load(Split::Test, Some(2), 1).unwrap();
+    let (_dir, llm, task, setup, examples) = tiny_gsm8k(2);
     let mut opts = EvalOptions::default();
     opts.run.max_new_tokens = 12;
     // Free sampling (no tags forced), so every reply draws random numbers.
