@@ -109,8 +109,8 @@ impl Setup {
     /// 7. every input var is written by some agent or provided initially;
     /// 8. every pool prompt has a `{var}` placeholder for each of its agent's
     ///    input vars (except `few_shots`, which is optional);
-    /// 9. `output_grammars` only name the agent's output vars, and only on
-    ///    agents without tools.
+    /// 9. `output_grammars` only name the agent's output vars, compile (with
+    ///    the `grammar` feature), and only on agents without tools.
     pub fn validate(&self, rules: &Validation) -> Result<(), GraphError> {
         // 1. names
         let mut seen = BTreeSet::new();
@@ -307,6 +307,15 @@ impl Setup {
                     format!("output_grammars.{v}"),
                     format!("`{v}` is not one of the agent's output_vars"),
                 ));
+            }
+            for (v, g) in &a.output_grammars {
+                if let Err(e) = crate::llm::grammar::check(g) {
+                    return Err(invalid(
+                        Some(&a.name),
+                        format!("output_grammars.{v}"),
+                        format!("{} grammar does not compile: {e}", g.kind()),
+                    ));
+                }
             }
             if !a.output_grammars.is_empty() && !a.tools.is_empty() {
                 return Err(invalid(

@@ -262,7 +262,7 @@ fn escape_slashes(rx: &str) -> String {
     out
 }
 
-pub use imp::{Compiler, Matcher};
+pub use imp::{check, Compiler, Matcher};
 
 #[cfg(feature = "grammar")]
 mod imp {
@@ -358,6 +358,31 @@ mod imp {
         }
     }
 
+    /// Whether `g` compiles (against a one-byte-per-token vocabulary, so
+    /// no model is needed): setup validation reports a broken grammar
+    /// before any model runs.
+    pub fn check(g: &Grammar) -> std::result::Result<(), String> {
+        static FACTORY: std::sync::OnceLock<std::result::Result<ParserFactory, String>> =
+            std::sync::OnceLock::new();
+        let factory = FACTORY
+            .get_or_init(|| {
+                let env = llguidance::toktrie::ApproximateTokEnv::single_byte_env();
+                let mut f = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+                f.quiet();
+                Ok(f)
+            })
+            .as_ref()?;
+        let top = match g {
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+        };
+        match llguidance::Matcher::new(factory.create_parser(top)).get_error() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// The grammar state of one reply.
     pub struct Matcher {
         m: llguidance::Matcher,
@@ -444,6 +469,12 @@ mod imp {
                 g.kind()
             )))
         }
+    }
+
+    /// Without the `grammar` feature nothing is checked (the engine
+    /// refuses grammar requests instead).
+    pub fn check(_: &Grammar) -> std::result::Result<(), String> {
+        Ok(())
     }
 
     /// Uninhabited: no matcher exists without the `grammar` feature.

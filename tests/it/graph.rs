@@ -1631,6 +1631,25 @@ fn agents_with_output_grammars_get_a_tagged_grammar_instead_of_the_tag_guard() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("output_grammars.prediction"), "{e}");
+    #[cfg(feature = "grammar")]
+    {
+        let mut bad = setup.clone();
+        let c = bad
+            .agents
+            .iter_mut()
+            .find(|a| a.name == "consensus_agent")
+            .unwrap();
+        c.output_grammars
+            .insert("prediction".into(), Grammar::Regex("([0-9]".into()));
+        let e = bad
+            .validate(&Validation::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("output_grammars.prediction") && e.contains("does not compile"),
+            "{e}"
+        );
+    }
     let mut bad = yaml(TOOLS);
     let a = bad.agents.iter_mut().find(|a| !a.tools.is_empty()).unwrap();
     let v = a.output_vars[0].clone();
