@@ -51,15 +51,15 @@ pub struct GenerateArgs {
     #[arg(long, value_delimiter = ',')]
     require_tags: Vec<String>,
     /// The whole reply must match this regular expression (enforced while
-    /// decoding; needs a build with `--features grammar`).
+    /// decoding; needs the `grammar` feature, on by default).
     #[arg(long, conflicts_with_all = ["require_tags", "grammar_lark", "json_schema"])]
     grammar_regex: Option<String>,
     /// The whole reply must match the Lark grammar in this file
-    /// (llguidance's dialect; needs `--features grammar`).
+    /// (llguidance's dialect; needs the `grammar` feature).
     #[arg(long, conflicts_with_all = ["require_tags", "json_schema"])]
     grammar_lark: Option<PathBuf>,
     /// The reply must be JSON matching the JSON schema in this file (needs
-    /// `--features grammar`).
+    /// the `grammar` feature).
     #[arg(long, conflicts_with = "require_tags")]
     json_schema: Option<PathBuf>,
     /// Print results as JSONL instead of text.

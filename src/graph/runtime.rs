@@ -948,12 +948,18 @@ fn guard(opts: &RunOptions, tags: &[String], tool_turn: bool) -> Option<OutputCo
     Some(OutputConstraint::tags(tags.iter().cloned()).with_escapes(escapes))
 }
 
-/// The grammar of an agent turn writing `tags`, when the agent declares
-/// output grammars and constraints are on: its tags in order, each declared
-/// one holding a match of its grammar.
-fn turn_grammar(opts: &RunOptions, a: &super::AgentSpec, tags: &[String]) -> Option<Grammar> {
-    if !opts.tag_guard || a.output_grammars.is_empty() || tags.is_empty() {
-        return None;
+/// The output contract of an agent turn writing `tags`: a grammar when the
+/// agent declares output grammars (its tags in order, each declared one
+/// holding a match; never on a tool turn), else the tag guard's constraint.
+/// Nothing when constraints are off.
+fn output_contract(
+    opts: &RunOptions,
+    a: &super::AgentSpec,
+    tags: &[String],
+    tool_turn: bool,
+) -> (Option<OutputConstraint>, Option<Grammar>) {
+    if a.output_grammars.is_empty() || tool_turn || !opts.tag_guard || tags.is_empty() {
+        return (guard(opts, tags, tool_turn), None);
     }
     let parts: Vec<TaggedOutput> = tags
         .iter()
@@ -962,7 +968,7 @@ fn turn_grammar(opts: &RunOptions, a: &super::AgentSpec, tags: &[String]) -> Opt
             grammar: a.output_grammars.get(t).cloned(),
         })
         .collect();
-    Some(Grammar::tagged(&parts))
+    (None, Some(Grammar::tagged(&parts)))
 }
 
 /// The next model turn of an unfinished call, and whether it is a tool turn
@@ -975,6 +981,7 @@ pub(super) fn turn_request(
 ) -> (Request, bool) {
     let a = &g.setup.agents[p.agent];
     let tool_turn = !a.tools.is_empty() && p.tools_used < a.max_tool_calls as usize;
+    let (constraint, grammar) = output_contract(opts, a, &a.output_vars, tool_turn);
     let req = Request {
         messages: p.messages.clone(),
         max_new_tokens: opts.max_new_tokens,
@@ -985,13 +992,9 @@ pub(super) fn turn_request(
         } else {
             Vec::new()
         },
-        constraint: None,
-        grammar: turn_grammar(opts, a, &a.output_vars).filter(|_| !tool_turn),
+        constraint,
+        grammar,
         raw_prompt: None,
-    };
-    let req = Request {
-        constraint: guard(opts, &a.output_vars, tool_turn).filter(|_| req.grammar.is_none()),
-        ..req
     };
     (req, tool_turn)
 }
@@ -1118,22 +1121,17 @@ pub(super) fn repair_requests(
         p.call.input_tokens += llm.count_tokens(&msg);
         p.messages.push(Message::assistant(last));
         p.messages.push(Message::user(msg));
+        let (constraint, grammar) =
+            output_contract(opts, &g.setup.agents[p.agent], &missing, false);
         let req = Request {
             messages: p.messages.clone(),
             max_new_tokens: opts.max_new_tokens,
             sampling: opts.sampling,
             seed: request_seed(run_seed(p.run), &p.call.agent, p.call_index, p.turn),
             stop: Vec::new(),
-            constraint: None,
-            grammar: g
-                .setup
-                .agent(&p.call.agent)
-                .and_then(|a| turn_grammar(opts, a, &missing)),
+            constraint,
+            grammar,
             raw_prompt: None,
-        };
-        let req = Request {
-            constraint: guard(opts, &missing, false).filter(|_| req.grammar.is_none()),
-            ..req
         };
         p.turn += 1;
         out.push((i, missing, req));

@@ -462,17 +462,18 @@ fn file_tag(path: &Path) -> String {
 
 /// Apply each decoding sequence's grammar mask to its logits row, in
 /// parallel (every mask depends on its own request's tokens only). Returns
-/// the error of each sequence whose grammar failed, by position in `active`.
+/// the error of each sequence whose grammar failed, by position in `active`
+/// (empty, without allocating, when no sequence has a grammar).
 fn mask_grammars(
     active: &mut [Seq],
     feed_rows: &[(usize, Vec<u32>, bool)],
     logits: &mut [Vec<f32>],
 ) -> Vec<Option<LlmError>> {
     use rayon::prelude::*;
-    let mut errors: Vec<Option<LlmError>> = (0..active.len()).map(|_| None).collect();
     if active.iter().all(|s| s.grammar.is_none()) {
-        return errors;
+        return Vec::new();
     }
+    let mut errors: Vec<Option<LlmError>> = (0..active.len()).map(|_| None).collect();
     let mut row_of = vec![None; active.len()];
     for (row, (k, _, produces)) in feed_rows.iter().enumerate() {
         if *produces {
@@ -1130,7 +1131,7 @@ impl CandleLlm {
                     }
                     _ => {
                         // A grammar's forbidden tokens are already masked out.
-                        if let Some(e) = grammar_errors[*k].take() {
+                        if let Some(e) = grammar_errors.get_mut(*k).and_then(Option::take) {
                             finished.push((*k, Err(rejected(s.id, e))));
                             continue;
                         }

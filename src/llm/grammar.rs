@@ -295,6 +295,23 @@ mod imp {
         }
     }
 
+    /// Compile `g` with `factory`: the matcher, or llguidance's reason.
+    fn compile(
+        factory: &ParserFactory,
+        g: &Grammar,
+    ) -> std::result::Result<llguidance::Matcher, String> {
+        let top = match g {
+            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+        };
+        let m = llguidance::Matcher::new(factory.create_parser(top));
+        match m.get_error() {
+            Some(e) => Err(e),
+            None => Ok(m),
+        }
+    }
+
     /// Compiles grammars for one model's tokenizer (built once per engine).
     pub struct Compiler {
         factory: ParserFactory,
@@ -342,15 +359,8 @@ mod imp {
         /// A matcher for one reply under `g`; a grammar that does not
         /// compile is an error naming what is wrong.
         pub fn matcher(&self, g: &Grammar) -> Result<Matcher> {
-            let top = match g {
-                Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
-                Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
-                Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
-            };
-            let m = llguidance::Matcher::new(self.factory.create_parser(top));
-            if let Some(e) = m.get_error() {
-                return Err(LlmError::Other(format!("{} grammar: {e}", g.kind())));
-            }
+            let m = compile(&self.factory, g)
+                .map_err(|e| LlmError::Other(format!("{} grammar: {e}", g.kind())))?;
             Ok(Matcher {
                 m,
                 eos: self.eos.clone(),
@@ -372,15 +382,7 @@ mod imp {
                 Ok(f)
             })
             .as_ref()?;
-        let top = match g {
-            Grammar::Regex(rx) => TopLevelGrammar::from_regex(rx),
-            Grammar::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
-            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
-        };
-        match llguidance::Matcher::new(factory.create_parser(top)).get_error() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        compile(factory, g).map(drop)
     }
 
     /// The grammar state of one reply.

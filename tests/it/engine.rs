@@ -14,6 +14,16 @@ fn tiny(spec: TinySpec) -> (tempfile::TempDir, PathBuf) {
     (dir, p)
 }
 
+/// The quantized Qwen2-shaped tiny model of seed 21 (random: it writes no
+/// tags or numbers by itself).
+fn random_qwen() -> (tempfile::TempDir, PathBuf) {
+    tiny(TinySpec {
+        arch: "qwen2",
+        seed: 21,
+        quantized: true,
+    })
+}
+
 fn load(p: &PathBuf, max_batch: usize) -> CandleLlm {
     let opts = EngineOptions {
         max_batch,
@@ -525,11 +535,7 @@ init_agent_prompt_pool:
 #[test]
 fn tag_guard_makes_a_random_model_write_its_tags_alone_or_in_a_batch() {
     use cantante::llm::OutputConstraint;
-    let (_d, p) = tiny(TinySpec {
-        arch: "qwen2",
-        seed: 21,
-        quantized: true,
-    });
+    let (_d, p) = random_qwen();
     let llm = load(&p, 16);
     let tags = OutputConstraint::tags(["reason", "answer"]);
     let tok = llm.tokenizer();
@@ -668,11 +674,7 @@ fn score_choices_matches_greedy_and_is_batch_invariant() {
 #[test]
 fn grammar_constrains_a_random_model_alone_or_in_a_batch() {
     use cantante::llm::Grammar;
-    let (_d, p) = tiny(TinySpec {
-        arch: "qwen2",
-        seed: 21,
-        quantized: true,
-    });
+    let (_d, p) = random_qwen();
     let llm = load(&p, 16);
     let rx = r"-?[0-9]{1,3}(\.[0-9]{1,2})?";
     let schema = serde_json::json!({
@@ -743,11 +745,7 @@ fn grammar_constrains_a_random_model_alone_or_in_a_batch() {
 #[cfg(not(feature = "grammar"))]
 #[test]
 fn grammar_requests_are_refused_without_the_grammar_feature() {
-    let (_d, p) = tiny(TinySpec {
-        arch: "qwen2",
-        seed: 21,
-        quantized: true,
-    });
+    let (_d, p) = random_qwen();
     let llm = load(&p, 4);
     let r = Request::user("hi", 4).with_grammar(cantante::llm::Grammar::Regex("[0-9]+".into()));
     let e = llm.generate(&[r]).unwrap_err();
