@@ -1,7 +1,9 @@
 //! Int8 kernel throughput (run: `cargo bench --bench kernels`): G multiply-adds
 //! per second of [`cantante::llm::kernels::matmul`] per tier and weight flavour,
 //! at decode- and prefill-shaped sizes of the default model's MLP (k = 896,
-//! n = 4864), with all threads.
+//! n = 4864), with all threads; then the 1.5B model's own shapes at
+//! prefill- and batch-shaped sizes (its `ffn_down` has k = 8960: activation
+//! rows no longer fit in L2 there).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -81,5 +83,37 @@ fn main() {
             bytes as f64 / s / 1e9,
             (24 * n * k) as f64 / s / 1e9
         );
+    }
+    // The 1.5B model's matrices (Q4_K_M: Q4_K, half the ffn_down and attn_v Q6_K).
+    let tier = *Tier::available().last().unwrap();
+    for (name, n, k, dt) in [
+        ("qkv", 2048, 1536, GgmlDType::Q4K),
+        ("gate|up", 17920, 1536, GgmlDType::Q4K),
+        ("down", 1536, 8960, GgmlDType::Q4K),
+        ("down", 1536, 8960, GgmlDType::Q6K),
+    ] {
+        let vals: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
+            .collect();
+        let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        let w = QMatrix::from_qtensor(&QTensor::quantize(&t, dt).unwrap()).unwrap();
+        let mut line = format!("{:<7} 1.5B {name:<7} {dt:?} {n}x{k}", tier.name());
+        for t in [32, 64, 256] {
+            let x: Vec<f32> = (0..t * k)
+                .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
+                .collect();
+            let mut acts = QActs::default();
+            acts.quantize(&x, t, k);
+            let mut out = vec![0f32; t * n];
+            matmul(tier, &w, &acts, &mut out, n);
+            let reps = (1024 / t).max(2);
+            let start = Instant::now();
+            for _ in 0..reps {
+                matmul(tier, &w, &acts, &mut out, n);
+            }
+            let s = start.elapsed().as_secs_f64() / reps as f64;
+            line += &format!("  m={t}: {:.1} GMAC/s", (t * n * k) as f64 / s / 1e9);
+        }
+        println!("{line}");
     }
 }

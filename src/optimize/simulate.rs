@@ -368,7 +368,8 @@ fn candidate_credits(rec: &RoundRecord, agent: &str) -> Vec<(String, f64)> {
 /// `run_dir` (must not hold a checkpoint) and measure its credits. `base`
 /// gives every other setting; its block size is what the joint design uses,
 /// and the one-factor design gets the block that spends the same rollouts
-/// in the first round (configurations × block).
+/// in the first round (configurations × block, its configurations counted
+/// under `base.ofat_max_candidates`).
 pub fn simulate(
     world: &std::sync::Arc<PlantedWorld>,
     method: Method,
@@ -388,7 +389,10 @@ pub fn simulate(
     let per_agent = k + config.crossovers_per_round;
     let joint_configs = 1 + per_agent;
     if method.design == Design::Ofat {
-        let ofat_configs = 1 + agents * (per_agent - 1);
+        let per_agent_run = config
+            .ofat_max_candidates
+            .map_or(per_agent - 1, |cap| cap.min(per_agent - 1));
+        let ofat_configs = 1 + agents * per_agent_run;
         let block = (base.block_size * joint_configs) as f64 / ofat_configs as f64;
         config.block_size = (block.round() as usize).max(2);
     }
@@ -482,9 +486,10 @@ pub fn compare(
             world.observation_accuracy = accuracy;
             let world = std::sync::Arc::new(world);
             let run_dir = dir.join(format!(
-                "m{mi}-s{s}-a{}-b{}",
+                "m{mi}-s{s}-a{}-b{}-c{}",
                 (accuracy * 100.0) as u32,
-                base.block_size
+                base.block_size,
+                base.ofat_max_candidates.unwrap_or(0)
             ));
             runs.push(simulate(&world, *m, base, &run_dir)?);
         }
