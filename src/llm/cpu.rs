@@ -458,7 +458,7 @@ impl AttnJob<'_> {
     /// fused multiply-add, same operation order).
     unsafe fn run(&self, tier: Tier, out: &SharedMut<f32>) {
         #[cfg(target_arch = "x86_64")]
-        if tier == Tier::Avx2 {
+        if tier.has_avx2() {
             return self.run_avx2(out);
         }
         let _ = tier;

@@ -7,6 +7,13 @@
 //! Up to four activation rows share each unpacked weight block; from eight rows
 //! on, a tile is unpacked to bytes once and every row group reads those.
 //! Bit-identical to [`super::scalar`].
+//!
+//! The kernel bodies are generic over how a 32-byte `u8 × i8` product is
+//! reduced to 8 `i32` lanes of 4 products each (`D`): `maddubs` + `madd`
+//! here ([`MADD`]), one `vpdpbusd` in the VNNI tiers ([`super::avxvnni`],
+//! [`super::avx512vnni`]), which reuse these bodies from their own
+//! `target_feature` entry points. The lanes hold the same exact integers
+//! either way, so every tier gives the same bits.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
@@ -32,57 +39,118 @@ pub fn available() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
     match w.packing {
-        Packing::I8 => rows::<0>(w, tile, a, out),
-        Packing::U4 => rows::<1>(w, tile, a, out),
-        Packing::U5 => rows::<2>(w, tile, a, out),
+        Packing::I8 => rows_avx2::<0>(w, tile, a, out),
+        Packing::U4 => rows_avx2::<1>(w, tile, a, out),
+        Packing::U5 => rows_avx2::<2>(w, tile, a, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+unsafe fn rows_avx2<const P: u8>(
+    w: &QMatrix,
+    tile: usize,
+    a: &[ActRow<'_>],
+    out: &mut [[f32; TILE]],
+) {
+    rows::<P, MADD>(w, tile, a, out)
+}
+
+/// Reduction of `u8 × i8` products: `maddubs` + `madd` (AVX2).
+pub const MADD: u8 = 0;
+/// Reduction of `u8 × i8` products: `vpdpbusd` (AVX-512 VNNI, 256-bit).
+pub const DPBUSD_EVEX: u8 = 1;
+/// Reduction of `u8 × i8` products: `vpdpbusd` (AVX-VNNI).
+pub const DPBUSD_VEX: u8 = 2;
+
+/// `Σ₄ u·s` per `i32` lane (u unsigned, s signed bytes; 4 consecutive
+/// bytes per lane). With [`MADD`], `|u·s|` pairs must fit `i16` (they do for
+/// every packing: `|w| ≤ 128`, `|a| ≤ 127`). `D` ≠ [`MADD`] needs the
+/// caller to have the matching VNNI target feature (the bodies are inlined
+/// into such an entry point).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot<const D: u8>(u: __m256i, s: __m256i) -> __m256i {
+    match D {
+        MADD => _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+        DPBUSD_EVEX => _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s),
+        _ => _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s),
+    }
+}
+
+/// `Σ₄ (u₁·s₁ + u₂·s₂)` per `i32` lane, as [`dot`] (with [`MADD`] the two
+/// products are summed in `i16` first: ≤ 2·2·31·127 for 5-bit values).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot2<const D: u8>(u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) -> __m256i {
+    match D {
+        MADD => _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(u1, s1), _mm256_maddubs_epi16(u2, s2)),
+            _mm256_set1_epi16(1),
+        ),
+        DPBUSD_EVEX => {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u1, s1), u2, s2)
+        }
+        _ => _mm256_dpbusd_avx_epi32(
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u1, s1),
+            u2,
+            s2,
+        ),
+    }
+}
+
+/// The tile product for packing `P` (0 = [`Packing::I8`], 1 = U4, 2 = U5)
+/// with reduction `D`; inlined into each tier's `target_feature` entry point.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn rows<const P: u8, const D: u8>(
+    w: &QMatrix,
+    tile: usize,
+    a: &[ActRow<'_>],
+    out: &mut [[f32; TILE]],
+) {
     let nb = w.blocks_per_row();
     let bpb = w.packing.bytes();
     let packed = w.qs.as_ptr().add(tile * nb * TILE * bpb);
     if P == 0 {
-        row_groups::<0>(w, tile, packed, bpb, a, out);
+        row_groups::<0, D>(w, tile, packed, bpb, a, out);
     } else if a.len() >= EXPAND_ROWS {
         // Many rows: unpack the tile once and run the byte kernels over it.
-        EXPANDED.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            buf.resize(nb * TILE * QK, 0);
-            for b in 0..nb {
-                for c in 0..TILE {
-                    let i = b * TILE + c;
-                    let mut v = nibbles(packed.add(i * 16));
-                    if P == 2 {
-                        let h =
-                            w.hi.as_ptr()
-                                .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
-                        let h = _mm256_set_m128i(
-                            _mm_loadu_si128(h.add(32) as *const __m128i),
-                            _mm_loadu_si128(h as *const __m128i),
-                        );
-                        v = _mm256_or_si256(v, bit4(h, b % HI_GROUP));
-                    }
-                    _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
+        // SAFETY: the buffer is this thread's, and nothing below re-enters
+        // this function, so no other reference to it is live.
+        let buf = &mut *EXPANDED.with(|b| b.get());
+        buf.resize(nb * TILE * QK, 0);
+        for b in 0..nb {
+            for c in 0..TILE {
+                let i = b * TILE + c;
+                let mut v = nibbles(packed.add(i * 16));
+                if P == 2 {
+                    let h =
+                        w.hi.as_ptr()
+                            .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
+                    let h = _mm256_set_m128i(
+                        _mm_loadu_si128(h.add(32) as *const __m128i),
+                        _mm_loadu_si128(h as *const __m128i),
+                    );
+                    v = _mm256_or_si256(v, bit4(h, b % HI_GROUP));
                 }
+                _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
             }
-            row_groups::<4>(w, tile, buf.as_ptr(), QK, a, out);
-        });
+        }
+        row_groups::<4, D>(w, tile, buf.as_ptr(), QK, a, out);
     } else {
         // Packed nibbles: two weight rows per 32-byte load.
         const RM: usize = NIBBLE_ROWS;
         let mut j = 0;
         while j + RM <= a.len() {
-            let r = kernel_nibbles::<RM, P>(w, tile, packed, std::array::from_fn(|k| &a[j + k]));
+            let r = kernel_nibbles::<RM, P, D>(w, tile, packed, std::array::from_fn(|k| &a[j + k]));
             for (k, v) in r.iter().enumerate() {
                 _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
             }
             j += RM;
         }
         while j < a.len() {
-            let r = kernel_nibbles::<1, P>(w, tile, packed, [&a[j]]);
+            let r = kernel_nibbles::<1, P, D>(w, tile, packed, [&a[j]]);
             _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
             j += 1;
         }
@@ -96,14 +164,14 @@ const NIBBLE_ROWS: usize = 4;
 const EXPAND_ROWS: usize = 8;
 
 thread_local! {
-    static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static EXPANDED: std::cell::UnsafeCell<Vec<u8>> = const { std::cell::UnsafeCell::new(Vec::new()) };
 }
 
 /// [`kernel`] over groups of up to 4 activation rows. `P`: 0 = signed bytes,
 /// 4 = unsigned bytes (an unpacked tile).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_groups<const P: u8>(
+#[inline(always)]
+unsafe fn row_groups<const P: u8, const D: u8>(
     w: &QMatrix,
     tile: usize,
     qs: *const u8,
@@ -114,14 +182,14 @@ unsafe fn row_groups<const P: u8>(
     const RM: usize = 4;
     let mut j = 0;
     while j + RM <= a.len() {
-        let r = kernel::<RM, P>(w, tile, qs, bpb, std::array::from_fn(|k| &a[j + k]));
+        let r = kernel::<RM, P, D>(w, tile, qs, bpb, std::array::from_fn(|k| &a[j + k]));
         for (k, v) in r.iter().enumerate() {
             _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
         }
         j += RM;
     }
     while j < a.len() {
-        let r = kernel::<1, P>(w, tile, qs, bpb, [&a[j]]);
+        let r = kernel::<1, P, D>(w, tile, qs, bpb, [&a[j]]);
         _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
         j += 1;
     }
@@ -226,9 +294,8 @@ impl ScalePtr {
 /// and three `hadd`s and a permute fold the 8 rows; every partial is an exact
 /// integer, so the block sums equal [`kernel`]'s.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn kernel_nibbles<const R: usize, const P: u8>(
+#[inline(always)]
+unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
     w: &QMatrix,
     tile: usize,
     qs: *const u8,
@@ -237,7 +304,6 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8>(
     let nb = w.blocks_per_row();
     let (d, m) = ScalePtr::tile(w, tile);
     let negz = _mm256_set1_ps(-(w.zero as f32));
-    let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0F);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let hip = if P == 2 {
@@ -284,11 +350,7 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8>(
             }
             for r in 0..R {
                 // ≤ 2·31·127 per maddubs lane, twice: fits i16.
-                let s = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, alo[r]),
-                    _mm256_maddubs_epi16(hi, ahi[r]),
-                );
-                let v = _mm256_madd_epi16(s, ones);
+                let v = dot2::<D>(lo, alo[r], hi, ahi[r]);
                 if k % 2 == 0 {
                     prev[r] = v;
                 } else {
@@ -297,7 +359,10 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8>(
             }
         }
         let dw = d.load(b);
-        let mv = m.map_or(_mm256_setzero_ps(), |m| m.load(b));
+        let mv = match m {
+            Some(m) => m.load(b),
+            None => _mm256_setzero_ps(),
+        };
         let off = _mm256_fmadd_ps(negz, dw, mv);
         for r in 0..R {
             let h = _mm256_hadd_epi32(pr[r][0], pr[r][1]);
@@ -314,9 +379,8 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn kernel<const R: usize, const P: u8>(
+#[inline(always)]
+unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
     w: &QMatrix,
     tile: usize,
     qs: *const u8,
@@ -330,7 +394,6 @@ unsafe fn kernel<const R: usize, const P: u8>(
     let unsigned = P == 4;
     let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
     let negz = _mm256_set1_ps(-(w.zero as f32));
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
@@ -347,22 +410,40 @@ unsafe fn kernel<const R: usize, const P: u8>(
             for k in 0..2 {
                 let c = 2 * pair + k;
                 let wv = _mm256_loadu_si256(wb.add(c * bpb) as *const __m256i);
-                let scale = match sub {
+                // Unsigned values multiply the activations as they are;
+                // signed ones as |w| times the activations with w's sign.
+                let uw = if unsigned {
+                    wv
+                } else {
+                    _mm256_sign_epi8(wv, wv)
+                };
+                match sub {
+                    // Q6_K: the two 16-value halves' sub-scales weight the
+                    // `maddubs` pairs (low lane: values 0–15).
                     Some(s) => {
                         let s = *s.add(b * TILE + c);
-                        _mm256_set_m128i(_mm_set1_epi16(s[1] as i16), _mm_set1_epi16(s[0] as i16))
+                        let scale = _mm256_set_m128i(
+                            _mm_set1_epi16(s[1] as i16),
+                            _mm_set1_epi16(s[0] as i16),
+                        );
+                        for r in 0..R {
+                            let sa = if unsigned {
+                                av[r]
+                            } else {
+                                _mm256_sign_epi8(av[r], wv)
+                            };
+                            v[r][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sa), scale);
+                        }
                     }
-                    None => ones,
-                };
-                if unsigned {
-                    for r in 0..R {
-                        v[r][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av[r]), scale);
-                    }
-                } else {
-                    let aw = _mm256_sign_epi8(wv, wv);
-                    for r in 0..R {
-                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(av[r], wv));
-                        v[r][k] = _mm256_madd_epi16(p, scale);
+                    None => {
+                        for r in 0..R {
+                            let sa = if unsigned {
+                                av[r]
+                            } else {
+                                _mm256_sign_epi8(av[r], wv)
+                            };
+                            v[r][k] = dot::<D>(uw, sa);
+                        }
                     }
                 }
             }
@@ -372,7 +453,10 @@ unsafe fn kernel<const R: usize, const P: u8>(
         }
         let dw = d.load(b);
         let off = if unsigned {
-            let mv = m.map_or(_mm256_setzero_ps(), |m| m.load(b));
+            let mv = match m {
+                Some(m) => m.load(b),
+                None => _mm256_setzero_ps(),
+            };
             _mm256_fmadd_ps(negz, dw, mv)
         } else {
             _mm256_setzero_ps()

@@ -7,10 +7,12 @@
 //! Exactness: inside a block the arithmetic is integer, and the float steps
 //! (one FMA per lane and block, a fixed horizontal sum) are the same on every
 //! tier, so a row's result is bit-identical for every batch size, batch
-//! partner, thread count and tier. `CANTANTE_KERNEL=scalar|avx2` forces a tier
-//! (tests run every tier the machine has).
+//! partner, thread count and tier. `CANTANTE_KERNEL=scalar|avx2|avxvnni|avx512vnni`
+//! forces a tier (tests run every tier the machine has).
 
 pub mod avx2;
+pub mod avx512vnni;
+pub mod avxvnni;
 pub mod blocks;
 pub mod scalar;
 
@@ -26,6 +28,10 @@ pub enum Tier {
     Scalar,
     /// AVX2 + FMA (x86-64).
     Avx2,
+    /// AVX2 tiles with AVX-VNNI dot products (`vpdpbusd`, VEX).
+    AvxVnni,
+    /// AVX2 tiles with AVX-512 VNNI dot products (`vpdpbusd`, EVEX, 256-bit).
+    Avx512Vnni,
 }
 
 impl Tier {
@@ -35,7 +41,21 @@ impl Tier {
         if avx2::available() {
             v.push(Tier::Avx2);
         }
+        if avxvnni::available() {
+            v.push(Tier::AvxVnni);
+        }
+        if avx512vnni::available() {
+            v.push(Tier::Avx512Vnni);
+        }
         v
+    }
+
+    /// Every tier, best last (whether or not this CPU has it).
+    pub const ALL: [Tier; 4] = [Tier::Scalar, Tier::Avx2, Tier::AvxVnni, Tier::Avx512Vnni];
+
+    /// Whether the tier's code needs AVX2 (so AVX2 f32 code may run beside it).
+    pub fn has_avx2(self) -> bool {
+        self != Tier::Scalar
     }
 
     /// The tier in use: `CANTANTE_KERNEL` when set (and available), else the best.
@@ -45,13 +65,18 @@ impl Tier {
             let avail = Tier::available();
             let best = *avail.last().unwrap_or(&Tier::Scalar);
             match std::env::var("CANTANTE_KERNEL").ok().as_deref() {
-                Some("scalar") => Tier::Scalar,
-                Some("avx2") if avail.contains(&Tier::Avx2) => Tier::Avx2,
-                Some(other) if !other.is_empty() && other != "auto" => {
-                    tracing::warn!("CANTANTE_KERNEL={other} is not available here; using {best:?}");
-                    best
-                }
-                _ => best,
+                None | Some("") | Some("auto") => best,
+                Some(name) => match Tier::ALL.iter().find(|t| t.name() == name) {
+                    Some(t) if avail.contains(t) => *t,
+                    _ => {
+                        tracing::warn!(
+                            "CANTANTE_KERNEL={name} is not available here (available: {}); using {}",
+                            avail.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+                            best.name()
+                        );
+                        best
+                    }
+                },
             }
         })
     }
@@ -61,18 +86,39 @@ impl Tier {
         match self {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
+            Tier::AvxVnni => "avxvnni",
+            Tier::Avx512Vnni => "avx512vnni",
         }
     }
 
+    /// Whether this CPU can run the tier ([`Tier::available`], cached).
+    pub fn supported(self) -> bool {
+        static SUPPORTED: OnceLock<Vec<Tier>> = OnceLock::new();
+        SUPPORTED.get_or_init(Tier::available).contains(&self)
+    }
+
     /// `out[j][c] = w[tile·TILE + c] · a[j]` for one tile of weight rows.
+    ///
+    /// # Panics
+    /// If this CPU cannot run the tier.
     pub fn tile_rows(self, w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+        assert!(
+            self.supported(),
+            "kernel tier {} is not available on this CPU",
+            self.name()
+        );
         match self {
             Tier::Scalar => scalar::tile_rows(w, tile, a, out),
+            // SAFETY (all three): a tier is only used when the CPU has its
+            // features ([`Tier::available`]; `set_kernel_tier` checks too).
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: an Avx2 tier is only used when the CPU has AVX2 and FMA.
             Tier::Avx2 => unsafe { avx2::tile_rows(w, tile, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            Tier::AvxVnni => unsafe { avxvnni::tile_rows(w, tile, a, out) },
+            #[cfg(target_arch = "x86_64")]
+            Tier::Avx512Vnni => unsafe { avx512vnni::tile_rows(w, tile, a, out) },
             #[cfg(not(target_arch = "x86_64"))]
-            Tier::Avx2 => scalar::tile_rows(w, tile, a, out),
+            Tier::Avx2 | Tier::AvxVnni | Tier::Avx512Vnni => scalar::tile_rows(w, tile, a, out),
         }
     }
 }

@@ -1,0 +1,39 @@
+//! AVX-512 VNNI tier (Ice Lake and Sapphire Rapids Xeons, Zen 4 and later):
+//! the AVX2 tier's tiles and block layout on 256-bit vectors, with one
+//! `vpdpbusd` (EVEX, AVX-512VL) in place of each `maddubs` + `madd` pair.
+//! Same exact integer lanes, so bit-identical to [`super::scalar`].
+
+use super::avx2;
+use super::blocks::{ActRow, Packing, QMatrix, TILE};
+
+/// Whether this CPU can run the tier.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::available()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out[j][c] = w[tile·8 + c] · a[j]`. Caller guarantees [`available`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+    match w.packing {
+        Packing::I8 => rows::<0>(w, tile, a, out),
+        Packing::U4 => rows::<1>(w, tile, a, out),
+        Packing::U5 => rows::<2>(w, tile, a, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
+    avx2::rows::<P, { avx2::DPBUSD_EVEX }>(w, tile, a, out)
+}
