@@ -36,19 +36,7 @@ fn main() {
                 w.bytes() as f64 / (n * k) as f64
             );
             for t in [1, 4, 32, 256] {
-                let x: Vec<f32> = (0..t * k)
-                    .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
-                    .collect();
-                let mut acts = QActs::default();
-                acts.quantize(&x, t, k);
-                let mut out = vec![0f32; t * n];
-                matmul(tier, w, &acts, &mut out, n);
-                let reps = (64 / t).max(2);
-                let start = Instant::now();
-                for _ in 0..reps {
-                    matmul(tier, w, &acts, &mut out, n);
-                }
-                let s = start.elapsed().as_secs_f64() / reps as f64;
+                let s = seconds_per_matmul(tier, w, t, (64 / t).max(2));
                 line += &format!(
                     "  m={t}: {:.1} GMAC/s ({:.2} ms)",
                     (t * n * k) as f64 / s / 1e9,
@@ -99,21 +87,27 @@ fn main() {
         let w = QMatrix::from_qtensor(&QTensor::quantize(&t, dt).unwrap()).unwrap();
         let mut line = format!("{:<7} 1.5B {name:<7} {dt:?} {n}x{k}", tier.name());
         for t in [32, 64, 256] {
-            let x: Vec<f32> = (0..t * k)
-                .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
-                .collect();
-            let mut acts = QActs::default();
-            acts.quantize(&x, t, k);
-            let mut out = vec![0f32; t * n];
-            matmul(tier, &w, &acts, &mut out, n);
-            let reps = (1024 / t).max(2);
-            let start = Instant::now();
-            for _ in 0..reps {
-                matmul(tier, &w, &acts, &mut out, n);
-            }
-            let s = start.elapsed().as_secs_f64() / reps as f64;
+            let s = seconds_per_matmul(tier, &w, t, (1024 / t).max(2));
             line += &format!("  m={t}: {:.1} GMAC/s", (t * n * k) as f64 / s / 1e9);
         }
         println!("{line}");
     }
+}
+
+/// Mean seconds of one `matmul` of `w` with `t` activation rows (after one
+/// warm-up call) over `reps` calls.
+fn seconds_per_matmul(tier: Tier, w: &QMatrix, t: usize, reps: usize) -> f64 {
+    let (n, k) = (w.rows, w.cols);
+    let x: Vec<f32> = (0..t * k)
+        .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
+        .collect();
+    let mut acts = QActs::default();
+    acts.quantize(&x, t, k);
+    let mut out = vec![0f32; t * n];
+    matmul(tier, w, &acts, &mut out, n);
+    let start = Instant::now();
+    for _ in 0..reps {
+        matmul(tier, w, &acts, &mut out, n);
+    }
+    start.elapsed().as_secs_f64() / reps as f64
 }

@@ -35,14 +35,23 @@ pub fn available() -> bool {
     }
 }
 
+/// Call `$rows::<P>(w, tile, a, out)` with the packing index `P` of `w`
+/// (0 = [`Packing::I8`], 1 = U4, 2 = U5): each tier's entry point.
+macro_rules! by_packing {
+    ($rows:ident, $w:expr, $tile:expr, $a:expr, $out:expr) => {
+        match $w.packing {
+            Packing::I8 => $rows::<0>($w, $tile, $a, $out),
+            Packing::U4 => $rows::<1>($w, $tile, $a, $out),
+            Packing::U5 => $rows::<2>($w, $tile, $a, $out),
+        }
+    };
+}
+pub(super) use by_packing;
+
 /// `out[j][c] = w[tile·8 + c] · a[j]`. Caller guarantees [`available`].
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
-    match w.packing {
-        Packing::I8 => rows_avx2::<0>(w, tile, a, out),
-        Packing::U4 => rows_avx2::<1>(w, tile, a, out),
-        Packing::U5 => rows_avx2::<2>(w, tile, a, out),
-    }
+    by_packing!(rows_avx2, w, tile, a, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -25,11 +25,7 @@ pub fn available() -> bool {
 /// `out[j][c] = w[tile·8 + c] · a[j]`. Caller guarantees [`available`].
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn tile_rows(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mut [[f32; TILE]]) {
-    match w.packing {
-        Packing::I8 => rows::<0>(w, tile, a, out),
-        Packing::U4 => rows::<1>(w, tile, a, out),
-        Packing::U5 => rows::<2>(w, tile, a, out),
-    }
+    avx2::by_packing!(rows, w, tile, a, out)
 }
 
 #[cfg(target_arch = "x86_64")]
