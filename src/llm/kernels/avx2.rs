@@ -411,6 +411,12 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
             av[r] = _mm256_loadu_si256(a[r].qs.as_ptr().add(b * QK) as *const __m256i);
         }
         let wb = qs.add(b * TILE * bpb);
+        // Q6_K: the 8 rows' sub-scale pairs of this block as 16 i16s
+        // (row c's pair in 32-bit lane c), loaded once per block.
+        let subv = match sub {
+            Some(s) => _mm256_cvtepi8_epi16(_mm_loadu_si128(s.add(b * TILE) as *const __m128i)),
+            None => _mm256_setzero_si256(),
+        };
         // Column pairs are folded as soon as they are computed (hadd), which
         // keeps the live registers at about 4·R.
         let mut h = [[_mm256_setzero_si256(); 4]; R];
@@ -428,12 +434,17 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
                 };
                 match sub {
                     // Q6_K: the two 16-value halves' sub-scales weight the
-                    // `maddubs` pairs (low lane: values 0–15).
-                    Some(s) => {
-                        let s = *s.add(b * TILE + c);
-                        let scale = _mm256_set_m128i(
-                            _mm_set1_epi16(s[1] as i16),
-                            _mm_set1_epi16(s[0] as i16),
+                    // `maddubs` pairs (low lane: values 0–15): row c's pair
+                    // broadcast, then its first i16 spread over the low
+                    // lane and its second over the high lane.
+                    Some(_) => {
+                        let pair = _mm256_permutevar8x32_epi32(subv, _mm256_set1_epi32(c as i32));
+                        let scale = _mm256_shuffle_epi8(
+                            pair,
+                            _mm256_setr_epi8(
+                                0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
+                                2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                            ),
                         );
                         for r in 0..R {
                             let sa = if unsigned {
