@@ -638,6 +638,10 @@ pub struct MethodRow {
     pub test_wall_secs: Option<MeanStd>,
     /// Completed rounds (finished runs).
     pub rounds: Option<MeanStd>,
+    /// Per agent: the share of its test-evaluation replies cut off at the
+    /// protocol's `max_new_tokens` (over the seeds' test evaluations).
+    #[serde(default)]
+    pub truncation: BTreeMap<String, MeanStd>,
 }
 
 /// Credit correlation of one agent (spec §9.5) over the CANTANTE runs.
@@ -1064,6 +1068,18 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
                         .map(|(_, t)| t.summary.mean_input_tokens + t.summary.mean_output_tokens)
                         .collect::<Vec<_>>(),
                 ),
+                truncation: {
+                    let mut by_agent: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+                    for (_, t) in &tests {
+                        for (a, &v) in &t.summary.truncation_rate {
+                            by_agent.entry(a.clone()).or_default().push(v);
+                        }
+                    }
+                    by_agent
+                        .into_iter()
+                        .filter_map(|(a, v)| MeanStd::of(&v).map(|m| (a, m)))
+                        .collect()
+                },
                 opt_task_tokens: col(&|s| s.tokens.task() as f64),
                 opt_meta_tokens: col(&|s| s.tokens.meta() as f64),
                 meta_share: col(&|s| {
@@ -1222,6 +1238,30 @@ pub fn render_markdown(t: &ResultsTable) -> String {
         s.push('\n');
         for n in &t.notes {
             s.push_str(&format!("- {n}\n"));
+        }
+    }
+    if t.rows.iter().any(|r| !r.truncation.is_empty()) {
+        s.push_str(
+            "\n### Replies cut off at the token limit\n\nPer agent, the share (%) of its replies in \
+             the test evaluations that stopped at the protocol's new-token limit (mean over the \
+             seeds): how much room the limit leaves for complete answers.\n\n\
+             | task | method | replies cut off (%) |\n|---|---|---|\n",
+        );
+        for r in t.rows.iter().filter(|r| !r.truncation.is_empty()) {
+            let cells: Vec<String> = r
+                .truncation
+                .iter()
+                .map(|(a, m)| match m.std {
+                    Some(_) => format!("{a} {}", m.fmt(100.0, 0)),
+                    None => format!("{a} {:.0}", 100.0 * m.mean),
+                })
+                .collect();
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                r.task,
+                r.method.label(),
+                cells.join(", ")
+            ));
         }
     }
     s.push_str("\n## External baselines on the same test items\n\n");
@@ -1656,6 +1696,43 @@ mod tests {
         assert!(md.contains("82.33 ± 4.35"), "{md}");
         // MBPP reference rows are left out of a GSM8K-only table.
         assert!(!md.contains("41.89"), "{md}");
+    }
+
+    #[test]
+    fn truncation_rates_are_averaged_per_agent_and_listed() {
+        let part = |seed: u64, cut: &[(&str, f64)]| {
+            let mut rec = test_rec(Method::Initial, seed, 0.5, 1000.0);
+            rec.summary.truncation_rate = cut.iter().map(|(a, v)| (a.to_string(), *v)).collect();
+            let mut p = SeedParts {
+                task: "gsm8k".into(),
+                seed,
+                ..Default::default()
+            };
+            p.tests.insert(Method::Initial, rec);
+            p
+        };
+        let t = build_table(
+            "cpu-small",
+            &[
+                part(7, &[("executor_1", 0.1), ("consensus", 0.0)]),
+                part(42, &[("executor_1", 0.3), ("consensus", 0.0)]),
+            ],
+        );
+        let row = &t.rows[0];
+        assert!((row.truncation["executor_1"].mean - 0.2).abs() < 1e-12);
+        assert_eq!(row.truncation["consensus"].mean, 0.0);
+        let md = render_markdown(&t);
+        assert!(
+            md.contains("### Replies cut off at the token limit"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| gsm8k | Initial | consensus 0 ± 0, executor_1 20 ± 14 |"),
+            "{md}"
+        );
+        // Rows without rates (older run directories) add no section.
+        let bare = build_table("cpu-small", &[part(7, &[])]);
+        assert!(!render_markdown(&bare).contains("cut off at the token limit"));
     }
 
     #[test]
