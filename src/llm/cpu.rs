@@ -262,9 +262,9 @@ impl Int8Model {
         self.tier
     }
 
-    /// Use another kernel tier (it must be one of [`Tier::available`]).
+    /// Use another kernel tier (ignored unless this CPU supports it).
     pub fn set_tier(&mut self, tier: Tier) {
-        if Tier::available().contains(&tier) {
+        if tier.supported() {
             self.tier = tier;
         }
     }

@@ -37,17 +37,7 @@ pub enum Tier {
 impl Tier {
     /// Tiers this CPU can run, best last.
     pub fn available() -> Vec<Tier> {
-        let mut v = vec![Tier::Scalar];
-        if avx2::available() {
-            v.push(Tier::Avx2);
-        }
-        if avxvnni::available() {
-            v.push(Tier::AvxVnni);
-        }
-        if avx512vnni::available() {
-            v.push(Tier::Avx512Vnni);
-        }
-        v
+        Tier::ALL.into_iter().filter(|t| t.supported()).collect()
     }
 
     /// Every tier, best last (whether or not this CPU has it).
@@ -91,10 +81,14 @@ impl Tier {
         }
     }
 
-    /// Whether this CPU can run the tier ([`Tier::available`], cached).
+    /// Whether this CPU can run the tier (feature detection is cached by std).
     pub fn supported(self) -> bool {
-        static SUPPORTED: OnceLock<Vec<Tier>> = OnceLock::new();
-        SUPPORTED.get_or_init(Tier::available).contains(&self)
+        match self {
+            Tier::Scalar => true,
+            Tier::Avx2 => avx2::available(),
+            Tier::AvxVnni => avxvnni::available(),
+            Tier::Avx512Vnni => avx512vnni::available(),
+        }
     }
 
     /// `out[j][c] = w[tile·TILE + c] · a[j]` for one tile of weight rows.
@@ -109,8 +103,7 @@ impl Tier {
         );
         match self {
             Tier::Scalar => scalar::tile_rows(w, tile, a, out),
-            // SAFETY (all three): a tier is only used when the CPU has its
-            // features ([`Tier::available`]; `set_kernel_tier` checks too).
+            // SAFETY (all three): asserted above that the CPU has the tier's features.
             #[cfg(target_arch = "x86_64")]
             Tier::Avx2 => unsafe { avx2::tile_rows(w, tile, a, out) },
             #[cfg(target_arch = "x86_64")]
