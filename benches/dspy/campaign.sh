@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# DSPy baselines (MIPROv2, GEPA) for the seeds of a finished bench-run
+# directory, each with an optimization budget sized from that seed's CANTANTE
+# run, then the bench-run table rebuilt with them (resumable: a seed whose
+# dspy_<optimizer>.json exists is skipped).
+#
+#   benches/dspy/install.sh        # once
+#   benches/dspy/campaign.sh OUT TASK SEEDS MODEL [OPTIMIZERS]
+#   benches/dspy/campaign.sh runs/ev15v2-gsm8k gsm8k 7,42,47 \
+#       ~/.cache/cantante/models/qwen2.5-coder-0.5b-instruct.gguf mipro,gepa
+#
+# OUT must hold `OUT/TASK/seed<S>/cantante/summary.json` and
+# `initial_test.json` (a bench-run with CANTANTE finished). Budget: CANTANTE's
+# optimization tokens B (task, validation, attribution and rewrite) and the
+# initial test evaluation's tokens per query q give GEPA 0.8·B/q metric calls
+# (one call = one pipeline rollout; the rest is left for its reflection
+# calls) and MIPROv2 0.7·B/(10·q) trials (minibatches of 10 plus its
+# bootstrapping and instruction proposals). These are estimates: the table
+# reports the tokens each baseline actually spent (the server's `usage`).
+# Environment: CANTANTE_BIN (default target/release/cantante), PORT (8090),
+# MAX_BATCH (64), MAX_TOKENS (the protocol's new-token limit, default 512),
+# CANTANTE_DSPY_VENV, PROTOCOL (for the table; default
+# configs/protocols/cpu-evidence.yaml).
+set -euo pipefail
+[[ $# -ge 4 ]] || { sed -n 2,24p "$0"; exit 2; }
+out=$1 task=$2 seeds=$3 model=$4 optimizers=${5:-mipro,gepa}
+here="$(cd "$(dirname "$0")" && pwd)"
+bin=${CANTANTE_BIN:-target/release/cantante}
+port=${PORT:-8090}
+venv=${CANTANTE_DSPY_VENV:-$HOME/.cache/cantante/dspy-venv}
+py="$venv/bin/python"
+[[ -x "$py" ]] || { echo "DSPy is not installed: run benches/dspy/install.sh" >&2; exit 2; }
+[[ -x "$bin" ]] || { echo "no cantante binary at $bin (cargo build --release, or set CANTANTE_BIN)" >&2; exit 2; }
+
+server=""
+stop_server() { [[ -n "$server" ]] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=""; }
+trap stop_server EXIT
+
+start_server() {
+  [[ -n "$server" ]] && return
+  "$bin" serve --model "$model" --port "$port" --max-batch "${MAX_BATCH:-64}" >"$out/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 120); do
+    if "$py" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/v1/models')" 2>/dev/null; then
+      return
+    fi
+    kill -0 "$server" 2>/dev/null || { echo "cantante serve exited; see $out/serve.log" >&2; exit 1; }
+    sleep 2
+  done
+  echo "cantante serve did not answer on port $port within 4 minutes" >&2
+  exit 1
+}
+
+for seed in ${seeds//,/ }; do
+  dir="$out/$task/seed$seed"
+  summary="$dir/cantante/summary.json"
+  initial="$dir/initial_test.json"
+  if [[ ! -f "$summary" || ! -f "$initial" ]]; then
+    echo "seed $seed: no finished CANTANTE run in $dir yet; skipped" >&2
+    continue
+  fi
+  read -r budget per_query < <("$py" - "$summary" "$initial" <<'EOF'
+import json, sys
+t = json.load(open(sys.argv[1]))["tokens"]
+s = json.load(open(sys.argv[2]))["summary"]
+b = sum(t.get(k, 0) for k in ("task_input", "task_output", "validation", "attribution_input",
+                              "attribution_output", "rewrite_input", "rewrite_output"))
+print(b, s["mean_input_tokens"] + s["mean_output_tokens"])
+EOF
+)
+  for opt in ${optimizers//,/ }; do
+    result="$dir/dspy_$opt.json"
+    [[ -f "$result" ]] && { echo "seed $seed $opt: done ($result)"; continue; }
+    "$bin" data sample --task "$task" --split dev --n 30 --seed "$seed" >"$dir/dspy_dev.jsonl"
+    "$bin" data sample --task "$task" --split test --n 50 --seed "$seed" >"$dir/dspy_test.jsonl"
+    size=$("$py" -c "
+b, q = $budget, $per_query
+print(max(1, int(0.8 * b / q)) if '$opt' == 'gepa' else max(1, int(0.7 * b / (10 * q))))")
+    case $opt in
+      gepa) knob=(--gepa-metric-calls "$size") ;;
+      mipro) knob=(--mipro-trials "$size") ;;
+      *) echo "unknown optimizer $opt (mipro, gepa)" >&2; exit 2 ;;
+    esac
+    echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}"
+    start_server
+    "$py" "$here/baseline.py" --task "$task" --api-base "http://127.0.0.1:$port/v1" \
+      --dev "$dir/dspy_dev.jsonl" --test "$dir/dspy_test.jsonl" --seed "$seed" \
+      --max-tokens "${MAX_TOKENS:-512}" --optimizer "$opt" "${knob[@]}" --out "$result.tmp"
+    mv "$result.tmp" "$result"
+  done
+done
+stop_server
+"$bin" bench-run --task "$task" --protocol "${PROTOCOL:-configs/protocols/cpu-evidence.yaml}" \
+  --seeds "$seeds" --out "$out" --table-only
