@@ -1871,6 +1871,35 @@ mod tests {
     }
 
     #[test]
+    fn every_protocol_file_parses_and_cpu_evidence_only_widens_validation() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/protocols");
+        let mut names = vec![];
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let (name, _) = Protocol::resolve(path.to_str().unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            names.push(name);
+        }
+        names.sort();
+        assert_eq!(
+            names,
+            ["cpu-1.5b", "cpu-evidence", "cpu-small", "paper"].map(String::from)
+        );
+        let load = |n: &str| {
+            Protocol::resolve(dir.join(format!("{n}.yaml")).to_str().unwrap())
+                .unwrap()
+                .1
+        };
+        let (first, evidence) = (load("cpu-1.5b"), load("cpu-evidence"));
+        assert_eq!((first.val_size, evidence.val_size), (4, 10));
+        // The one difference its header states (and the description).
+        let mut same = evidence.clone();
+        same.val_size = first.val_size;
+        same.description = first.description.clone();
+        assert_eq!(same, first);
+    }
+
+    #[test]
     fn bad_protocols_name_the_field() {
         let e = Protocol::from_yaml("dev_size: 0\nval_size: 1\ntest_size: 1\nmax_new_tokens: 1\nfield_cap: 1\ntemperature: 0.7\n", "p.yaml")
             .unwrap_err()
