@@ -59,26 +59,28 @@ for seed in ${seeds//,/ }; do
     echo "seed $seed: no finished CANTANTE run in $dir yet; skipped" >&2
     continue
   fi
-  read -r budget per_query < <("$py" - "$summary" "$initial" <<'EOF'
+  # B = TokenCounters::total() of the CANTANTE run; both budgets from B and q.
+  read -r budget per_query mipro_trials gepa_calls < <("$py" - "$summary" "$initial" <<'EOF'
 import json, sys
 t = json.load(open(sys.argv[1]))["tokens"]
 s = json.load(open(sys.argv[2]))["summary"]
 b = sum(t.get(k, 0) for k in ("task_input", "task_output", "validation", "attribution_input",
                               "attribution_output", "rewrite_input", "rewrite_output"))
-print(b, s["mean_input_tokens"] + s["mean_output_tokens"])
+q = s["mean_input_tokens"] + s["mean_output_tokens"]
+print(b, q, max(1, int(0.7 * b / (10 * q))), max(1, int(0.8 * b / q)))
 EOF
 )
+  # The seed's items, drawn once (the bench-run draws the same ones).
+  [[ -f "$dir/dspy_dev.jsonl" ]] ||
+    "$bin" data sample --task "$task" --split dev --n 30 --seed "$seed" >"$dir/dspy_dev.jsonl"
+  [[ -f "$dir/dspy_test.jsonl" ]] ||
+    "$bin" data sample --task "$task" --split test --n 50 --seed "$seed" >"$dir/dspy_test.jsonl"
   for opt in ${optimizers//,/ }; do
     result="$dir/dspy_$opt.json"
     [[ -f "$result" ]] && { echo "seed $seed $opt: done ($result)"; continue; }
-    "$bin" data sample --task "$task" --split dev --n 30 --seed "$seed" >"$dir/dspy_dev.jsonl"
-    "$bin" data sample --task "$task" --split test --n 50 --seed "$seed" >"$dir/dspy_test.jsonl"
-    size=$("$py" -c "
-b, q = $budget, $per_query
-print(max(1, int(0.8 * b / q)) if '$opt' == 'gepa' else max(1, int(0.7 * b / (10 * q))))")
     case $opt in
-      gepa) knob=(--gepa-metric-calls "$size") ;;
-      mipro) knob=(--mipro-trials "$size") ;;
+      gepa) knob=(--gepa-metric-calls "$gepa_calls") ;;
+      mipro) knob=(--mipro-trials "$mipro_trials") ;;
       *) echo "unknown optimizer $opt (mipro, gepa)" >&2; exit 2 ;;
     esac
     echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}"
