@@ -338,6 +338,20 @@ impl Method {
     pub fn test_file(&self) -> String {
         format!("{}_test.json", self.as_str())
     }
+
+    /// File of the rollouts of the method's test evaluation (one JSON line
+    /// per query, with its `example_id` and `score`).
+    pub fn traces_file(&self) -> String {
+        format!("{}_test_traces.jsonl", self.as_str())
+    }
+
+    /// File of the per-item scores of the method's test evaluation (a JSON
+    /// map example id → score): what the paired comparisons read, small
+    /// enough to commit when the traces are left behind
+    /// (`benches/keep-run.sh`).
+    pub fn scores_file(&self) -> String {
+        format!("{}_test_scores.json", self.as_str())
+    }
 }
 
 /// A finished test evaluation (`<method>_test.json`).
@@ -397,7 +411,8 @@ pub struct SeedParts {
     /// Optimize runs by method (cantante, identity).
     pub runs: BTreeMap<Method, OptPart>,
     /// Per-item test scores by method (example id → score), from
-    /// `<method>_test_traces.jsonl`, for the paired comparisons.
+    /// `<method>_test_scores.json` or `<method>_test_traces.jsonl`, for the
+    /// paired comparisons.
     pub item_scores: BTreeMap<Method, BTreeMap<String, f64>>,
     /// External baselines on the same items (`dspy_<optimizer>.json`).
     pub baselines: Vec<BaselineRecord>,
@@ -486,6 +501,38 @@ pub fn load_item_scores(path: &Path) -> Result<Option<BTreeMap<String, f64>>, Be
     ))
 }
 
+/// Write `<method>_test_scores.json` in a seed directory from the method's
+/// traces. Returns false (and writes nothing) when there are no traces.
+pub fn write_item_scores(dir: &Path, method: Method) -> Result<bool, BenchError> {
+    let Some(scores) = load_item_scores(&dir.join(method.traces_file()))? else {
+        return Ok(false);
+    };
+    let path = dir.join(method.scores_file());
+    let text = serde_json::to_string_pretty(&scores).map_err(|e| BenchError::Format {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    crate::optimize::checkpoint::write_atomic(&path, text.as_bytes()).map_err(|e| {
+        BenchError::Format {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    Ok(true)
+}
+
+/// Per-item test scores of a method in a seed directory: its
+/// `<method>_test_scores.json`, else its traces (None when neither exists).
+pub fn load_method_scores(
+    dir: &Path,
+    method: Method,
+) -> Result<Option<BTreeMap<String, f64>>, BenchError> {
+    match read_json(&dir.join(method.scores_file()))? {
+        Some(s) => Ok(Some(s)),
+        None => load_item_scores(&dir.join(method.traces_file())),
+    }
+}
+
 /// Load a finished test record (None when absent).
 pub fn load_test(path: &Path) -> Result<Option<TestRecord>, BenchError> {
     read_json(path)
@@ -533,8 +580,7 @@ pub fn load_seed(out: &Path, task: &str, seed: u64) -> (SeedParts, Vec<BenchErro
         match load_test(&dir.join(m.test_file())) {
             Ok(Some(t)) => {
                 parts.tests.insert(m, t);
-                let traces = dir.join(format!("{}_test_traces.jsonl", m.as_str()));
-                match load_item_scores(&traces) {
+                match load_method_scores(&dir, m) {
                     Ok(Some(scores)) => {
                         parts.item_scores.insert(m, scores);
                     }
@@ -1617,6 +1663,37 @@ mod tests {
     }
 
     #[test]
+    fn item_scores_survive_without_the_traces() {
+        let dir = tempfile::tempdir().unwrap();
+        let traces = dir.path().join(Method::Initial.traces_file());
+        std::fs::write(
+            &traces,
+            "{\"example_id\": \"q1\", \"score\": 1.0}\n{\"example_id\": 2, \"score\": 0.0}\n",
+        )
+        .unwrap();
+        assert!(write_item_scores(dir.path(), Method::Initial).unwrap());
+        let from_traces = load_method_scores(dir.path(), Method::Initial).unwrap();
+        std::fs::remove_file(&traces).unwrap();
+        let kept = load_method_scores(dir.path(), Method::Initial).unwrap();
+        assert_eq!(kept, from_traces);
+        assert_eq!(
+            kept.unwrap(),
+            BTreeMap::from([("q1".into(), 1.0), ("2".into(), 0.0)])
+        );
+        // No traces: nothing written, nothing loaded.
+        assert!(!write_item_scores(dir.path(), Method::Cantante).unwrap());
+        assert!(!dir.path().join(Method::Cantante.scores_file()).exists());
+        assert_eq!(
+            load_method_scores(dir.path(), Method::Cantante).unwrap(),
+            None
+        );
+        // A broken scores file is reported with its path, not skipped.
+        std::fs::write(dir.path().join(Method::Identity.scores_file()), "[1").unwrap();
+        let e = load_method_scores(dir.path(), Method::Identity).unwrap_err();
+        assert!(e.to_string().contains("identity_test_scores.json"), "{e}");
+    }
+
+    #[test]
     fn partial_runs_give_a_table_with_seed_counts() {
         // Seed 7: everything finished; seed 42: only the initial evaluation.
         let mut s7 = SeedParts {
@@ -1871,7 +1948,7 @@ mod tests {
     }
 
     #[test]
-    fn every_protocol_file_parses_and_cpu_evidence_only_widens_validation() {
+    fn every_protocol_file_parses_and_each_evidence_protocol_changes_one_setting() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/protocols");
         let mut files = BTreeMap::new();
         for e in std::fs::read_dir(&dir).unwrap() {
@@ -1882,7 +1959,13 @@ mod tests {
         }
         assert_eq!(
             files.keys().collect::<Vec<_>>(),
-            ["cpu-1.5b", "cpu-evidence", "cpu-small", "paper"]
+            [
+                "cpu-1.5b",
+                "cpu-blocks",
+                "cpu-evidence",
+                "cpu-small",
+                "paper"
+            ]
         );
         let (first, evidence) = (&files["cpu-1.5b"], &files["cpu-evidence"]);
         assert_eq!((first.val_size, evidence.val_size), (4, 10));
@@ -1891,6 +1974,16 @@ mod tests {
         same.val_size = first.val_size;
         same.description = first.description.clone();
         assert_eq!(&same, first);
+        // cpu-blocks: cpu-evidence with blocks of 4 instead of 2.
+        let blocks = &files["cpu-blocks"];
+        assert_eq!(
+            (evidence.optimizer.block_size, blocks.optimizer.block_size),
+            (2, 4)
+        );
+        let mut same = blocks.clone();
+        same.optimizer.block_size = evidence.optimizer.block_size;
+        same.description = evidence.description.clone();
+        assert_eq!(&same, evidence);
     }
 
     #[test]

@@ -292,10 +292,12 @@ fn reuse_test(
         if rec.config_id != id || rec.seed != ctx.seed || rec.summary.n != n {
             continue;
         }
-        let traces = |m: Method| ctx.dir.join(format!("{}_test_traces.jsonl", m.as_str()));
-        if traces(other).is_file() {
-            std::fs::copy(traces(other), traces(method))
-                .with_context(|| format!("cannot copy {}", traces(other).display()))?;
+        for file in [Method::traces_file, Method::scores_file] {
+            let (from, to) = (ctx.dir.join(file(&other)), ctx.dir.join(file(&method)));
+            if from.is_file() {
+                std::fs::copy(&from, &to)
+                    .with_context(|| format!("cannot copy {}", from.display()))?;
+            }
         }
         let copy = TestRecord {
             method,
@@ -354,12 +356,12 @@ fn test_part(
         println!("{label} engine: {}", st.summary());
     }
     eval::write_traces(
-        &ctx.dir
-            .join(format!("{}_test_traces.jsonl", method.as_str())),
+        &ctx.dir.join(method.traces_file()),
         runs,
         test,
         std::slice::from_ref(config),
     )?;
+    benchrun::write_item_scores(&ctx.dir, method)?;
     let rec = TestRecord {
         method,
         task: ctx.task.name().to_string(),
@@ -514,6 +516,15 @@ fn tabulated(out: &Path, tasks: &[String], seeds: &[u64]) -> Vec<(String, u64)> 
 fn finish_table(out: &Path, protocol: &str, tasks: &[String], seeds: &[u64]) -> Result<()> {
     let mut parts = Vec::new();
     for (t, s) in tabulated(out, tasks, seeds) {
+        // Runs from before `<method>_test_scores.json` existed get theirs.
+        let dir = seed_dir(out, &t, s);
+        for m in Method::ALL {
+            if dir.join(m.test_file()).is_file() && !dir.join(m.scores_file()).is_file() {
+                if let Err(e) = benchrun::write_item_scores(&dir, m) {
+                    eprintln!("warning: {e}");
+                }
+            }
+        }
         let (p, errors) = load_seed(out, &t, s);
         for e in errors {
             eprintln!("warning: {e}; left out of the table");
