@@ -56,17 +56,18 @@ fn gguf_blocks_convert_losslessly() {
         assert_eq!(m.dequantize(), reference, "{dt:?}");
         let k_quant = matches!(dt, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K);
         assert_eq!(m.sub.is_some(), dt == GgmlDType::Q6K, "{dt:?}");
-        // Bit widths are kept: 4-, 5- and 8-bit values stay that wide; 6-bit
-        // (Q6_K) become bytes.
+        // Bit widths are kept: 4-, 5-, 6- and 8-bit values stay that wide.
         let packing = match dt {
             GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Packing::U4,
             GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Packing::U5,
+            GgmlDType::Q6K => Packing::U6,
             _ => Packing::I8,
         };
         assert_eq!(m.packing, packing, "{dt:?}");
         // Scales keep their storage too: bytes per 32 values (rows padded to 8)
         // equal the file's, Q4_K/Q5_K within 1 byte (one u8 scale and min per
-        // block, f32 super-block factors), Q6_K 36 (the file: 26.25).
+        // block, f32 super-block factors), Q6_K 28 (the file: 26.25; an f16
+        // scale per 32 values instead of per 256).
         let blocks = 8 * 512 / 32;
         assert_eq!(m.qs.len(), blocks * packing.bytes());
         let (kind, per_block) = match dt {
@@ -77,7 +78,7 @@ fn gguf_blocks_convert_losslessly() {
             GgmlDType::Q5_1 => (ScaleKind::F16, 24),
             GgmlDType::Q4K => (ScaleKind::Super, 19),
             GgmlDType::Q5K => (ScaleKind::Super, 23),
-            GgmlDType::Q6K => (ScaleKind::F16, 36),
+            GgmlDType::Q6K => (ScaleKind::F16, 28),
             _ => unreachable!(),
         };
         assert_eq!(m.d.kind(), kind, "{dt:?}");

@@ -17,7 +17,9 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::blocks::{ActRow, Packing, QMatrix, Scales, HI_GROUP, HI_PAIR_BYTES, QK, SUPER, TILE};
+use super::blocks::{
+    ActRow, Packing, QMatrix, Scales, HI_GROUP, HI_GROUP6, HI_PAIR_BYTES, QK, SUPER, TILE,
+};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -36,13 +38,14 @@ pub fn available() -> bool {
 }
 
 /// Call `$rows::<P>(w, tile, a, out)` with the packing index `P` of `w`
-/// (0 = [`Packing::I8`], 1 = U4, 2 = U5): each tier's entry point.
+/// (0 = [`Packing::I8`], 1 = U4, 2 = U5, 3 = U6): each tier's entry point.
 macro_rules! by_packing {
     ($rows:ident, $w:expr, $tile:expr, $a:expr, $out:expr) => {
         match $w.packing {
             Packing::I8 => $rows::<0>($w, $tile, $a, $out),
             Packing::U4 => $rows::<1>($w, $tile, $a, $out),
             Packing::U5 => $rows::<2>($w, $tile, $a, $out),
+            Packing::U6 => $rows::<3>($w, $tile, $a, $out),
         }
     };
 }
@@ -108,7 +111,7 @@ unsafe fn dot2<const D: u8>(u1: __m256i, s1: __m256i, u2: __m256i, s2: __m256i) 
     }
 }
 
-/// The tile product for packing `P` (0 = [`Packing::I8`], 1 = U4, 2 = U5)
+/// The tile product for packing `P` (0 = [`Packing::I8`], 1 = U4, 2 = U5, 3 = U6)
 /// with reduction `D`; inlined into each tier's `target_feature` entry point.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -133,7 +136,7 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
             for c in 0..TILE {
                 let i = b * TILE + c;
                 let mut v = nibbles(packed.add(i * 16));
-                if P == 2 {
+                if P >= 2 {
                     let h =
                         w.hi.as_ptr()
                             .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
@@ -141,12 +144,21 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
                         _mm_loadu_si128(h.add(32) as *const __m128i),
                         _mm_loadu_si128(h as *const __m128i),
                     );
-                    v = _mm256_or_si256(v, bit4(h, b % HI_GROUP));
+                    v = _mm256_or_si256(v, high_bits::<P>(h, b));
+                }
+                if P == 3 {
+                    // 6-bit: back to the signed values, for the byte kernel
+                    // with sub-scales.
+                    v = _mm256_sub_epi8(v, _mm256_set1_epi8(32));
                 }
                 _mm256_storeu_si256(buf.as_mut_ptr().add(i * QK) as *mut __m256i, v);
             }
         }
-        row_groups::<4, D>(w, tile, buf.as_ptr(), QK, a, out);
+        if P == 3 {
+            row_groups::<0, D>(w, tile, buf.as_ptr(), QK, a, out);
+        } else {
+            row_groups::<4, D>(w, tile, buf.as_ptr(), QK, a, out);
+        }
     } else {
         // Packed nibbles: two weight rows per 32-byte load.
         const RM: usize = NIBBLE_ROWS;
@@ -231,6 +243,34 @@ unsafe fn bit4(h: __m256i, k: usize) -> __m256i {
     _mm256_and_si256(t, _mm256_set1_epi8(0x10))
 }
 
+/// Bits 4–5 of every byte of `h` for block `b` of its [`QMatrix::hi`] group,
+/// in place (`0x30` masked): bits `2k`, `2k+1` shifted by `4 − 2k`. A 16-bit
+/// shift by at most 4 never carries the other byte's bits into bits 4–5.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn bits45(h: __m256i, k: usize) -> __m256i {
+    let t = match k {
+        0 => _mm256_slli_epi16::<4>(h),
+        1 => _mm256_slli_epi16::<2>(h),
+        2 => h,
+        _ => _mm256_srli_epi16::<2>(h),
+    };
+    _mm256_and_si256(t, _mm256_set1_epi8(0x30))
+}
+
+/// The high bits of block `b` for packing `P` (2 = U5, 3 = U6), in place.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn high_bits<const P: u8>(h: __m256i, b: usize) -> __m256i {
+    if P == 3 {
+        bits45(h, b % HI_GROUP6)
+    } else {
+        bit4(h, b % HI_GROUP)
+    }
+}
+
 /// Fold the pairwise `hadd`s of 8 vectors of 8 i32 lanes (`h[k] = hadd(v₂ₖ,
 /// v₂ₖ₊₁)`) into one vector of the 8 vectors' totals.
 #[cfg(target_arch = "x86_64")]
@@ -292,16 +332,21 @@ impl ScalePtr {
     }
 }
 
-/// [`kernel`] for packed 4- and 5-bit values (`P` 1 = [`Packing::U4`], 2 =
-/// [`Packing::U5`]): the 16-byte nibble blocks of weight rows `2k` and `2k+1`
-/// are adjacent, so one 32-byte load holds both; its low nibbles (values 0–15
-/// of the two rows) multiply the activations' first half duplicated to both
-/// lanes, its high nibbles the second half. For 5-bit values the two 32-byte
-/// loads of [`QMatrix::hi`] for the pair hold bit 4 of the same values (one
-/// shift per block selects the block's bit).
+/// [`kernel`] for packed 4-, 5- and 6-bit values (`P` 1 = [`Packing::U4`],
+/// 2 = [`Packing::U5`], 3 = [`Packing::U6`]): the 16-byte nibble blocks of
+/// weight rows `2k` and `2k+1` are adjacent, so one 32-byte load holds both;
+/// its low nibbles (values 0–15 of the two rows) multiply the activations'
+/// first half duplicated to both lanes, its high nibbles the second half. For
+/// 5- and 6-bit values the two 32-byte loads of [`QMatrix::hi`] for the pair
+/// hold the high bits of the same values (one shift per block selects the
+/// block's bits).
 /// `madd` leaves four partial sums per row (row `2k` low lane, `2k+1` high),
 /// and three `hadd`s and a permute fold the 8 rows; every partial is an exact
 /// integer, so the block sums equal [`kernel`]'s.
+/// 6-bit values are multiplied unsigned (`u = q + 32`, no sign juggling),
+/// each half weighted by its sub-scale through `madd`; the zero comes off as
+/// `32 · (sub₀·Σ₀..₁₅ a + sub₁·Σ₁₆..₃₁ a)` from the activations' half sums,
+/// in integers, so the block sum is the scalar reference's exactly.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
@@ -315,11 +360,24 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
     let negz = _mm256_set1_ps(-(w.zero as f32));
     let m4 = _mm256_set1_epi8(0x0F);
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    let hip = if P == 2 {
+    let hip = if P >= 2 {
         w.hi.as_ptr().add(w.hi_index(tile * TILE, 0))
     } else {
         std::ptr::null()
     };
+    let group = if P == 3 { HI_GROUP6 } else { HI_GROUP };
+    let sub = if P == 3 {
+        w.sub
+            .as_ref()
+            .map_or(std::ptr::null(), |s| s.as_ptr().add(tile * nb * TILE)) as *const u8
+    } else {
+        std::ptr::null()
+    };
+    let lo16 = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+    );
+    let hi16 = _mm256_add_epi8(lo16, _mm256_set1_epi8(2));
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
@@ -331,10 +389,17 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
             ahi[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(1)));
         }
         let wb = qs.add(b * TILE * 16);
-        let hb = if P == 2 {
-            hip.add((b / HI_GROUP) * (TILE / 2) * HI_PAIR_BYTES)
+        let hb = if P >= 2 {
+            hip.add((b / group) * (TILE / 2) * HI_PAIR_BYTES)
         } else {
             hip
+        };
+        // 6-bit: the 8 rows' sub-scale pairs as 16 i16s (row c's pair in
+        // 32-bit lane c).
+        let subv = if P == 3 {
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(sub.add(b * TILE * 2) as *const __m128i))
+        } else {
+            _mm256_setzero_si256()
         };
         // Pairs of pairs are folded as soon as both exist (fewer live registers).
         let mut prev = [_mm256_setzero_si256(); R];
@@ -343,23 +408,49 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
             let x = _mm256_loadu_si256(wb.add(32 * k) as *const __m256i);
             let mut lo = _mm256_and_si256(x, m4);
             let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
-            if P == 2 {
+            if P >= 2 {
                 let h = hb.add(k * HI_PAIR_BYTES);
                 lo = _mm256_or_si256(
                     lo,
-                    bit4(_mm256_loadu_si256(h as *const __m256i), b % HI_GROUP),
+                    high_bits::<P>(_mm256_loadu_si256(h as *const __m256i), b),
                 );
                 hi = _mm256_or_si256(
                     hi,
-                    bit4(
-                        _mm256_loadu_si256(h.add(32) as *const __m256i),
-                        b % HI_GROUP,
-                    ),
+                    high_bits::<P>(_mm256_loadu_si256(h.add(32) as *const __m256i), b),
                 );
             }
+            // 6-bit: rows 2k (low lane) and 2k+1 (high lane): their first
+            // sub-scale for the low nibbles' values, the second for the high.
+            let (s0, s1) = if P == 3 {
+                let idx = _mm256_setr_epi32(
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                    2 * k as i32 + 1,
+                );
+                let pair = _mm256_permutevar8x32_epi32(subv, idx);
+                (
+                    _mm256_shuffle_epi8(pair, lo16),
+                    _mm256_shuffle_epi8(pair, hi16),
+                )
+            } else {
+                (_mm256_setzero_si256(), _mm256_setzero_si256())
+            };
             for r in 0..R {
-                // ≤ 2·31·127 per maddubs lane, twice: fits i16.
-                let v = dot2::<D>(lo, alo[r], hi, ahi[r]);
+                let v = if P == 3 {
+                    // ≤ 2·63·127 per maddubs lane: fits i16.
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo[r]), s0),
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi[r]), s1),
+                    )
+                } else {
+                    // ≤ 2·31·127 per maddubs lane, twice: fits i16.
+                    dot2::<D>(lo, alo[r], hi, ahi[r])
+                };
                 if k % 2 == 0 {
                     prev[r] = v;
                 } else {
@@ -375,10 +466,19 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
         let off = _mm256_fmadd_ps(negz, dw, mv);
         for r in 0..R {
             let h = _mm256_hadd_epi32(pr[r][0], pr[r][1]);
-            let isum = _mm256_permutevar8x32_epi32(h, order);
+            let mut isum = _mm256_permutevar8x32_epi32(h, order);
+            if P == 3 {
+                // − 32 · (sub₀·A₀ + sub₁·A₁) per row, A the activation half sums.
+                let [a0, a1] = *a[r].h.get_unchecked(b);
+                let apair = _mm256_set1_epi32((a0 as u16 as i32) | ((a1 as i32) << 16));
+                let zero = _mm256_madd_epi16(subv, apair);
+                isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(zero));
+            }
             let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
-            macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+            if P != 3 {
+                macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+            }
         }
     }
     for r in 0..R {

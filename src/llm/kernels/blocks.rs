@@ -9,9 +9,10 @@
 //! dequantization); other types (F32, F16, …) are quantized to Q8_0-style blocks.
 //!
 //! Values keep their bit width ([`Packing`]): 8-bit as `i8`, 4-bit as nibbles,
-//! 5-bit as nibbles plus a bit plane; 6-bit (Q6_K) become `i8` (unpacking two
-//! bit planes per block made Q6_K the slowest matrices of a decode step), and
-//! scales keep their storage ([`Scales`]): f16 where the file has an f16 per
+//! 5-bit as nibbles plus a bit plane, 6-bit (Q6_K) as nibbles plus 2-bit
+//! fields that hold the high bits of 4 blocks per byte (llama.cpp's `qh`
+//! idea: one load and one shift per 32 values; two separate bit planes had
+//! cost more to unpack than they saved in bytes), and scales keep their storage ([`Scales`]): f16 where the file has an f16 per
 //! block, and for Q4_K/Q5_K the 6-bit integer per block with one f32 per
 //! 256-value super-block (their product is exact in f32), so a decode step
 //! streams about the GGUF's bytes (Q4_K: 19 bytes per 32 values, the file 18). 4- and 5-bit values are stored
@@ -41,15 +42,17 @@ pub const TILE: usize = 8;
 /// How a matrix stores its values (bytes per 32-block and row in parentheses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {
-    /// Signed 8-bit values (32): Q8_0, Q6_K (values −32..31 with its integer
-    /// sub-scales: unpacking 6-bit planes per block costs more at small batches
-    /// than the 1.3× bytes) and requantized f32/f16.
+    /// Signed 8-bit values (32): Q8_0 and requantized f32/f16.
     I8,
     /// Unsigned 4-bit values (16): byte `j` holds values `j` (low nibble) and `j+16`.
     U4,
     /// Unsigned 5-bit values (16 + 4): nibbles as [`Packing::U4`] in
     /// [`QMatrix::qs`], bit 4 in [`QMatrix::hi`].
     U5,
+    /// Unsigned 6-bit values (16 + 8), Q6_K's `u = q + 32` with its integer
+    /// sub-scales: nibbles as [`Packing::U4`] in [`QMatrix::qs`], bits 4–5 in
+    /// [`QMatrix::hi`] (2 bits per block, [`HI_GROUP6`] blocks per byte).
+    U6,
 }
 
 impl Packing {
@@ -58,7 +61,26 @@ impl Packing {
         match self {
             Packing::I8 => 32,
             Packing::U4 => 16,
-            Packing::U5 => 16,
+            Packing::U5 | Packing::U6 => 16,
+        }
+    }
+
+    /// Blocks whose high bits share the bytes of one [`QMatrix::hi`] group
+    /// (1 for packings without high bits).
+    pub fn hi_group(self) -> usize {
+        match self {
+            Packing::U5 => HI_GROUP,
+            Packing::U6 => HI_GROUP6,
+            Packing::I8 | Packing::U4 => 1,
+        }
+    }
+
+    /// High bits per value in [`QMatrix::hi`] (0, 1 or 2).
+    pub fn hi_bits(self) -> usize {
+        match self {
+            Packing::U5 => 1,
+            Packing::U6 => 2,
+            Packing::I8 | Packing::U4 => 0,
         }
     }
 }
@@ -213,8 +235,8 @@ pub struct QMatrix {
     pub cols: usize,
     /// How values are stored.
     pub packing: Packing,
-    /// For [`Packing::U4`]/[`Packing::U5`]: stored `u = q + zero` (8 for Q4_0,
-    /// 16 for Q5_0, 0 for formats with a min).
+    /// For [`Packing::U4`]/[`Packing::U5`]/[`Packing::U6`]: stored `u = q +
+    /// zero` (8 for Q4_0, 16 for Q5_0, 32 for Q6_K, 0 for formats with a min).
     pub zero: i8,
     /// Values (4-bit: nibbles), `[tile][block][row in tile][packing.bytes()]`.
     pub qs: Vec<u8>,
@@ -224,12 +246,14 @@ pub struct QMatrix {
     pub m: Option<Scales>,
     /// Sub-scales per 16 values (Q6_K), `[tile][block][row in tile]`, else `None`.
     pub sub: Option<Vec<[i8; 2]>>,
-    /// Bit 4 of [`Packing::U5`] values (else empty), laid out for the kernels:
-    /// `[tile][group of HI_GROUP blocks][row pair][2][2][16]`. For rows `2p`,
-    /// `2p+1` of a tile and a group, 64 bytes: values 0–15 of row `2p`, of row
-    /// `2p+1`, then values 16–31 of each; bit `k` of byte `j` belongs to block
-    /// `k` of the group. So one 32-byte load holds what a pair of rows' packed
-    /// nibbles needs, and one shift moves block `k`'s bits into place.
+    /// Bit 4 of [`Packing::U5`] values, bits 4–5 of [`Packing::U6`] values
+    /// (else empty), laid out for the kernels: `[tile][group of
+    /// hi_group() blocks][row pair][2][2][16]`. For rows `2p`, `2p+1` of a
+    /// tile and a group, 64 bytes: values 0–15 of row `2p`, of row `2p+1`,
+    /// then values 16–31 of each; bit `k` (U5) or bits `2k`, `2k+1` (U6) of
+    /// byte `j` belong to block `k` of the group. So one 32-byte load holds
+    /// what a pair of rows' packed nibbles needs, and one shift moves block
+    /// `k`'s bits into place.
     pub hi: Vec<u8>,
 }
 
@@ -266,6 +290,9 @@ impl Default for Block {
 /// Blocks whose bit 4 shares the bytes of one [`QMatrix::hi`] group.
 pub const HI_GROUP: usize = 8;
 
+/// Blocks whose bits 4–5 share the bytes of one [`QMatrix::hi`] group ([`Packing::U6`]).
+pub const HI_GROUP6: usize = 4;
+
 /// Bytes of one [`QMatrix::hi`] group for a pair of rows.
 pub const HI_PAIR_BYTES: usize = 64;
 
@@ -293,11 +320,12 @@ impl QMatrix {
             "{cols} input features are not whole super-blocks"
         );
         let blocks = rows.div_ceil(TILE) * TILE * (cols / QK);
-        let hi = match packing {
-            Packing::U5 => {
-                rows.div_ceil(TILE) * (cols / QK).div_ceil(HI_GROUP) * TILE / 2 * HI_PAIR_BYTES
+        let hi = match packing.hi_bits() {
+            0 => 0,
+            _ => {
+                rows.div_ceil(TILE) * (cols / QK).div_ceil(packing.hi_group()) * TILE / 2
+                    * HI_PAIR_BYTES
             }
-            _ => 0,
         };
         Self {
             rows,
@@ -352,15 +380,19 @@ impl QMatrix {
     /// pair of row `r` (add `16·(r & 1)` and `32` for values 16–31).
     #[inline]
     pub fn hi_index(&self, r: usize, b: usize) -> usize {
-        let groups = self.blocks_per_row().div_ceil(HI_GROUP);
-        (((r / TILE) * groups + b / HI_GROUP) * (TILE / 2) + (r % TILE) / 2) * HI_PAIR_BYTES
+        let g = self.packing.hi_group();
+        let groups = self.blocks_per_row().div_ceil(g);
+        (((r / TILE) * groups + b / g) * (TILE / 2) + (r % TILE) / 2) * HI_PAIR_BYTES
     }
 
-    /// Where value `j` of row `r` keeps its bit 4 for block `b`: (byte, bit).
+    /// Where value `j` of block `b` of row `r` keeps its high bits: (byte,
+    /// lowest bit, mask of the bits once shifted down).
     #[inline]
-    fn hi_bit(&self, r: usize, b: usize, j: usize) -> (usize, u8) {
+    fn hi_bit(&self, r: usize, b: usize, j: usize) -> (usize, u8, u8) {
         let at = self.hi_index(r, b) + (j / 16) * 32 + (r & 1) * 16 + j % 16;
-        (at, (b % HI_GROUP) as u8)
+        let bits = self.packing.hi_bits();
+        let k = (b % self.packing.hi_group()) * bits;
+        (at, k as u8, (1u8 << bits) - 1)
     }
 
     /// The 32 stored values of block `b` of row `r` (`u`, or `q` as bytes for
@@ -372,15 +404,15 @@ impl QMatrix {
         let mut u = [0u8; QK];
         match self.packing {
             Packing::I8 => u.copy_from_slice(p),
-            Packing::U4 | Packing::U5 => {
+            Packing::U4 | Packing::U5 | Packing::U6 => {
                 for j in 0..16 {
                     u[j] = p[j] & 0xF;
                     u[j + 16] = p[j] >> 4;
                 }
-                if self.packing == Packing::U5 {
+                if self.packing.hi_bits() > 0 {
                     for (j, x) in u.iter_mut().enumerate() {
-                        let (at, k) = self.hi_bit(r, b, j);
-                        *x |= ((self.hi[at] >> k) & 1) << 4;
+                        let (at, k, mask) = self.hi_bit(r, b, j);
+                        *x |= ((self.hi[at] >> k) & mask) << 4;
                     }
                 }
             }
@@ -395,21 +427,22 @@ impl QMatrix {
         let p = &mut self.qs[i * n..(i + 1) * n];
         match self.packing {
             Packing::I8 => p.copy_from_slice(u),
-            Packing::U4 | Packing::U5 => {
+            Packing::U4 | Packing::U5 | Packing::U6 => {
                 for j in 0..16 {
                     p[j] = (u[j] & 0xF) | ((u[j + 16] & 0xF) << 4);
                 }
-                if self.packing == Packing::U5 {
+                if self.packing.hi_bits() > 0 {
                     for (j, &x) in u.iter().enumerate() {
-                        let (at, k) = self.hi_bit(r, b, j);
-                        self.hi[at] = (self.hi[at] & !(1 << k)) | (((x >> 4) & 1) << k);
+                        let (at, k, mask) = self.hi_bit(r, b, j);
+                        self.hi[at] = (self.hi[at] & !(mask << k)) | (((x >> 4) & mask) << k);
                     }
                 }
             }
         }
     }
 
-    /// Whether the kernels apply an offset term (4- and 5-bit packings).
+    /// Whether the kernels apply an offset term (4- and 5-bit packings; the
+    /// 6-bit zero is folded into the integer sum with the sub-scales).
     pub fn has_offset(&self) -> bool {
         matches!(self.packing, Packing::U4 | Packing::U5)
     }
@@ -610,22 +643,25 @@ impl QMatrix {
     }
 }
 
-/// Quantize 32 values to int8 with `d = amax/127`; returns `(d, Σq)`.
-pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+/// Quantize 32 values to int8 with `d = amax/127`; returns `d` and the sums
+/// of the two 16-value halves of `q`.
+pub fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, [i16; 2]) {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (o, &v) in q.iter_mut().zip(x) {
+    let mut sum = [0i16; 2];
+    for (j, (o, &v)) in q.iter_mut().zip(x).enumerate() {
         let r = (v * id).round().clamp(-127.0, 127.0) as i8;
-        sum += r as i32;
+        // |Σ| ≤ 16 · 127: fits i16.
+        sum[j / 16] += r as i16;
         *o = r;
     }
     (d, sum)
 }
 
-/// Activations `(rows, cols)` quantized to int8 blocks: values, scales and
-/// `d · Σq` per block (for weight formats with an offset).
+/// Activations `(rows, cols)` quantized to int8 blocks: values, scales,
+/// `d · Σq` per block (for weight formats with an offset) and the integer
+/// sums of each 16-value half (for the 6-bit format's zero).
 #[derive(Debug, Clone, Default)]
 pub struct QActs {
     /// Rows.
@@ -638,6 +674,8 @@ pub struct QActs {
     pub d: Vec<f32>,
     /// `d · Σq` per block.
     pub s: Vec<f32>,
+    /// `Σq` of each 16-value half per block.
+    pub h: Vec<[i16; 2]>,
 }
 
 /// One activation row, borrowed.
@@ -649,6 +687,8 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     /// `d · Σq` per block.
     pub s: &'a [f32],
+    /// `Σq` of each 16-value half per block.
+    pub h: &'a [[i16; 2]],
 }
 
 impl QActs {
@@ -661,26 +701,30 @@ impl QActs {
         self.qs.resize(rows * cols, 0);
         self.d.resize(rows * cols / QK, 0.0);
         self.s.resize(rows * cols / QK, 0.0);
+        self.h.resize(rows * cols / QK, [0; 2]);
         let nb = cols / QK;
-        let (qs, d, s) = (
+        let (qs, d, s, h) = (
             SharedMut::new(&mut self.qs),
             SharedMut::new(&mut self.d),
             SharedMut::new(&mut self.s),
+            SharedMut::new(&mut self.h),
         );
         team::for_ranges(rows, (1usize << 15).div_ceil(cols), &|r| {
             // SAFETY: row ranges are disjoint.
-            let (qr, dr, sr) = unsafe {
+            let (qr, dr, sr, hr) = unsafe {
                 (
                     qs.range(r.start * cols, r.end * cols),
                     d.range(r.start * nb, r.end * nb),
                     s.range(r.start * nb, r.end * nb),
+                    h.range(r.start * nb, r.end * nb),
                 )
             };
             let xr = &x[r.start * cols..r.end * cols];
             for (i, xb) in xr.chunks_exact(QK).enumerate() {
-                let (di, sum) = quantize_block(xb, &mut qr[i * QK..(i + 1) * QK]);
+                let (di, halves) = quantize_block(xb, &mut qr[i * QK..(i + 1) * QK]);
                 dr[i] = di;
-                sr[i] = di * sum as f32;
+                sr[i] = di * (halves[0] as i32 + halves[1] as i32) as f32;
+                hr[i] = halves;
             }
         });
     }
@@ -692,6 +736,7 @@ impl QActs {
             qs: &self.qs[r * self.cols..(r + 1) * self.cols],
             d: &self.d[r * nb..(r + 1) * nb],
             s: &self.s[r * nb..(r + 1) * nb],
+            h: &self.h[r * nb..(r + 1) * nb],
         }
     }
 }
@@ -824,7 +869,7 @@ impl Converter {
                     }
                 }
             }),
-            GgmlDType::Q6K => c(256, 210, Packing::I8, 0, F16, None, |s, o| {
+            GgmlDType::Q6K => c(256, 210, Packing::U6, 32, F16, None, |s, o| {
                 let ql = &s[0..128];
                 let qh = &s[128..192];
                 let sc = &s[192..208];

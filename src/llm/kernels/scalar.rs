@@ -1,7 +1,7 @@
 //! Scalar reference of the int8 block dot product. Every SIMD tier must give
 //! the same bits. Per block `b` with stored values `u` (see [`Packing`]):
 //!
-//! - 8-bit packing: signed values `q` and the exact integer
+//! - 8-bit packing, and the 6-bit one with `q = u − zero`: the exact integer
 //!   `isum = sub₀·Σ₀..₁₅ q·a + sub₁·Σ₁₆..₃₁ q·a` (sub-scales 1 when absent);
 //! - 4- and 5-bit packings: `isum = Σ u·a`, plus the offset term
 //!   `macc = fma(m − zero·d, d_a·Σa, macc)`;
@@ -21,8 +21,11 @@ pub fn dot(w: &QMatrix, r: usize, a: &ActRow<'_>) -> f32 {
         let aq = &a.qs[b * QK..(b + 1) * QK];
         let isum = match w.packing {
             Packing::U4 | Packing::U5 => (0..QK).map(|e| u[e] as i32 * aq[e] as i32).sum(),
-            _ => {
-                let q = |e: usize| u[e] as i8 as i32;
+            Packing::I8 | Packing::U6 => {
+                let q = |e: usize| match w.packing {
+                    Packing::I8 => u[e] as i8 as i32,
+                    _ => u[e] as i32 - w.zero as i32,
+                };
                 let half =
                     |h: usize| -> i32 { (16 * h..16 * h + 16).map(|e| q(e) * aq[e] as i32).sum() };
                 let sub = w.sub.as_ref().map_or([1, 1], |s| s[i]);
