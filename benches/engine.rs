@@ -2,7 +2,8 @@
 //! one machine:
 //!
 //! - the machine: CPU, kernel tier, threads, measured streaming-read bandwidth
-//!   and int8 multiply-add peak (AVX2 `maddubs` in registers, all threads);
+//!   and int8 multiply-add peak (AVX2 `maddubs` in registers, all threads;
+//!   also 512-bit `vpdpbusd` where the CPU has AVX-512 VNNI);
 //! - the tiny seeded model: decode tok/s and the fixed cost per layer per step;
 //! - for the default 0.5B model and the 1.5B model (when `models/fetch.sh` has
 //!   cached them; `CANTANTE_BENCH_MODELS=a.gguf,b.gguf` picks others): decode
@@ -107,6 +108,49 @@ fn int8_peak() -> Option<f64> {
             .sum();
         std::hint::black_box(s);
         Some((threads * iters * 8 * 32) as f64 / t.elapsed().as_secs_f64())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Int8 multiply-adds per second of 512-bit `vpdpbusd` (64 per instruction,
+/// 8 independent chains, every thread) where the CPU has AVX-512 VNNI: the
+/// ceiling a 512-bit kernel could approach (llama.cpp's AVX-512 paths use
+/// it; our `avx512vnni` tier uses 256-bit registers).
+fn vnni512_peak() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")) {
+            return None;
+        }
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        unsafe fn run(iters: usize) -> i32 {
+            use std::arch::x86_64::*;
+            let inc = _mm512_set1_epi32(std::hint::black_box(0x0101_0101));
+            let b = _mm512_set1_epi8(std::hint::black_box(-2));
+            let mut a = [_mm512_setzero_si512(); 8];
+            for (k, x) in a.iter_mut().enumerate() {
+                *x = _mm512_set1_epi8(std::hint::black_box(k as i8));
+            }
+            let mut acc = [_mm512_setzero_si512(); 8];
+            for _ in 0..iters {
+                for (x, a) in acc.iter_mut().zip(a.iter_mut()) {
+                    *x = _mm512_dpbusd_epi32(*x, *a, b);
+                    *a = _mm512_add_epi32(*a, inc);
+                }
+            }
+            acc.iter().map(|x| _mm512_reduce_add_epi32(*x)).sum()
+        }
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        let iters = 20_000_000;
+        let t = Instant::now();
+        let s: i32 = (0..threads)
+            .into_par_iter()
+            .map(|_| unsafe { run(iters) })
+            .sum();
+        std::hint::black_box(s);
+        Some((threads * iters * 8 * 64) as f64 / t.elapsed().as_secs_f64())
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -401,9 +445,13 @@ fn main() {
         Tier::available()
     );
     println!(
-        "measured: streaming read {:.1} GB/s; int8 MAC peak {}",
+        "measured: streaming read {:.1} GB/s; int8 MAC peak {}{}",
         bw / 1e9,
-        peak.map_or("n/a".into(), |p| format!("{:.0} G/s", p / 1e9))
+        peak.map_or("n/a".into(), |p| format!("{:.0} G/s", p / 1e9)),
+        vnni512_peak().map_or(String::new(), |p| format!(
+            " (256-bit maddubs; 512-bit vpdpbusd: {:.0} G/s)",
+            p / 1e9
+        ))
     );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
