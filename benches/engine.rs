@@ -66,6 +66,18 @@ fn bandwidth() -> f64 {
     best
 }
 
+/// Multiply-adds per second of `run(iters)` on every thread at once, where one
+/// iteration does `macs_per_iter` of them.
+fn macs_per_second(run: impl Fn(usize) -> i32 + Sync, macs_per_iter: usize) -> f64 {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    let iters = 20_000_000;
+    let t = Instant::now();
+    let s: i32 = (0..threads).into_par_iter().map(|_| run(iters)).sum();
+    std::hint::black_box(s);
+    (threads * iters * macs_per_iter) as f64 / t.elapsed().as_secs_f64()
+}
+
 /// Int8 multiply-adds per second the kernels' instruction mix can reach
 /// (maddubs + madd + add in registers, 8 independent chains, every thread).
 fn int8_peak() -> Option<f64> {
@@ -98,16 +110,8 @@ fn int8_peak() -> Option<f64> {
             }
             s
         }
-        use rayon::prelude::*;
-        let threads = rayon::current_num_threads();
-        let iters = 20_000_000;
-        let t = Instant::now();
-        let s: i32 = (0..threads)
-            .into_par_iter()
-            .map(|_| unsafe { run(iters) })
-            .sum();
-        std::hint::black_box(s);
-        Some((threads * iters * 8 * 32) as f64 / t.elapsed().as_secs_f64())
+        // SAFETY: AVX2 was detected above.
+        Some(macs_per_second(|i| unsafe { run(i) }, 8 * 32))
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
@@ -141,16 +145,8 @@ fn vnni512_peak() -> Option<f64> {
             }
             acc.iter().map(|x| _mm512_reduce_add_epi32(*x)).sum()
         }
-        use rayon::prelude::*;
-        let threads = rayon::current_num_threads();
-        let iters = 20_000_000;
-        let t = Instant::now();
-        let s: i32 = (0..threads)
-            .into_par_iter()
-            .map(|_| unsafe { run(iters) })
-            .sum();
-        std::hint::black_box(s);
-        Some((threads * iters * 8 * 64) as f64 / t.elapsed().as_secs_f64())
+        // SAFETY: AVX-512 F and VNNI were detected above.
+        Some(macs_per_second(|i| unsafe { run(i) }, 8 * 64))
     }
     #[cfg(not(target_arch = "x86_64"))]
     None

@@ -174,7 +174,7 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
     let bpb = w.packing.bytes();
     let packed = w.qs.as_ptr().add(tile * nb * TILE * bpb);
     if P == 0 {
-        row_groups::<0, D>(w, tile, packed, bpb, a, out);
+        row_groups::<D>(w, tile, packed, bpb, a, out);
     } else if a.len() >= EXPAND_ROWS {
         // Many rows: unpack the tile once, row-interleaved, and run the
         // interleaved kernel over it.
@@ -252,11 +252,10 @@ thread_local! {
     static EXPANDED: std::cell::UnsafeCell<Vec<u8>> = const { std::cell::UnsafeCell::new(Vec::new()) };
 }
 
-/// [`kernel`] over groups of up to 4 activation rows. `P`: 0 = signed bytes,
-/// 4 = unsigned bytes (an unpacked tile).
+/// [`kernel`] over groups of up to 4 activation rows (signed bytes).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn row_groups<const P: u8, const D: u8>(
+unsafe fn row_groups<const D: u8>(
     w: &QMatrix,
     tile: usize,
     qs: *const u8,
@@ -267,14 +266,14 @@ unsafe fn row_groups<const P: u8, const D: u8>(
     const RM: usize = 4;
     let mut j = 0;
     while j + RM <= a.len() {
-        let r = kernel::<RM, P, D>(w, tile, qs, bpb, std::array::from_fn(|k| &a[j + k]));
+        let r = kernel::<RM, D>(w, tile, qs, bpb, std::array::from_fn(|k| &a[j + k]));
         for (k, v) in r.iter().enumerate() {
             _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
         }
         j += RM;
     }
     while j < a.len() {
-        let r = kernel::<1, P, D>(w, tile, qs, bpb, [&a[j]]);
+        let r = kernel::<1, D>(w, tile, qs, bpb, [&a[j]]);
         _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
         j += 1;
     }
@@ -396,6 +395,45 @@ impl ScalePtr {
     }
 }
 
+/// The 6-bit sub-scale pairs of tile `tile` (`[block][row][2]` bytes), or
+/// null for other packings.
+#[inline(always)]
+unsafe fn sub_ptr<const P: u8>(w: &QMatrix, tile: usize) -> *const u8 {
+    match (P, w.sub.as_ref()) {
+        (3, Some(s)) => s.as_ptr().add(tile * w.blocks_per_row() * TILE) as *const u8,
+        _ => std::ptr::null(),
+    }
+}
+
+/// The offset term's per-row factor of block `b`: `m − zero·d` (the scalar
+/// reference's `fma(−zero, d, m)`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn offset(m: Option<ScalePtr>, negz: __m256, dw: __m256, b: usize) -> __m256 {
+    let mv = match m {
+        Some(m) => m.load(b),
+        None => _mm256_setzero_ps(),
+    };
+    _mm256_fmadd_ps(negz, dw, mv)
+}
+
+/// The float step of block `b` for one activation row, in the scalar
+/// reference's order: `acc + isum·(d_w·d_a)`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn block_step(acc: __m256, isum: __m256i, dw: __m256, a: &ActRow<'_>, b: usize) -> __m256 {
+    let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a.d.get_unchecked(b)));
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc)
+}
+
+/// The offset term's step of block `b` for one activation row:
+/// `macc + off·(d_a·Σa)`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn offset_step(macc: __m256, off: __m256, a: &ActRow<'_>, b: usize) -> __m256 {
+    _mm256_fmadd_ps(off, _mm256_set1_ps(*a.s.get_unchecked(b)), macc)
+}
+
 /// [`kernel`] for packed 4-, 5- and 6-bit values (`P` 1 = [`Packing::U4`],
 /// 2 = [`Packing::U5`], 3 = [`Packing::U6`]): the 16-byte nibble blocks of
 /// weight rows `2k` and `2k+1` are adjacent, so one 32-byte load holds both;
@@ -430,13 +468,7 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
         std::ptr::null()
     };
     let group = if P == 3 { HI_GROUP6 } else { HI_GROUP };
-    let sub = if P == 3 {
-        w.sub
-            .as_ref()
-            .map_or(std::ptr::null(), |s| s.as_ptr().add(tile * nb * TILE)) as *const u8
-    } else {
-        std::ptr::null()
-    };
+    let sub = sub_ptr::<P>(w, tile);
     let lo16 = _mm256_setr_epi8(
         0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
         0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
@@ -523,11 +555,11 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
             }
         }
         let dw = d.load(b);
-        let mv = match m {
-            Some(m) => m.load(b),
-            None => _mm256_setzero_ps(),
+        let off = if P == 3 {
+            None
+        } else {
+            Some(offset(m, negz, dw, b))
         };
-        let off = _mm256_fmadd_ps(negz, dw, mv);
         for r in 0..R {
             let h = _mm256_hadd_epi32(pr[r][0], pr[r][1]);
             let mut isum = _mm256_permutevar8x32_epi32(h, order);
@@ -538,10 +570,9 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
                 let zero = _mm256_madd_epi16(subv, apair);
                 isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(zero));
             }
-            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
-            if P != 3 {
-                macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+            acc[r] = block_step(acc[r], isum, dw, a[r], b);
+            if let Some(off) = off {
+                macc[r] = offset_step(macc[r], off, a[r], b);
             }
         }
     }
@@ -571,13 +602,7 @@ unsafe fn kernel_interleaved<const R: usize, const P: u8, const D: u8>(
     let nb = w.blocks_per_row();
     let (d, m) = ScalePtr::tile(w, tile);
     let negz = _mm256_set1_ps(-(w.zero as f32));
-    let sub = if P == 3 {
-        w.sub
-            .as_ref()
-            .map_or(std::ptr::null(), |s| s.as_ptr().add(tile * nb * TILE)) as *const u8
-    } else {
-        std::ptr::null()
-    };
+    let sub = sub_ptr::<P>(w, tile);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
@@ -609,13 +634,9 @@ unsafe fn kernel_interleaved<const R: usize, const P: u8, const D: u8>(
             (_mm256_setzero_si256(), _mm256_setzero_si256())
         };
         let off = if P == 3 {
-            _mm256_setzero_ps()
+            None
         } else {
-            let mv = match m {
-                Some(m) => m.load(b),
-                None => _mm256_setzero_ps(),
-            };
-            _mm256_fmadd_ps(negz, dw, mv)
+            Some(offset(m, negz, dw, b))
         };
         for r in 0..R {
             let isum = if P == 3 {
@@ -626,10 +647,9 @@ unsafe fn kernel_interleaved<const R: usize, const P: u8, const D: u8>(
             } else {
                 _mm256_add_epi32(h0[r], h1[r])
             };
-            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
-            if P != 3 {
-                macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
+            acc[r] = block_step(acc[r], isum, dw, a[r], b);
+            if let Some(off) = off {
+                macc[r] = offset_step(macc[r], off, a[r], b);
             }
         }
     }
@@ -641,7 +661,7 @@ unsafe fn kernel_interleaved<const R: usize, const P: u8, const D: u8>(
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
+unsafe fn kernel<const R: usize, const D: u8>(
     w: &QMatrix,
     tile: usize,
     qs: *const u8,
@@ -650,13 +670,9 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
 ) -> [__m256; R] {
     let nb = w.blocks_per_row();
     let base = tile * nb * TILE;
-    let (d, m) = ScalePtr::tile(w, tile);
-    // P: 0 = signed bytes, 4 = unsigned bytes.
-    let unsigned = P == 4;
+    let (d, _) = ScalePtr::tile(w, tile);
     let sub = w.sub.as_ref().map(|s| s.as_ptr().add(base));
-    let negz = _mm256_set1_ps(-(w.zero as f32));
     let mut acc = [_mm256_setzero_ps(); R];
-    let mut macc = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let mut av = [_mm256_setzero_si256(); R];
         for r in 0..R {
@@ -677,13 +693,8 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
             for k in 0..2 {
                 let c = 2 * pair + k;
                 let wv = _mm256_loadu_si256(wb.add(c * bpb) as *const __m256i);
-                // Unsigned values multiply the activations as they are;
-                // signed ones as |w| times the activations with w's sign.
-                let uw = if unsigned {
-                    wv
-                } else {
-                    _mm256_sign_epi8(wv, wv)
-                };
+                // |w| times the activations with w's sign.
+                let uw = _mm256_sign_epi8(wv, wv);
                 match sub {
                     // Q6_K: the two 16-value halves' sub-scales weight the
                     // `maddubs` pairs (low lane: values 0–15): row c's pair
@@ -699,22 +710,13 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
                             ),
                         );
                         for r in 0..R {
-                            let sa = if unsigned {
-                                av[r]
-                            } else {
-                                _mm256_sign_epi8(av[r], wv)
-                            };
+                            let sa = _mm256_sign_epi8(av[r], wv);
                             v[r][k] = _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sa), scale);
                         }
                     }
                     None => {
                         for r in 0..R {
-                            let sa = if unsigned {
-                                av[r]
-                            } else {
-                                _mm256_sign_epi8(av[r], wv)
-                            };
-                            v[r][k] = dot::<D>(uw, sa);
+                            v[r][k] = dot::<D>(uw, _mm256_sign_epi8(av[r], wv));
                         }
                     }
                 }
@@ -724,27 +726,9 @@ unsafe fn kernel<const R: usize, const P: u8, const D: u8>(
             }
         }
         let dw = d.load(b);
-        let off = if unsigned {
-            let mv = match m {
-                Some(m) => m.load(b),
-                None => _mm256_setzero_ps(),
-            };
-            _mm256_fmadd_ps(negz, dw, mv)
-        } else {
-            _mm256_setzero_ps()
-        };
         for r in 0..R {
-            let isum = fold_pairs(h[r]);
-            let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), dd, acc[r]);
-            if unsigned {
-                macc[r] = _mm256_fmadd_ps(off, _mm256_set1_ps(*a[r].s.get_unchecked(b)), macc[r]);
-            }
-        }
-    }
-    if unsigned {
-        for r in 0..R {
-            acc[r] = _mm256_add_ps(acc[r], macc[r]);
+            // Signed bytes have no offset term.
+            acc[r] = block_step(acc[r], fold_pairs(h[r]), dw, a[r], b);
         }
     }
     acc
