@@ -5,7 +5,8 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use cantante::llm::kernels::{matmul, scalar, Packing, QActs, QMatrix, ScaleKind, Tier, TILE};
+use cantante::llm::kernels::blocks::{block_quantizer, quantize_block};
+use cantante::llm::kernels::{matmul, scalar, Packing, QActs, QMatrix, ScaleKind, Tier, QK, TILE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -176,6 +177,43 @@ fn every_tier_matches_the_scalar_reference_bit_for_bit() {
                     "{dt:?}: {got} vs {exact} (scale {scale})"
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn every_tier_quantizes_activations_like_the_scalar_reference() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut blocks: Vec<Vec<f32>> = (0..2000).map(|_| randn(&mut rng, QK)).collect();
+    // amax 127 makes d = 1, so these land exactly on ties and near-ties of
+    // the rounding (half away from zero), both signs.
+    let ties: Vec<f32> = (0..QK)
+        .map(|j| match j % 8 {
+            0 => 127.0,
+            1 => 2.5,
+            2 => -3.5,
+            3 => 0.5,
+            4 => -0.5,
+            5 => 0.499_999_97,
+            6 => -126.5,
+            _ => j as f32 - 16.5,
+        })
+        .collect();
+    blocks.push(ties);
+    blocks.push(vec![0.0; QK]);
+    blocks.push(vec![-1e-30; QK]);
+    let mut odd = randn(&mut rng, QK);
+    odd[3] = f32::NAN;
+    odd[20] = 3e38;
+    blocks.push(odd);
+    for tier in Tier::available() {
+        let quantize = block_quantizer(tier);
+        for x in &blocks {
+            let (mut want, mut got) = ([0i8; QK], [0i8; QK]);
+            let (d0, h0) = quantize_block(x, &mut want);
+            let (d1, h1) = quantize(x, &mut got);
+            assert_eq!(d0.to_bits(), d1.to_bits(), "{} d of {x:?}", tier.name());
+            assert_eq!((want, h0), (got, h1), "{} values of {x:?}", tier.name());
         }
     }
 }

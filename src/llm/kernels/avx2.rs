@@ -241,6 +241,10 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
     }
 }
 
+/// How far ahead (bytes of the packed nibble stream) [`kernel_nibbles`]
+/// prefetches its weights.
+const PREFETCH: usize = 1024;
+
 /// Activation rows per call of [`kernel_nibbles`].
 const NIBBLE_ROWS: usize = 4;
 
@@ -490,6 +494,17 @@ unsafe fn kernel_nibbles<const R: usize, const P: u8, const D: u8>(
         } else {
             hip
         };
+        // Ask for the weight streams PREFETCH bytes ahead (past the tile's end
+        // they run into the next tile, which this thread takes next): the
+        // hardware prefetchers alone leave the loads stalling on memory.
+        if PREFETCH > 0 {
+            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(PREFETCH + 64) as *const i8);
+        }
+        if P >= 2 && PREFETCH > 0 {
+            let h = hip.wrapping_add(b * (TILE / 2) * HI_PAIR_BYTES / group + PREFETCH / 2);
+            _mm_prefetch::<_MM_HINT_T0>(h as *const i8);
+        }
         // 6-bit: the 8 rows' sub-scale pairs as 16 i16s (row c's pair in
         // 32-bit lane c).
         let subv = if P == 3 {
@@ -732,4 +747,70 @@ unsafe fn kernel<const R: usize, const D: u8>(
         }
     }
     acc
+}
+
+/// [`super::blocks::quantize_block`] on 8-lane vectors, bit for bit: the same
+/// `amax`, `d = amax/127`, `v·(1/d)`, rounding half away from zero (truncate,
+/// then step away from zero when the exact remainder is at least ½), clamp to
+/// ±127, NaN to 0, and integer half sums. Caller guarantees [`available`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, [i16; 2]) {
+    assert!(x.len() >= QK && q.len() >= QK);
+    let p = x.as_ptr();
+    let mut v = [_mm256_setzero_ps(); 4];
+    for (k, v) in v.iter_mut().enumerate() {
+        *v = _mm256_loadu_ps(p.add(8 * k));
+    }
+    let absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    // `max(|v|, acc)` keeps `acc` when `|v|` is NaN, as `f32::max` does.
+    let mut m = _mm256_setzero_ps();
+    for v in v {
+        m = _mm256_max_ps(_mm256_and_ps(v, absmask), m);
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2));
+    let amax = _mm_cvtss_f32(m1);
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let signmask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let mut i = [_mm256_setzero_si256(); 4];
+    for (i, &v) in i.iter_mut().zip(&v) {
+        let y = _mm256_mul_ps(v, id);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let rem = _mm256_and_ps(_mm256_sub_ps(y, t), absmask);
+        let away = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(rem, half), one);
+        let r = _mm256_add_ps(t, _mm256_or_ps(away, _mm256_and_ps(y, signmask)));
+        let r = _mm256_min_ps(hi, _mm256_max_ps(lo, r));
+        let r = _mm256_and_ps(r, _mm256_cmp_ps::<_CMP_ORD_Q>(r, r));
+        *i = _mm256_cvttps_epi32(r);
+    }
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(i[0], i[1]),
+        _mm256_packs_epi32(i[2], i[3]),
+    );
+    let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, packed);
+    (
+        d,
+        [
+            hsum_epi32(_mm256_add_epi32(i[0], i[1])) as i16,
+            hsum_epi32(_mm256_add_epi32(i[2], i[3])) as i16,
+        ],
+    )
+}
+
+/// The sum of the 8 `i32` lanes of `a` (wrapping).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum_epi32(a: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
 }
