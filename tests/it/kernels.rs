@@ -65,25 +65,25 @@ fn gguf_blocks_convert_losslessly() {
             _ => Packing::I8,
         };
         assert_eq!(m.packing, packing, "{dt:?}");
-        // Scales keep their storage too: bytes per 32 values (rows padded to 8)
-        // equal the file's, Q4_K/Q5_K within 1 byte (one u8 scale and min per
-        // block, f32 super-block factors), Q6_K 28 (the file: 26.25; an f16
-        // scale per 32 values instead of per 256).
+        // Scales keep their storage too: bytes per 256 values (rows padded to
+        // 8) equal the file's, Q4_K/Q5_K within 4 (a u8 scale and min per
+        // block instead of 6 bits, f16 super-block factors as in the file),
+        // Q6_K 224 (the file: 210; an f16 scale per 32 values, not per 256).
         let blocks = 8 * 512 / 32;
         assert_eq!(m.qs.len(), blocks * packing.bytes());
         let (kind, per_block) = match dt {
-            GgmlDType::Q8_0 => (ScaleKind::F16, 34),
-            GgmlDType::Q4_0 => (ScaleKind::F16, 18),
-            GgmlDType::Q4_1 => (ScaleKind::F16, 20),
-            GgmlDType::Q5_0 => (ScaleKind::F16, 22),
-            GgmlDType::Q5_1 => (ScaleKind::F16, 24),
-            GgmlDType::Q4K => (ScaleKind::Super, 19),
-            GgmlDType::Q5K => (ScaleKind::Super, 23),
-            GgmlDType::Q6K => (ScaleKind::F16, 28),
+            GgmlDType::Q8_0 => (ScaleKind::F16, 8 * 34),
+            GgmlDType::Q4_0 => (ScaleKind::F16, 8 * 18),
+            GgmlDType::Q4_1 => (ScaleKind::F16, 8 * 20),
+            GgmlDType::Q5_0 => (ScaleKind::F16, 8 * 22),
+            GgmlDType::Q5_1 => (ScaleKind::F16, 8 * 24),
+            GgmlDType::Q4K => (ScaleKind::Super, 148),
+            GgmlDType::Q5K => (ScaleKind::Super, 180),
+            GgmlDType::Q6K => (ScaleKind::F16, 224),
             _ => unreachable!(),
         };
         assert_eq!(m.d.kind(), kind, "{dt:?}");
-        assert_eq!(m.bytes(), blocks * per_block, "{dt:?}");
+        assert_eq!(m.bytes(), blocks / 8 * per_block, "{dt:?}");
         assert_eq!(
             m.m.is_some(),
             matches!(dt, GgmlDType::Q4_1 | GgmlDType::Q5_1) || (k_quant && dt != GgmlDType::Q6K),

@@ -357,7 +357,7 @@ unsafe fn fold_pairs(h: [__m256i; 4]) -> __m256i {
 enum ScalePtr {
     F32(*const f32),
     F16(*const u16),
-    Super(*const u8, *const f32),
+    Super(*const u8, *const u16),
 }
 
 impl ScalePtr {
@@ -375,7 +375,7 @@ impl ScalePtr {
             Scales::F32(v) => ScalePtr::F32(v.as_ptr().add(base)),
             Scales::F16(v) => ScalePtr::F16(v.as_ptr().add(base) as *const u16),
             Scales::Super { sc, sup } => {
-                ScalePtr::Super(sc.as_ptr().add(base), sup.as_ptr().add(sbase))
+                ScalePtr::Super(sc.as_ptr().add(base), sup.as_ptr().add(sbase) as *const u16)
             }
         }
     }
@@ -392,7 +392,9 @@ impl ScalePtr {
                 let k = _mm256_cvtepu8_epi32(_mm_loadl_epi64(sc.add(b * TILE) as *const __m128i));
                 _mm256_mul_ps(
                     _mm256_cvtepi32_ps(k),
-                    _mm256_loadu_ps(sup.add((b / SUPER) * TILE)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        sup.add((b / SUPER) * TILE) as *const __m128i
+                    )),
                 )
             }
         }
