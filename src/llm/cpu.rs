@@ -193,6 +193,63 @@ unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Four [`dot_f32_avx2`]s of `a` with `b[0..4]` at once: four independent
+/// accumulator chains instead of one latency-bound chain, each result the
+/// same bits as its own call (same lanes, same sum order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot4_f32_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = b.iter().fold(a.len(), |n, b| n.min(b.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 8 <= n {
+        let x = _mm256_loadu_ps(a.as_ptr().add(i));
+        for (acc, b) in acc.iter_mut().zip(&b) {
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, _mm256_loadu_ps(b.as_ptr().add(i))));
+        }
+        i += 8;
+    }
+    let mut out = [0f32; 4];
+    for ((o, acc), b) in out.iter_mut().zip(acc).zip(&b) {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let mut s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)));
+        for t in i..n {
+            s += a[t] * b[t];
+        }
+        *o = s;
+    }
+    out
+}
+
+/// `acc += p[0]·v[0]`, then `p[1]·v[1]`, … `p[3]·v[3]`, element-wise in
+/// that order (the same bits as four [`axpy_avx2`] calls), with `acc`
+/// loaded and stored once instead of four times.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn axpy4_avx2(acc: &mut [f32], p: [f32; 4], v: [&[f32]; 4]) {
+    use std::arch::x86_64::*;
+    let n = v.iter().fold(acc.len(), |n, v| n.min(v.len()));
+    let pv = p.map(|p| _mm256_set1_ps(p));
+    let mut i = 0;
+    while i + 8 <= n {
+        let mut a = _mm256_loadu_ps(acc.as_ptr().add(i));
+        for (pv, v) in pv.iter().zip(&v) {
+            a = _mm256_add_ps(a, _mm256_mul_ps(*pv, _mm256_loadu_ps(v.as_ptr().add(i))));
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr().add(i), a);
+        i += 8;
+    }
+    for t in i..n {
+        for (p, v) in p.iter().zip(&v) {
+            acc[t] += p * v[t];
+        }
+    }
+}
+
 /// `acc += p · v` (AVX2 registers; element-wise, so the same bits as the plain loop).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -503,8 +560,24 @@ impl AttnJob<'_> {
             let row = row0 + i;
             let visible = self.past + first + i + 1;
             let q = &self.qkv[row * qkv_w + g * groups * hd..row * qkv_w + (g + 1) * groups * hd];
-            for j in 0..visible {
-                let k = &self.kv.k[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+            let kr = |j: usize| &self.kv.k[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+            let mut j0 = 0;
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                // Four keys at a time: independent chains, the same bits.
+                while j0 + 4 <= visible {
+                    let ks = [kr(j0), kr(j0 + 1), kr(j0 + 2), kr(j0 + 3)];
+                    for h in 0..groups {
+                        let r = dot4_f32_avx2(&q[h * hd..(h + 1) * hd], ks);
+                        for (u, r) in r.into_iter().enumerate() {
+                            scores[h * total + j0 + u] = r * scale;
+                        }
+                    }
+                    j0 += 4;
+                }
+            }
+            for j in j0..visible {
+                let k = kr(j);
                 for h in 0..groups {
                     scores[h * total + j] = dot(&q[h * hd..(h + 1) * hd], k) * scale;
                 }
@@ -520,8 +593,21 @@ impl AttnJob<'_> {
                 inv[h] = 1.0 / sum;
             }
             acc.fill(0.0);
-            for j in 0..visible {
-                let v = &self.kv.v[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+            let vr = |j: usize| &self.kv.v[j * kvd + g * hd..j * kvd + (g + 1) * hd];
+            let mut j0 = 0;
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                while j0 + 4 <= visible {
+                    let vs = [vr(j0), vr(j0 + 1), vr(j0 + 2), vr(j0 + 3)];
+                    for h in 0..groups {
+                        let p = std::array::from_fn(|u| scores[h * total + j0 + u]);
+                        axpy4_avx2(&mut acc[h * hd..(h + 1) * hd], p, vs);
+                    }
+                    j0 += 4;
+                }
+            }
+            for j in j0..visible {
+                let v = vr(j);
                 for h in 0..groups {
                     axpy(&mut acc[h * hd..(h + 1) * hd], scores[h * total + j], v);
                 }
@@ -533,6 +619,45 @@ impl AttnJob<'_> {
                     *d = a * inv[h];
                 }
             }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn vecs(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<Vec<f32>> {
+        (0..5)
+            .map(|_| (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn four_way_attention_steps_have_the_bits_of_one_at_a_time() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        // Head sizes with and without a tail past the last 8 lanes.
+        for n in [64, 128, 13, 3] {
+            let v = vecs(&mut rng, n);
+            let b = [&v[1][..], &v[2][..], &v[3][..], &v[4][..]];
+            // SAFETY: AVX2 checked above.
+            let four = unsafe { dot4_f32_avx2(&v[0], b) };
+            for (f, b) in four.iter().zip(b) {
+                assert_eq!(f.to_bits(), dot_f32(&v[0], b).to_bits(), "dot, n {n}");
+            }
+            let p = [0.25f32, -1.5, 0.1, 3.0];
+            let (mut one, mut all) = (v[0].clone(), v[0].clone());
+            for (p, b) in p.iter().zip(b) {
+                axpy(&mut one, *p, b);
+            }
+            // SAFETY: as above.
+            unsafe { axpy4_avx2(&mut all, p, b) };
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&all), "axpy, n {n}");
         }
     }
 }
