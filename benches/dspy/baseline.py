@@ -184,8 +184,21 @@ def main():
         cache=False,
         num_retries=4,
     )
-    dspy.configure(lm=lm)
+    # A reply the adapter cannot parse is a failed rollout (score 0), as a
+    # malformed reply is in cantante; DSPy's default stops after 10 of them.
+    dspy.configure(lm=lm, max_errors=10**9)
     program, metric, to_example = build(dspy, a.task)
+    failures = {"count": 0}
+    forward = type(program).forward
+
+    def counted_forward(self, *args, **kwargs):
+        try:
+            return forward(self, *args, **kwargs)
+        except Exception:
+            failures["count"] += 1
+            raise
+
+    type(program).forward = counted_forward
     dev = [to_example(e) for e in load_jsonl(a.dev)]
     test_items = load_jsonl(a.test)[: a.limit_test]
     test = [to_example(e) for e in test_items]
@@ -209,6 +222,7 @@ def main():
         program = opt.compile(program, trainset=dev[:half], valset=dev[half:])
     opt_secs = time.time() - started
     opt_in, opt_out = usage_of(lm)
+    opt_failures = failures["count"]
 
     started = time.time()
     ev = dspy.Evaluate(devset=test, metric=metric, num_threads=a.threads, display_progress=False)
@@ -233,6 +247,7 @@ def main():
         "item_scores": scores,
         "opt_tokens": {"input": opt_in, "output": opt_out},
         "test_tokens": {"input": all_in - opt_in, "output": all_out - opt_out},
+        "failed_rollouts": {"optimization": opt_failures, "test": failures["count"] - opt_failures},
         "opt_wall_secs": opt_secs,
         "test_wall_secs": test_secs,
         "settings": {k: v for k, v in vars(a).items() if k not in ("out",)},

@@ -5,7 +5,7 @@
 # dspy_<optimizer>.json exists is skipped).
 #
 #   benches/dspy/install.sh        # once
-#   benches/dspy/campaign.sh OUT TASK SEEDS MODEL [OPTIMIZERS]
+#   benches/dspy/campaign.sh OUT TASK SEEDS MODEL [OPTIMIZERS]   (mipro, gepa, none)
 #   benches/dspy/campaign.sh runs/ev15v2-gsm8k gsm8k 7,42,47 \
 #       ~/.cache/cantante/models/qwen2.5-coder-0.5b-instruct.gguf mipro,gepa
 #
@@ -17,7 +17,7 @@
 # calls) and MIPROv2 0.7·B/(10·q) trials (minibatches of 10 plus its
 # bootstrapping and instruction proposals). These are estimates: the table
 # reports the tokens each baseline actually spent (the server's `usage`).
-# Environment: CANTANTE_BIN (default target/release/cantante), PORT (8090),
+# Environment: CANTANTE_DATA (the datasets, as for every cantante command), CANTANTE_BIN (default target/release/cantante), PORT (8090),
 # MAX_BATCH (64), MAX_TOKENS (the protocol's new-token limit, default 512),
 # CANTANTE_DSPY_VENV, PROTOCOL (for the table; default
 # configs/protocols/cpu-evidence.yaml).
@@ -81,7 +81,8 @@ EOF
     case $opt in
       gepa) knob=(--gepa-metric-calls "$gepa_calls") ;;
       mipro) knob=(--mipro-trials "$mipro_trials") ;;
-      *) echo "unknown optimizer $opt (mipro, gepa)" >&2; exit 2 ;;
+      none) knob=() ;;
+      *) echo "unknown optimizer $opt (mipro, gepa, none)" >&2; exit 2 ;;
     esac
     echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}"
     start_server

@@ -178,47 +178,19 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
     } else if a.len() >= EXPAND_ROWS {
         // Many rows: unpack the tile once, row-interleaved, and run the
         // interleaved kernel over it.
-        // SAFETY: the buffer is this thread's, and nothing below re-enters
-        // this function, so no other reference to it is live.
-        let buf = &mut *EXPANDED.with(|b| b.get());
-        buf.resize(nb * TILE * QK, 0);
-        for b in 0..nb {
-            let mut v = [_mm256_setzero_si256(); TILE];
-            for (c, v) in v.iter_mut().enumerate() {
-                *v = nibbles(packed.add((b * TILE + c) * 16));
-                if P >= 2 {
-                    let h =
-                        w.hi.as_ptr()
-                            .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
-                    let h = _mm256_set_m128i(
-                        _mm_loadu_si128(h.add(32) as *const __m128i),
-                        _mm_loadu_si128(h as *const __m128i),
-                    );
-                    *v = _mm256_or_si256(*v, high_bits::<P>(h, b));
-                }
-            }
-            let t = transpose_words(v);
-            for (g, t) in t.iter().enumerate() {
-                let at = (b * TILE + g) * QK;
-                _mm256_storeu_si256(buf.as_mut_ptr().add(at) as *mut __m256i, *t);
-            }
-        }
+        let buf = expand::<P, false>(w, tile);
         const RM: usize = 4;
         let mut j = 0;
         while j + RM <= a.len() {
-            let r = kernel_interleaved::<RM, P, D>(
-                w,
-                tile,
-                buf.as_ptr(),
-                std::array::from_fn(|k| &a[j + k]),
-            );
+            let r =
+                kernel_interleaved::<RM, P, D>(w, tile, buf, std::array::from_fn(|k| &a[j + k]));
             for (k, v) in r.iter().enumerate() {
                 _mm256_storeu_ps(out[j + k].as_mut_ptr(), *v);
             }
             j += RM;
         }
         while j < a.len() {
-            let r = kernel_interleaved::<1, P, D>(w, tile, buf.as_ptr(), [&a[j]]);
+            let r = kernel_interleaved::<1, P, D>(w, tile, buf, [&a[j]]);
             _mm256_storeu_ps(out[j].as_mut_ptr(), r[0]);
             j += 1;
         }
@@ -241,6 +213,57 @@ pub(super) unsafe fn rows<const P: u8, const D: u8>(
     }
 }
 
+/// Unpack tile `tile` of a 4-, 5- or 6-bit `w` (`P` 1–3) into this thread's
+/// buffer, row-interleaved, and return it: per block, 32-byte word `g`
+/// holds values `4g..4g+3` of the 8 rows, row `c` in 32-bit lane `c`. With
+/// `PAIRS` (the 512-bit kernel's layout) words `2k` and `2k+1` are merged
+/// into one 64-byte word whose 32-bit lanes `2c` and `2c+1` hold row `c`'s
+/// values `8k..8k+3` and `8k+4..8k+7`. The buffer stays valid until the next
+/// call on this thread.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn expand<const P: u8, const PAIRS: bool>(w: &QMatrix, tile: usize) -> *const u8 {
+    let nb = w.blocks_per_row();
+    let packed = w.qs.as_ptr().add(tile * nb * TILE * w.packing.bytes());
+    // SAFETY: the buffer is this thread's, and nothing below re-enters this
+    // function, so no other reference to it is live.
+    let buf = &mut *EXPANDED.with(|b| b.get());
+    buf.resize(nb * TILE * QK, 0);
+    for b in 0..nb {
+        let mut v = [_mm256_setzero_si256(); TILE];
+        for (c, v) in v.iter_mut().enumerate() {
+            *v = nibbles(packed.add((b * TILE + c) * 16));
+            if P >= 2 {
+                let h =
+                    w.hi.as_ptr()
+                        .add(w.hi_index(tile * TILE + c, b) + (c & 1) * 16);
+                let h = _mm256_set_m128i(
+                    _mm_loadu_si128(h.add(32) as *const __m128i),
+                    _mm_loadu_si128(h as *const __m128i),
+                );
+                *v = _mm256_or_si256(*v, high_bits::<P>(h, b));
+            }
+        }
+        let t = transpose_words(v);
+        let at = buf.as_mut_ptr().add(b * TILE * QK);
+        if PAIRS {
+            for k in 0..TILE / 2 {
+                // Lanes (row 0 word 2k, row 0 word 2k+1, row 1 …) in order.
+                let lo = _mm256_unpacklo_epi32(t[2 * k], t[2 * k + 1]);
+                let hi = _mm256_unpackhi_epi32(t[2 * k], t[2 * k + 1]);
+                let p = at.add(k * 64) as *mut __m256i;
+                _mm256_storeu_si256(p, _mm256_permute2x128_si256::<0x20>(lo, hi));
+                _mm256_storeu_si256(p.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+            }
+        } else {
+            for (g, t) in t.iter().enumerate() {
+                _mm256_storeu_si256(at.add(g * QK) as *mut __m256i, *t);
+            }
+        }
+    }
+    buf.as_ptr()
+}
+
 /// How far ahead (bytes of the packed nibble stream) [`kernel_nibbles`]
 /// prefetches its weights.
 const PREFETCH: usize = 1024;
@@ -250,7 +273,7 @@ const NIBBLE_ROWS: usize = 4;
 
 /// Activation rows from which [`rows`] unpacks a tile once (row-interleaved,
 /// for [`kernel_interleaved`]) instead of per row group.
-const EXPAND_ROWS: usize = 8;
+pub(super) const EXPAND_ROWS: usize = 8;
 
 thread_local! {
     static EXPANDED: std::cell::UnsafeCell<Vec<u8>> = const { std::cell::UnsafeCell::new(Vec::new()) };
@@ -354,7 +377,7 @@ unsafe fn fold_pairs(h: [__m256i; 4]) -> __m256i {
 
 /// Where one tile's [`Scales`] start.
 #[derive(Clone, Copy)]
-enum ScalePtr {
+pub(super) enum ScalePtr {
     F32(*const f32),
     F16(*const u16),
     Super(*const u8, *const u16),
@@ -362,7 +385,7 @@ enum ScalePtr {
 
 impl ScalePtr {
     /// Scales and offsets (if any) of tile `tile` of `w`.
-    unsafe fn tile(w: &QMatrix, tile: usize) -> (Self, Option<Self>) {
+    pub(super) unsafe fn tile(w: &QMatrix, tile: usize) -> (Self, Option<Self>) {
         let nb = w.blocks_per_row();
         let (base, sbase) = (tile * nb * TILE, tile * (nb / SUPER) * TILE);
         let d = ScalePtr::new(&w.d, base, sbase);
@@ -384,7 +407,7 @@ impl ScalePtr {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn load(self, b: usize) -> __m256 {
+    pub(super) unsafe fn load(self, b: usize) -> __m256 {
         match self {
             ScalePtr::F32(p) => _mm256_loadu_ps(p.add(b * TILE)),
             ScalePtr::F16(p) => _mm256_cvtph_ps(_mm_loadu_si128(p.add(b * TILE) as *const __m128i)),
@@ -404,7 +427,7 @@ impl ScalePtr {
 /// The 6-bit sub-scale pairs of tile `tile` (`[block][row][2]` bytes), or
 /// null for other packings.
 #[inline(always)]
-unsafe fn sub_ptr<const P: u8>(w: &QMatrix, tile: usize) -> *const u8 {
+pub(super) unsafe fn sub_ptr<const P: u8>(w: &QMatrix, tile: usize) -> *const u8 {
     match (P, w.sub.as_ref()) {
         (3, Some(s)) => s.as_ptr().add(tile * w.blocks_per_row() * TILE) as *const u8,
         _ => std::ptr::null(),
@@ -415,7 +438,7 @@ unsafe fn sub_ptr<const P: u8>(w: &QMatrix, tile: usize) -> *const u8 {
 /// reference's `fma(−zero, d, m)`).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn offset(m: Option<ScalePtr>, negz: __m256, dw: __m256, b: usize) -> __m256 {
+pub(super) unsafe fn offset(m: Option<ScalePtr>, negz: __m256, dw: __m256, b: usize) -> __m256 {
     let mv = match m {
         Some(m) => m.load(b),
         None => _mm256_setzero_ps(),
