@@ -11,6 +11,7 @@
 #          skips every finished part and continues the rest.
 #
 # What is left out: `*_test_traces.jsonl` (the rollouts of a test evaluation;
+# also `dspy_*.jsonl`, dataset items that campaign.sh samples again;
 # the table's paired comparisons read `*_test_scores.json`, which bench-run
 # writes beside them, instead). Optimize runs keep their checkpoint, so an
 # unfinished one resumes from its last round. Files already in DEST are
@@ -34,5 +35,5 @@ if find "$src" -name '*_test_traces.jsonl' | grep -q .; then
 fi
 
 mkdir -p "$dest"
-tar -C "$src" --exclude='*_test_traces.jsonl' -cf - . | tar -C "$dest" -xf -
+tar -C "$src" --exclude='*_test_traces.jsonl' --exclude='dspy_*.jsonl' -cf - . | tar -C "$dest" -xf -
 echo "kept $src in $dest ($(du -sh "$dest" | cut -f1))"
