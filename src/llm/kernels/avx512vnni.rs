@@ -44,14 +44,16 @@ unsafe fn rows<const P: u8>(w: &QMatrix, tile: usize, a: &[ActRow<'_>], out: &mu
     let mut j = 0;
     while j + 4 <= a.len() {
         let r = kernel_pairs::<2, P>(w, tile, buf, [[&a[j], &a[j + 1]], [&a[j + 2], &a[j + 3]]]);
-        // Rows j..j+3 of `out` are contiguous: each register fills two.
-        _mm512_storeu_ps(out[j].as_mut_ptr(), r[0]);
-        _mm512_storeu_ps(out[j + 2].as_mut_ptr(), r[1]);
+        // Rows j..j+3 of `out` are contiguous: each register fills two
+        // (pointers from the whole slice, which the stores stay inside).
+        let o = out.as_mut_ptr().add(j) as *mut f32;
+        _mm512_storeu_ps(o, r[0]);
+        _mm512_storeu_ps(o.add(2 * TILE), r[1]);
         j += 4;
     }
     if j + 2 <= a.len() {
         let r = kernel_pairs::<1, P>(w, tile, buf, [[&a[j], &a[j + 1]]]);
-        _mm512_storeu_ps(out[j].as_mut_ptr(), r[0]);
+        _mm512_storeu_ps(out.as_mut_ptr().add(j) as *mut f32, r[0]);
         j += 2;
     }
     if j < a.len() {
