@@ -434,6 +434,18 @@ pub(super) unsafe fn sub_ptr<const P: u8>(w: &QMatrix, tile: usize) -> *const u8
     }
 }
 
+/// Block `b`'s 6-bit sub-scale pairs (from [`sub_ptr`]): row `c`'s first
+/// and second sub-scale sign-extended to `i32` lane `c` of the two vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn sub_lanes(sub: *const u8, b: usize) -> (__m256i, __m256i) {
+    let s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sub.add(b * TILE * 2) as *const __m128i));
+    (
+        _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(s16)),
+        _mm256_srai_epi32::<16>(s16),
+    )
+}
+
 /// The offset term's per-row factor of block `b`: `m − zero·d` (the scalar
 /// reference's `fma(−zero, d, m)`).
 #[cfg(target_arch = "x86_64")]
@@ -663,13 +675,7 @@ unsafe fn kernel_interleaved<const R: usize, const P: u8, const D: u8>(
         }
         let dw = d.load(b);
         let (sub0, sub1) = if P == 3 {
-            // Row c's sub-scales (i8 pair) sign-extended to i32 lane c.
-            let s16 =
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(sub.add(b * TILE * 2) as *const __m128i));
-            (
-                _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(s16)),
-                _mm256_srai_epi32::<16>(s16),
-            )
+            sub_lanes(sub, b)
         } else {
             (_mm256_setzero_si256(), _mm256_setzero_si256())
         };

@@ -139,13 +139,8 @@ unsafe fn kernel_pairs<const R: usize, const P: u8>(
         let dw = d.load(b);
         let dw2 = both_ps(dw);
         let (sub0, sub1) = if P == 3 {
-            // Row c's sub-scales (i8 pair) sign-extended to i32 lane c.
-            let s16 =
-                _mm256_cvtepi8_epi16(_mm_loadu_si128(sub.add(b * TILE * 2) as *const __m128i));
-            (
-                _mm512_broadcast_i64x4(_mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(s16))),
-                _mm512_broadcast_i64x4(_mm256_srai_epi32::<16>(s16)),
-            )
+            let (s0, s1) = avx2::sub_lanes(sub, b);
+            (_mm512_broadcast_i64x4(s0), _mm512_broadcast_i64x4(s1))
         } else {
             (_mm512_setzero_si512(), _mm512_setzero_si512())
         };
