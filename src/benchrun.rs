@@ -1222,7 +1222,7 @@ pub fn render_markdown(t: &ResultsTable) -> String {
         let o = &p.optimizer;
         s.push_str(&format!(
             "Settings: {} test items per seed, dev {}, validation {}; rounds: {} ({} design, \
-             {} attributer, blocks of {}); {} new tokens per turn, tag guard {}, \
+             {} attributer, blocks of {}{}); {} new tokens per turn, tag guard {}, \
              {} format-repair turns; temperature {}.\n\n",
             p.test_size,
             p.dev_size,
@@ -1231,6 +1231,10 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             format!("{:?}", o.design).to_lowercase(),
             format!("{:?}", o.attributer).to_lowercase(),
             o.block_size,
+            match o.edit_deletions {
+                0 => String::new(),
+                n => format!(", {n} sentence-deletion offspring per step"),
+            },
             p.max_new_tokens,
             if p.tag_guard { "on" } else { "off" },
             p.format_repairs,

@@ -13,11 +13,16 @@
 //! spec §10.8: the reference ranked on the last block only, unpenalised) and
 //! the top k become the population. The next round starts a new race.
 //!
+//! With `edit_deletions` > 0 (an extension, off by default) each step also
+//! adds that many offspring that delete one sentence of a seeded population
+//! member ([`super::edit`]), without a meta-LLM call.
+//!
 //! Length penalty: `length_penalty × tokens(candidate) / tokens(longest
 //! initial prompt)`, tokens from the meta-LLM's tokenizer.
 
 use super::meta::{crossover_prompt, mutation_prompt};
 use super::{rng_for, AgentContext, LocalOptimizer, MetaJob, QueryCredits};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 use std::collections::BTreeMap;
@@ -336,6 +341,20 @@ impl LocalOptimizer for Capo {
                         }
                     }
                 }
+                for j in 0..ctx.config.edit_deletions {
+                    let mut rng = rng_for(ctx.seed("deletion", j as u64), &[]);
+                    let parent = self.population[rng.random_range(0..self.population.len())];
+                    let edited = super::edit::delete_sentence(
+                        &self.candidates[parent].prompt,
+                        ctx.agent,
+                        &mut rng,
+                    );
+                    if let Some(p) = edited {
+                        if let Some(id) = self.add_candidate(p, vec![parent], ctx.round, ctx) {
+                            members.push(id);
+                        }
+                    }
+                }
                 self.race = Some(Race { members, blocks: 0 });
                 None
             }
@@ -534,6 +553,55 @@ mod tests {
         let mut again = Capo::new(&pool, None, &|s| s.split_whitespace().count());
         let j2 = again.propose_phase(0, &[], &ctx).unwrap();
         assert_eq!(j2, jobs_for(&pool, &ctx));
+    }
+
+    #[test]
+    fn deletion_offspring_join_the_race_without_meta_calls() {
+        let llm = ScriptedLlm::new(|_| String::new());
+        let agent = agent();
+        let pool: Vec<String> = (0..2)
+            .map(|i| format!("Solve it, style {i}. Show the steps. Always answer 0.\n{{query}}\nAnswer in <answer></answer>."))
+            .collect();
+        let run = |deletions: usize| {
+            let cfg = OptimizeConfig {
+                crossovers_per_round: 1,
+                edit_deletions: deletions,
+                ..Default::default()
+            };
+            let ctx = AgentContext {
+                agent: &agent,
+                run_seed: 3,
+                round: 1,
+                config: &cfg,
+                llm: &llm,
+            };
+            let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
+            let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
+            assert_eq!(jobs.len(), 1, "deletions add no meta job");
+            let jobs = capo.propose_phase(1, &[None], &ctx).unwrap();
+            assert!(jobs.is_empty());
+            assert!(capo.propose_phase(2, &[], &ctx).is_none());
+            capo
+        };
+        assert_eq!(
+            run(0).candidates_to_run(),
+            pool,
+            "no deletion: the pool races alone"
+        );
+        let capo = run(3);
+        let racing = capo.candidates_to_run();
+        assert!(racing.len() > pool.len(), "{racing:?}");
+        for c in &capo.candidates[pool.len()..] {
+            let parent = &capo.candidates[c.parents[0]].prompt;
+            assert_eq!(c.parents.len(), 1);
+            let removed = super::super::edit::deletable_sentences(parent)
+                .into_iter()
+                .filter(|r| !c.prompt.contains(parent[r.clone()].trim()))
+                .count();
+            assert_eq!(removed, 1, "{} <- {}", c.prompt, parent);
+            assert!(c.prompt.contains("{query}") && c.prompt.contains("<answer>"));
+        }
+        assert_eq!(run(3), capo, "seeded");
     }
 
     fn jobs_for(pool: &[String], ctx: &AgentContext) -> Vec<MetaJob> {

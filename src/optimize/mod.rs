@@ -21,6 +21,7 @@ pub mod budget;
 pub mod capo;
 pub mod checkpoint;
 pub mod design;
+pub mod edit;
 pub mod evoprompt;
 pub mod mas;
 pub mod meta;
@@ -181,6 +182,10 @@ pub struct OptimizeConfig {
     pub max_blocks: usize,
     /// Crossovers (each followed by a mutation) per proposal.
     pub crossovers_per_round: usize,
+    /// CAPO: extra offspring per proposal made without the meta-LLM by
+    /// deleting one sentence of a population member ([`edit`]; GrIPS's
+    /// `del`, an extension beyond the paper). 0 = the paper's CAPO.
+    pub edit_deletions: usize,
     /// Population size k; `None` = the agent's initial pool size.
     pub population: Option<usize>,
     /// Cap on total tokens (task + meta); `None` = unlimited.
@@ -244,6 +249,7 @@ impl Default for OptimizeConfig {
             length_penalty: 0.05,
             max_blocks: 5,
             crossovers_per_round: 3,
+            edit_deletions: 0,
             population: None,
             max_total_tokens: None,
             max_task_tokens: None,
