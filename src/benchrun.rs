@@ -1966,6 +1966,7 @@ mod tests {
             [
                 "cpu-1.5b",
                 "cpu-blocks",
+                "cpu-edits",
                 "cpu-evidence",
                 "cpu-small",
                 "paper"
@@ -1988,6 +1989,23 @@ mod tests {
         same.optimizer.block_size = evidence.optimizer.block_size;
         same.description = evidence.description.clone();
         assert_eq!(&same, evidence);
+        // cpu-edits: cpu-blocks with deletions, every offspring run, one block per race.
+        let edits = &files["cpu-edits"];
+        let (b, e) = (&blocks.optimizer, &edits.optimizer);
+        assert_eq!(
+            (b.edit_deletions, b.ofat_max_candidates, b.max_blocks),
+            (0, Some(1), 2)
+        );
+        assert_eq!(
+            (e.edit_deletions, e.ofat_max_candidates, e.max_blocks),
+            (2, Some(3), 1)
+        );
+        let mut same = edits.clone();
+        same.optimizer.edit_deletions = 0;
+        same.optimizer.ofat_max_candidates = b.ofat_max_candidates;
+        same.optimizer.max_blocks = b.max_blocks;
+        same.description = blocks.description.clone();
+        assert_eq!(&same, blocks);
     }
 
     #[test]
