@@ -2,6 +2,13 @@
 //! same `<prompt>…</prompt>` output contract), extraction and validation of
 //! generated prompts, and the batched meta-call driver with one regeneration.
 //!
+//! Tool-call tags are shielded in meta prompts ([`shield`]): Qwen2.5's
+//! `<tool_call>` is a token of its own, and a rewriter that reads one in a
+//! template switches to tool-call mode — Qwen2.5-Coder-1.5B copied the MBPP
+//! validator's template up to its `check_tests` call and ended its turn there,
+//! 3 times out of 3, so every coder and validator rewrite lost its output tags
+//! and was rejected (`benches/results/ev15v3-mbpp-cpu-blocks.md`).
+//!
 //! Fix of spec §10.6/§10.12: a reply without `<prompt>` tags is rejected
 //! instead of becoming the prompt, and every generated prompt must keep all of
 //! the agent's `{input}` placeholders (`few_shots` optional) and mention all of
@@ -51,9 +58,30 @@ Reply with the new template only, between <prompt> and </prompt>.",
     )
 }
 
+/// Tool-call tags as a meta prompt writes them, and as the runtime needs them.
+const SHIELDS: [(&str, &str); 2] = [
+    ("<tool_call>", "[tool_call]"),
+    ("</tool_call>", "[/tool_call]"),
+];
+
+/// `text` with its tool-call tags written `[tool_call]` / `[/tool_call]`, so a
+/// rewriter reads them as text, not as its own tool-call tokens.
+pub fn shield(text: &str) -> String {
+    SHIELDS.iter().fold(text.to_string(), |t, (tag, shielded)| {
+        t.replace(tag, shielded)
+    })
+}
+
+/// Inverse of [`shield`], applied to every generated prompt.
+pub fn unshield(text: &str) -> String {
+    SHIELDS.iter().fold(text.to_string(), |t, (tag, shielded)| {
+        t.replace(shielded, tag)
+    })
+}
+
 /// Mutation meta-prompt: rephrase one template, same meaning, slightly different style.
 pub fn mutation_prompt(agent: &AgentSpec, instruction: &str) -> String {
-    format!(
+    shield(&format!(
         "You improve instructions for one step of an AI pipeline.\n\
 The step's job: {desc}\n\n\
 Here is the current instruction template for this step:\n<template>\n{instruction}\n</template>\n\n\
@@ -61,12 +89,12 @@ Write a variant of it that keeps the same intent but changes the wording, emphas
 so that the model doing this step is more likely to succeed.\n{rules}",
         desc = agent.task_description.trim(),
         rules = contract(agent),
-    )
+    ))
 }
 
 /// Crossover meta-prompt: merge two parent templates into one.
 pub fn crossover_prompt(agent: &AgentSpec, mother: &str, father: &str) -> String {
-    format!(
+    shield(&format!(
         "You improve instructions for one step of an AI pipeline.\n\
 The step's job: {desc}\n\n\
 Two instruction templates for this step have worked reasonably well:\n\
@@ -74,12 +102,12 @@ Two instruction templates for this step have worked reasonably well:\n\
 Combine them into a single coherent template that takes the strongest guidance from each and reads as one text.\n{rules}",
         desc = agent.task_description.trim(),
         rules = contract(agent),
-    )
+    ))
 }
 
 /// EvoPrompt-GA meta-prompt: cross over two parents, then mutate the result, in one call.
 pub fn ga_prompt(agent: &AgentSpec, p1: &str, p2: &str) -> String {
-    format!(
+    shield(&format!(
         "You evolve instructions for one step of an AI pipeline.\n\
 The step's job: {desc} The pipeline reads this step's results from the XML tags named below.\n\n\
 Parent 1:\n<template_a>\n{p1}\n</template_a>\nParent 2:\n<template_b>\n{p2}\n</template_b>\n\n\
@@ -87,7 +115,7 @@ First cross the two parents over: build a child that mixes parts of both. Then m
 change some of its wording so it differs from both parents. Output only the final child.\n{rules}",
         desc = agent.task_description.trim(),
         rules = contract(agent),
-    )
+    ))
 }
 
 /// The prompt in a meta reply: the text after the last `<prompt>` up to the
@@ -194,7 +222,7 @@ pub fn run_meta_jobs(
         for (&i, g) in idx.iter().zip(&gens) {
             out.input_tokens += g.prompt_tokens;
             out.output_tokens += g.completion_tokens;
-            match extract_prompt(&g.text) {
+            match extract_prompt(&g.text).map(|p| unshield(&p)) {
                 Some(p) if prompt_problems(&p, agents[i]).is_empty() => out.prompts[i] = Some(p),
                 Some(p) => {
                     tracing::debug!(agent = %agents[i].name, problems = ?prompt_problems(&p, agents[i]), "generated prompt rejected");
@@ -318,6 +346,41 @@ mod tests {
         assert!(m.contains("<prompt>"));
         let c = crossover_prompt(&a, "AAA", "BBB");
         assert!(c.contains("AAA") && c.contains("BBB"));
+    }
+
+    #[test]
+    fn tool_call_tags_are_shielded_in_meta_prompts_and_restored_in_replies() {
+        let a = AgentSpec {
+            name: "validator".into(),
+            tools: vec!["check_tests".into()],
+            ..agent()
+        };
+        let template = "Check {query}.\nFirst call <tool_call>{{\"name\": \"check_tests\"}}</tool_call>\nThen <answer></answer>.";
+        for m in [
+            mutation_prompt(&a, template),
+            crossover_prompt(&a, template, template),
+            ga_prompt(&a, template, template),
+        ] {
+            assert!(
+                !m.contains("<tool_call>") && !m.contains("</tool_call>"),
+                "{m}"
+            );
+            assert!(m.contains("[tool_call]{{\"name\": \"check_tests\"}}[/tool_call]"));
+        }
+        assert_eq!(unshield(&shield(template)), template);
+        // A rewriter that copies the template between <template> tags: the
+        // generated prompt gets its real tool-call tags back.
+        let llm = ScriptedLlm::new(|r| {
+            let p = &r.messages.last().unwrap().content;
+            let body = &p[p.find("<template>").unwrap() + 10..p.find("</template>").unwrap()];
+            format!("<prompt>{body}</prompt>")
+        });
+        let jobs = vec![MetaJob {
+            prompt: mutation_prompt(&a, template),
+            seed: 1,
+        }];
+        let out = run_meta_jobs(&llm, &jobs, &[&a], 100, 0.1, &mut |_| Ok(())).unwrap();
+        assert_eq!(out.prompts[0].as_deref(), Some(template));
     }
 
     #[test]
