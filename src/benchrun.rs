@@ -1967,6 +1967,7 @@ mod tests {
                 "cpu-1.5b",
                 "cpu-blocks",
                 "cpu-edits",
+                "cpu-edits-greedy",
                 "cpu-evidence",
                 "cpu-small",
                 "paper"
@@ -2006,6 +2007,13 @@ mod tests {
         same.optimizer.max_blocks = b.max_blocks;
         same.description = blocks.description.clone();
         assert_eq!(&same, blocks);
+        // cpu-edits-greedy: cpu-edits with temperature 0.
+        let greedy = &files["cpu-edits-greedy"];
+        assert_eq!((edits.temperature, greedy.temperature), (0.7, 0.0));
+        let mut same = greedy.clone();
+        same.temperature = edits.temperature;
+        same.description = edits.description.clone();
+        assert_eq!(&same, edits);
     }
 
     #[test]
