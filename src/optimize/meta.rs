@@ -6,8 +6,8 @@
 //! `<tool_call>` is a token of its own, and a rewriter that reads one in a
 //! template switches to tool-call mode — Qwen2.5-Coder-1.5B copied the MBPP
 //! validator's template up to its `check_tests` call and ended its turn there,
-//! 3 times out of 3, so every coder and validator rewrite lost its output tags
-//! and was rejected (`benches/results/ev15v3-mbpp-cpu-blocks.md`).
+//! 3 times out of 3, so such a rewrite lost its output tags and was rejected
+//! (one cause of the MBPP rejections, `benches/results/ev15v3-mbpp-cpu-blocks.md`).
 //!
 //! Fix of spec §10.6/§10.12: a reply without `<prompt>` tags is rejected
 //! instead of becoming the prompt, and every generated prompt must keep all of
