@@ -76,20 +76,17 @@ pub fn delete_sentence(prompt: &str, agent: &AgentSpec, rng: &mut impl Rng) -> O
     let line_end = prompt[span.end..]
         .find('\n')
         .map_or(prompt.len(), |i| span.end + i + 1);
-    let rest_of_line = prompt[line_start..span.start].trim().is_empty()
-        && prompt[span.end..line_end].trim().is_empty();
-    let cut = if rest_of_line {
+    let last_on_line = prompt[span.end..line_end].trim().is_empty();
+    let cut = if last_on_line && prompt[line_start..span.start].trim().is_empty() {
         line_start..line_end
-    } else if prompt[span.end..line_end].trim().is_empty() {
+    } else if last_on_line {
         // The line's last sentence: drop the space before it, keep the newline.
         let start = prompt[..span.start].trim_end_matches([' ', '\t']).len();
         start..span.end
     } else {
         span
     };
-    let mut edited = String::with_capacity(prompt.len());
-    edited.push_str(&prompt[..cut.start]);
-    edited.push_str(&prompt[cut.end..]);
+    let edited = [&prompt[..cut.start], &prompt[cut.end..]].concat();
     let edited = edited.trim_end().to_string();
     (prompt_problems(&edited, agent).is_empty() && edited != prompt.trim_end()).then_some(edited)
 }
