@@ -159,6 +159,9 @@ pub struct MetaOutcome {
     pub prompts: Vec<Option<String>>,
     /// Per job, how many generated prompts were rejected (0, 1 or 2).
     pub rejections: Vec<usize>,
+    /// Per job, why each rejected reply was rejected (one line per reply,
+    /// e.g. `missing output tag <answer>; cut off at 256 tokens`).
+    pub reasons: Vec<Vec<String>>,
     /// Prompt tokens spent.
     pub input_tokens: usize,
     /// Completion tokens spent.
@@ -189,6 +192,7 @@ pub fn run_meta_jobs(
     let mut out = MetaOutcome {
         prompts: vec![None; jobs.len()],
         rejections: vec![0; jobs.len()],
+        reasons: vec![Vec::new(); jobs.len()],
         ..Default::default()
     };
     if jobs.is_empty() {
@@ -222,17 +226,24 @@ pub fn run_meta_jobs(
         for (&i, g) in idx.iter().zip(&gens) {
             out.input_tokens += g.prompt_tokens;
             out.output_tokens += g.completion_tokens;
-            match extract_prompt(&g.text).map(|p| unshield(&p)) {
-                Some(p) if prompt_problems(&p, agents[i]).is_empty() => out.prompts[i] = Some(p),
+            let problems = match extract_prompt(&g.text).map(|p| unshield(&p)) {
                 Some(p) => {
-                    tracing::debug!(agent = %agents[i].name, problems = ?prompt_problems(&p, agents[i]), "generated prompt rejected");
-                    out.rejections[i] += 1;
+                    let problems = prompt_problems(&p, agents[i]);
+                    if problems.is_empty() {
+                        out.prompts[i] = Some(p);
+                        continue;
+                    }
+                    problems
                 }
-                None => {
-                    tracing::debug!(agent = %agents[i].name, "meta reply without <prompt> tags rejected");
-                    out.rejections[i] += 1;
-                }
+                None => vec!["reply without <prompt> tags".to_string()],
+            };
+            let mut reason = problems.join("; ");
+            if g.cut_off || g.stop_reason == crate::llm::StopReason::Length {
+                reason.push_str(&format!("; cut off at {max_new_tokens} tokens"));
             }
+            tracing::debug!(agent = %agents[i].name, %reason, "generated prompt rejected");
+            out.rejections[i] += 1;
+            out.reasons[i].push(reason);
         }
         Ok(())
     };
@@ -413,6 +424,17 @@ mod tests {
             Some("Solve {query} in <answer></answer>")
         );
         assert_eq!(out.rejections, vec![2, 1, 0]);
+        assert_eq!(
+            out.reasons,
+            vec![
+                vec![
+                    "reply without <prompt> tags".to_string(),
+                    "missing placeholder {query}; missing output tag <answer>".to_string()
+                ],
+                vec!["reply without <prompt> tags".to_string()],
+                vec![]
+            ]
+        );
         assert_eq!(llm.batches(), 2);
         assert_eq!(llm.calls(), 5);
         // A budget check that refuses the regeneration batch stops cleanly.

@@ -155,6 +155,10 @@ pub struct RoundRecord {
     pub degenerate_groups: usize,
     /// Generated prompts rejected this round, per agent.
     pub rejections: BTreeMap<String, usize>,
+    /// Why each of them was rejected, per agent (one line per rejected
+    /// reply; absent in old records and for agents with none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejection_reasons: BTreeMap<String, Vec<String>>,
     /// Task tokens spent this round.
     pub task_tokens: u64,
     /// Meta tokens spent this round.
@@ -607,7 +611,7 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
         round,
         phase: "propose",
     });
-    let rejections = propose(ctx, st, round)?;
+    let (rejections, rejection_reasons) = propose(ctx, st, round)?;
     ctx.emit(ProgressEvent::Phase {
         round,
         phase: "execute",
@@ -653,6 +657,7 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
         attribution_groups: attributed.groups,
         degenerate_groups: attributed.degenerate,
         rejections,
+        rejection_reasons,
         task_tokens: st.tokens.task() - before.task(),
         meta_tokens: st.tokens.meta() - before.meta(),
         tokens: st.tokens,
@@ -663,17 +668,19 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
 
 /// Propose: every agent's optimizer writes its candidates; the meta calls of
 /// each phase (crossover, then mutation) go out as one batch over all agents.
-/// Returns the rejected prompts per agent.
+/// Returns the number of rejected prompts per agent, and why each was
+/// rejected (agents without rejections are left out of the second map).
 fn propose(
     ctx: &Ctx,
     st: &mut RunState,
     round: usize,
-) -> Result<BTreeMap<String, usize>, Interrupt> {
+) -> Result<(BTreeMap<String, usize>, BTreeMap<String, Vec<String>>), Interrupt> {
     let n = st.agents.len();
     let mut active = vec![true; n];
     let mut outputs: Vec<Vec<Option<String>>> = vec![Vec::new(); n];
     let mut rejections: BTreeMap<String, usize> =
         st.agents.iter().map(|a| (a.clone(), 0)).collect();
+    let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for phase in 0..8 {
         let mut jobs = Vec::new();
         let mut owners = Vec::new();
@@ -725,13 +732,24 @@ fn propose(
         for o in outputs.iter_mut() {
             o.clear();
         }
-        for ((&i, p), rej) in owners.iter().zip(out.prompts).zip(out.rejections) {
+        for (((&i, p), rej), why) in owners
+            .iter()
+            .zip(out.prompts)
+            .zip(out.rejections)
+            .zip(out.reasons)
+        {
             outputs[i].push(p);
             *rejections.entry(st.agents[i].clone()).or_default() += rej;
             *st.rejections.entry(st.agents[i].clone()).or_default() += rej;
+            if !why.is_empty() {
+                reasons
+                    .entry(st.agents[i].clone())
+                    .or_insert_with(Vec::new)
+                    .extend(why);
+            }
         }
     }
-    Ok(rejections)
+    Ok((rejections, reasons))
 }
 
 type Executed = (Vec<Planned>, Vec<usize>, Vec<Vec<Rollout>>);

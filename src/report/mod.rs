@@ -256,6 +256,28 @@ impl RoundRow {
     }
 }
 
+/// Why the rewriter's prompts were rejected: per agent and reason, how many
+/// replies over all rounds (nothing when no round recorded a reason).
+fn write_rejection_reasons(md: &mut String, data: &RunData) {
+    let mut counts: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for rec in &data.rounds {
+        for (agent, reasons) in &rec.rejection_reasons {
+            for r in reasons {
+                *counts.entry((agent.as_str(), r.as_str())).or_default() += 1;
+            }
+        }
+    }
+    if counts.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n### Rejected prompts\n");
+    let _ = writeln!(md, "| agent | reason | replies |");
+    let _ = writeln!(md, "|---|---|---:|");
+    for ((agent, reason), n) in counts {
+        let _ = writeln!(md, "| {agent} | {} | {n} |", md_cell(reason));
+    }
+}
+
 /// Agents of the run, in name order: those with credits or prompts anywhere.
 fn agents_of(data: &RunData) -> Vec<String> {
     let mut set: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
@@ -450,6 +472,8 @@ fn markdown(
             r.rejections
         );
     }
+
+    write_rejection_reasons(&mut md, data);
 
     let _ = writeln!(md, "\n## Agent credits\n");
     let _ = writeln!(

@@ -576,6 +576,32 @@ fn invalid_generated_prompts_are_rejected_and_counted() {
         recs[0].rejections.values().sum::<usize>(),
         res.rejections.values().sum::<usize>()
     );
+    // Each rejected reply has its reason recorded, under its agent.
+    for (agent, n) in &recs[0].rejections {
+        let reasons = recs[0].rejection_reasons.get(agent).map_or(0, Vec::len);
+        assert_eq!(reasons, *n, "agent {agent}");
+    }
+    let why = &recs[0].rejection_reasons["solver"];
+    assert!(
+        why.iter().any(|r| r == "missing placeholder {query}"),
+        "{why:?}"
+    );
+    assert!(
+        why.iter().any(|r| r == "reply without <prompt> tags"),
+        "{why:?}"
+    );
+    // The report counts them per agent and reason.
+    let paths = cantante::report::write_report(dir.path(), None).unwrap();
+    let md = std::fs::read_to_string(&paths.markdown).unwrap();
+    assert!(md.contains("### Rejected prompts"), "{md}");
+    let n = why
+        .iter()
+        .filter(|r| *r == "missing placeholder {query}")
+        .count();
+    assert!(
+        md.contains(&format!("| solver | missing placeholder {{query}} | {n} |")),
+        "{md}"
+    );
 }
 
 #[test]
