@@ -9,6 +9,10 @@
 //! 3 times out of 3, so such a rewrite lost its output tags and was rejected
 //! (one cause of the MBPP rejections, `benches/results/ev15v3-mbpp-cpu-blocks.md`).
 //!
+//! The second cause: the rewriter often mirrors the request's `<template>` tag
+//! instead of `<prompt>` (3 of 9 MBPP mutation probes); [`extract_prompt`]
+//! reads that tag too.
+//!
 //! Fix of spec §10.6/§10.12: a reply without `<prompt>` tags is rejected
 //! instead of becoming the prompt, and every generated prompt must keep all of
 //! the agent's `{input}` placeholders (`few_shots` optional) and mention all of
@@ -119,21 +123,29 @@ change some of its wording so it differs from both parents. Output only the fina
 }
 
 /// The prompt in a meta reply: the text after the last `<prompt>` up to the
-/// next `</prompt>` (or the end of the reply), trimmed. `None` without the tag
-/// or when empty.
+/// next `</prompt>` (or the end of the reply), trimmed. A reply without
+/// `<prompt>` that wraps its template in `<template>` — the tag the mutation
+/// request shows the current template in — is read the same way:
+/// Qwen2.5-Coder-1.5B answered 3 of 9 MBPP mutation probes so, and those
+/// rewrites were rejected until this fallback. `None` without either tag or
+/// when empty.
 pub fn extract_prompt(reply: &str) -> Option<String> {
-    let i = reply.rfind("<prompt>")?;
-    let rest = &reply[i + "<prompt>".len()..];
-    let body = match rest.find("</prompt>") {
+    tagged(reply, "prompt").or_else(|| tagged(reply, "template"))
+}
+
+/// Text after the last `<tag>` up to the next `</tag>` or the end, trimmed;
+/// `None` when absent or empty.
+fn tagged(reply: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let i = reply.rfind(&open)?;
+    let rest = &reply[i + open.len()..];
+    let body = match rest.find(&close) {
         Some(j) => &rest[..j],
         None => rest,
     };
     let body = body.trim();
-    if body.is_empty() {
-        None
-    } else {
-        Some(body.to_string())
-    }
+    (!body.is_empty()).then(|| body.to_string())
 }
 
 /// Problems of a generated prompt for `agent` (empty = valid): missing input
@@ -329,6 +341,17 @@ mod tests {
             Some("open ended".into())
         );
         assert_eq!(extract_prompt("no tags at all"), None);
+        // The rewriter mirrored the request's <template> tag.
+        assert_eq!(
+            extract_prompt("<template>\nSolve {query}.\n</template>").as_deref(),
+            Some("Solve {query}.")
+        );
+        // <prompt> wins when both appear.
+        assert_eq!(
+            extract_prompt("<template>old</template> <prompt>new</prompt>").as_deref(),
+            Some("new")
+        );
+        assert_eq!(extract_prompt("<template_a>x</template_a>"), None);
         assert_eq!(extract_prompt("<prompt>  </prompt>"), None);
     }
 
