@@ -21,7 +21,7 @@
 //! initial prompt)`, tokens from the meta-LLM's tokenizer.
 
 use super::meta::{crossover_prompt, mutation_prompt};
-use super::{rng_for, AgentContext, LocalOptimizer, MetaJob, QueryCredits};
+use super::{rng_for, AgentContext, LocalOptimizer, MetaJob, QueryCredits, RunPriority};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{ContinuousCDF, StudentsT};
@@ -370,6 +370,26 @@ impl LocalOptimizer for Capo {
                 .map(|&m| self.candidates[m].prompt.clone())
                 .collect(),
             None => vec![self.incumbent()],
+        }
+    }
+
+    /// Race members with fewer credited evaluations first, then the newest:
+    /// when a round runs only some members (`ofat_max_candidates`), a new
+    /// offspring is tried in the round it was born instead of waiting behind
+    /// untested prompts of the initial pool (and being dropped unevaluated
+    /// when the race ends, as unevaluated members rank last).
+    fn run_priority(&self) -> Vec<RunPriority> {
+        let priority = |c: &Candidate| {
+            let credited = c.evals.iter().filter(|e| e.credit.is_some()).count();
+            (credited, std::cmp::Reverse(c.born_round))
+        };
+        match &self.race {
+            Some(r) => r
+                .members
+                .iter()
+                .map(|&m| priority(&self.candidates[m]))
+                .collect(),
+            None => vec![RunPriority::default()],
         }
     }
 

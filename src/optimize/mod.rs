@@ -361,6 +361,11 @@ impl AgentContext<'_> {
 /// Per-query credits of one candidate prompt in one round: (query index, credit).
 pub type QueryCredits = Vec<(usize, Option<f64>)>;
 
+/// Which candidates of a capped round run first: the fewest credited
+/// evaluations, then the newest (an offspring before an untested prompt of
+/// the initial pool). Ordered so that the smaller value runs first.
+pub type RunPriority = (usize, std::cmp::Reverse<usize>);
+
 /// A per-agent prompt optimizer driven by the round loop: proposals come in
 /// phases of batched meta-LLM jobs; evaluations come back as per-query credits.
 pub trait LocalOptimizer {
@@ -376,6 +381,13 @@ pub trait LocalOptimizer {
     ) -> Option<Vec<MetaJob>>;
     /// Prompts to evaluate this round, in a fixed order.
     fn candidates_to_run(&self) -> Vec<String>;
+    /// Run priority of each prompt of [`Self::candidates_to_run`] (parallel
+    /// to it; lower runs first), for rounds that run only some of them
+    /// (`ofat_max_candidates`). Default: all equal, so the round's shuffle
+    /// alone decides which run.
+    fn run_priority(&self) -> Vec<RunPriority> {
+        vec![RunPriority::default(); self.candidates_to_run().len()]
+    }
     /// Feed this round's credits (`evals[i]` belongs to `candidates_to_run()[i]`).
     fn update(&mut self, round: usize, evals: &[QueryCredits], ctx: &AgentContext);
     /// The agent's current best prompt.
@@ -421,6 +433,12 @@ impl LocalOptimizer for AgentOptimizer {
         match self {
             AgentOptimizer::Capo(o) => o.candidates_to_run(),
             AgentOptimizer::Evoprompt(o) => o.candidates_to_run(),
+        }
+    }
+    fn run_priority(&self) -> Vec<RunPriority> {
+        match self {
+            AgentOptimizer::Capo(o) => o.run_priority(),
+            AgentOptimizer::Evoprompt(o) => o.run_priority(),
         }
     }
     fn update(&mut self, round: usize, evals: &[QueryCredits], ctx: &AgentContext) {

@@ -17,6 +17,7 @@ use super::meta::run_meta_jobs;
 use super::{
     config_hash, derive_seed, rng_for, tag, AgentContext, AgentOptimizer, AttributerKind, Executor,
     Interrupt, LocalOptimizer, OptimizeConfig, OptimizeError, OptimizerKind, QueryCredits, Rollout,
+    RunPriority,
 };
 use crate::attribution::{
     contrast_groups, shuffled_groups, AgentCredits, Attributer, AttributionGroup, CreditStats,
@@ -768,9 +769,23 @@ fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Inter
         .agents
         .iter()
         .map(|a| {
-            let mut list = st.optimizers[a].candidates_to_run();
+            let opt = &st.optimizers[a];
+            let mut list: Vec<(String, RunPriority)> = opt
+                .candidates_to_run()
+                .into_iter()
+                .zip(
+                    opt.run_priority()
+                        .into_iter()
+                        .chain(std::iter::repeat(RunPriority::default())),
+                )
+                .collect();
             list.shuffle(&mut rng_for(seed, &[tag("align"), round as u64, tag(a)]));
-            (a.clone(), list)
+            // A capped one-at-a-time round runs only the first few: the
+            // least-evaluated (new offspring first); the shuffle breaks ties.
+            if st.config.design == Design::Ofat && st.config.ofat_max_candidates.is_some() {
+                list.sort_by_key(|(_, p)| *p);
+            }
+            (a.clone(), list.into_iter().map(|(p, _)| p).collect())
         })
         .collect();
     let planned = super::design::plan(

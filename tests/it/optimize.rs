@@ -854,6 +854,47 @@ fn ofat_credits_are_exact_counterfactuals() {
     assert!(recs[0].configs.len() > 1 + 2);
 }
 
+/// A capped one-factor round runs the new offspring first: with one
+/// candidate per agent and round, the rewriter's offspring is the one tried
+/// in the round it was born (not an untested prompt of the initial pool, which
+/// left the offspring to be dropped unevaluated when its race ended), for
+/// every seed; and the run finds the magic word its mutations add.
+#[test]
+fn capped_ofat_runs_the_new_offspring_first() {
+    let exec = FakeExecutor::new();
+    let pool = &exec.setup().init_agent_prompt_pool;
+    for seed in 1..=6 {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OptimizeConfig {
+            seed,
+            design: Design::Ofat,
+            identity_attribution: true,
+            ofat_max_candidates: Some(1),
+            crossovers_per_round: 1,
+            ..config(2)
+        };
+        let res = run_fake(&exec, &cfg, dir.path());
+        let rec = &read_records(dir.path())[0];
+        assert_eq!(rec.configs.len(), 3, "seed {seed}: incumbent + 1 per agent");
+        for (c, changed) in rec.changed.iter().enumerate().skip(1) {
+            let a = &changed[0];
+            assert!(
+                !pool[a].contains(&rec.configs[c][a]),
+                "seed {seed}: round 1 ran an initial {a} prompt instead of the offspring"
+            );
+        }
+        // Its credits decide the race: an offspring that gained the magic
+        // word becomes the incumbent and validates at 1.0.
+        let solver = rec
+            .changed
+            .iter()
+            .position(|c| c == &["solver".to_string()]);
+        if rec.configs[solver.unwrap()]["solver"].contains(MAGIC) {
+            assert_eq!(res.best_score, 1.0, "seed {seed}: magic word found");
+        }
+    }
+}
+
 /// Ties of the one-factor design are refined by the attributer, within
 /// ±ofat_tie_weight, focused on the changed agent; a capped design runs at
 /// most that many candidates per agent.
