@@ -11,7 +11,8 @@
 #          skips every finished part and continues the rest.
 #
 # What is left out: `*_test_traces.jsonl` (the rollouts of a test evaluation;
-# also `dspy_*.jsonl`, dataset items that campaign.sh samples again;
+# also `dspy_*.jsonl`, dataset items that campaign.sh samples again, and
+# the DSPy campaign's `serve.log`;
 # the table's paired comparisons read `*_test_scores.json`, which bench-run
 # writes beside them, instead). Optimize runs keep their checkpoint, so an
 # unfinished one resumes from its last round. Files already in DEST are
@@ -35,5 +36,5 @@ if find "$src" -name '*_test_traces.jsonl' | grep -q .; then
 fi
 
 mkdir -p "$dest"
-tar -C "$src" --exclude='*_test_traces.jsonl' --exclude='dspy_*.jsonl' -cf - . | tar -C "$dest" -xf -
+tar -C "$src" --exclude='*_test_traces.jsonl' --exclude='dspy_*.jsonl' --exclude='serve.log' -cf - . | tar -C "$dest" -xf -
 echo "kept $src in $dest ($(du -sh "$dest" | cut -f1))"

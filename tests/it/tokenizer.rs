@@ -154,3 +154,21 @@ fn qwen_gguf_tokenizer_matches_oracle() {
 fn smollm_gguf_tokenizer_matches_oracle() {
     check("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct");
 }
+
+/// Qwen2.5's `<tool_call>` / `</tool_call>` are added tokens but not special
+/// ones (GGUF token type 4, `"special": false` in the HF tokenizer): a reply's
+/// text, decoded with special tokens skipped, keeps them, or the tool-call
+/// parser and the tag guard's escape never see a call the model made.
+#[test]
+fn qwen_tool_call_tags_survive_decoding() {
+    let path = model_file("qwen2.5-coder-0.5b-instruct.gguf");
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let (json, _) = tokenizer_json_from_gguf(&ct, &path.display().to_string()).unwrap();
+    let tok = Tokenizer::from_json_str(&json.to_string()).unwrap();
+    let text = "<tool_call>\n{\"name\": \"check_tests\", \"arguments\": {}}\n</tool_call>";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(ids.first(), Some(&151657), "{ids:?}");
+    assert_eq!(tok.decode(&ids, true).unwrap(), text);
+    assert_eq!(tok.decode(&ids[..1], true).unwrap(), "<tool_call>");
+}
