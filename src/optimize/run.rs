@@ -770,15 +770,9 @@ fn execute(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<Executed, Inter
         .iter()
         .map(|a| {
             let opt = &st.optimizers[a];
-            let mut list: Vec<(String, RunPriority)> = opt
-                .candidates_to_run()
-                .into_iter()
-                .zip(
-                    opt.run_priority()
-                        .into_iter()
-                        .chain(std::iter::repeat(RunPriority::default())),
-                )
-                .collect();
+            let (prompts, priority) = (opt.candidates_to_run(), opt.run_priority());
+            debug_assert_eq!(prompts.len(), priority.len(), "run_priority is parallel");
+            let mut list: Vec<(String, RunPriority)> = prompts.into_iter().zip(priority).collect();
             list.shuffle(&mut rng_for(seed, &[tag("align"), round as u64, tag(a)]));
             // A capped one-at-a-time round runs only the first few: the
             // least-evaluated (new offspring first); the shuffle breaks ties.

@@ -79,12 +79,17 @@ fn corpus() -> Vec<String> {
     v
 }
 
-fn check(gguf_name: &str, oracle: &str) {
+/// A model file's GGUF metadata and the tokenizer built from it.
+fn gguf_tokenizer(gguf_name: &str) -> (candle_core::quantized::gguf_file::Content, Tokenizer) {
     let path = model_file(gguf_name);
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let (json, _special) = tokenizer_json_from_gguf(&ct, &path.display().to_string()).unwrap();
-    let ours = Tokenizer::from_json_str(&json.to_string()).unwrap();
+    (ct, Tokenizer::from_json_str(&json.to_string()).unwrap())
+}
+
+fn check(gguf_name: &str, oracle: &str) {
+    let (ct, ours) = gguf_tokenizer(gguf_name);
     let odir = shared().join("models/oracle-tokenizers").join(oracle);
     // The oracle tokenizers are project files beside the clone (../shared),
     // not something a user's fresh clone has; CI requires them.
@@ -161,11 +166,7 @@ fn smollm_gguf_tokenizer_matches_oracle() {
 /// parser and the tag guard's escape never see a call the model made.
 #[test]
 fn qwen_tool_call_tags_survive_decoding() {
-    let path = model_file("qwen2.5-coder-0.5b-instruct.gguf");
-    let mut f = std::fs::File::open(&path).unwrap();
-    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
-    let (json, _) = tokenizer_json_from_gguf(&ct, &path.display().to_string()).unwrap();
-    let tok = Tokenizer::from_json_str(&json.to_string()).unwrap();
+    let (_, tok) = gguf_tokenizer("qwen2.5-coder-0.5b-instruct.gguf");
     let text = "<tool_call>\n{\"name\": \"check_tests\", \"arguments\": {}}\n</tool_call>";
     let ids = tok.encode(text).unwrap();
     assert_eq!(ids.first(), Some(&151657), "{ids:?}");
