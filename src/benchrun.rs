@@ -107,6 +107,11 @@ pub struct Protocol {
     /// off (the reference behaviour) when absent.
     #[serde(default)]
     pub tag_guard: bool,
+    /// Declare each agent's tools in its system message
+    /// (`RunOptions::declare_tools`); off (the behaviour of the protocols
+    /// written before it) when absent.
+    #[serde(default)]
+    pub declare_tools: bool,
     /// Maximum rounds of the identity ablation, which stops at the CANTANTE
     /// run's total token spend; default: 3 × `optimizer.rounds`.
     #[serde(default)]
@@ -1223,7 +1228,8 @@ pub fn render_markdown(t: &ResultsTable) -> String {
         s.push_str(&format!(
             "Settings: {} test items per seed, dev {}, validation {}; rounds: {} ({} design, \
              {} attributer, blocks of {}{}); {} new tokens per turn, tag guard {}, \
-             {} format-repair turns; temperature {}.\n\n",
+             tools declared in the system message: {}, {} format-repair turns; \
+             temperature {}.\n\n",
             p.test_size,
             p.dev_size,
             p.val_size,
@@ -1237,6 +1243,7 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             },
             p.max_new_tokens,
             if p.tag_guard { "on" } else { "off" },
+            if p.declare_tools { "yes" } else { "no" },
             p.format_repairs,
             p.temperature,
         ));

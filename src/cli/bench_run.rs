@@ -123,6 +123,7 @@ pub fn run(a: BenchRunArgs) -> Result<()> {
             schedule: a.schedule,
             tool_workers: a.tool_workers,
             tag_guard: protocol.tag_guard,
+            declare_tools: protocol.declare_tools,
         };
         let (task, setup) = mas.load()?;
         check_setup(&a.out.join(task_name), &mas.setup, &setup)?;

@@ -53,6 +53,11 @@ pub struct MasArgs {
     /// budget runs out. `false` is the reference behaviour.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub tag_guard: bool,
+    /// Declare each agent's tools in its system message, in the Hermes/Qwen
+    /// format (true | false). `false` shows tools only where the prompts do
+    /// (the reference behaviour).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub declare_tools: bool,
 }
 
 impl MasArgs {
@@ -67,6 +72,7 @@ impl MasArgs {
             schedule: self.schedule,
             tool_workers: self.tool_workers,
             tag_guard: self.tag_guard,
+            declare_tools: self.declare_tools,
             ..RunOptions::default()
         }
     }

@@ -197,8 +197,14 @@ impl Setup {
 pub trait ToolEnv: Send {
     /// Names of the tools this environment offers.
     fn tool_names(&self) -> Vec<String>;
-    /// One-line description of a tool (for the "Available tools:" block).
+    /// One-line description of a tool (the tool declaration of an agent's
+    /// system message, [`runtime::tool_declaration`]).
     fn describe(&self, name: &str) -> Option<String>;
+    /// JSON Schema of a tool's arguments object (the declaration's
+    /// `parameters`). Default: an object with no properties.
+    fn parameters(&self, _name: &str) -> serde_json::Value {
+        serde_json::json!({"type": "object", "properties": {}})
+    }
     /// Execute a tool; the result (or error text) is returned to the agent.
     fn call(&mut self, name: &str, args: &serde_json::Value) -> String;
     /// Called with every output variable an agent produced in this run, so an

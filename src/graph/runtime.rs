@@ -215,6 +215,13 @@ pub struct RunOptions {
     /// constrain ignore it; format repair still covers them. Agents with
     /// output grammars get their grammar instead; `false` turns both off.
     pub tag_guard: bool,
+    /// Declare each agent's tools in its system message, in the Hermes
+    /// format Qwen's chat templates use (`# Tools` … `<tools>` one JSON
+    /// function signature per line `</tools>` … how to write `<tool_call>`),
+    /// built from the run's [`ToolEnv`] descriptions (not in the reference,
+    /// which shows tools only inside the prompts). Small models then call
+    /// tools in the format they were trained on.
+    pub declare_tools: bool,
 }
 
 impl Default for RunOptions {
@@ -232,6 +239,7 @@ impl Default for RunOptions {
             schedule: Schedule::Continuous,
             tool_workers: 0,
             tag_guard: true,
+            declare_tools: true,
         }
     }
 }
@@ -541,14 +549,29 @@ pub fn request_seed(run_seed: u64, agent: &str, call_index: usize, turn: usize) 
 // ---------------------------------------------------------------------------
 // Tool calls
 
-/// Parse the first `<tool_call>…</tool_call>` of a reply. `None`: no tool call.
-/// `Some(Err)`: a tool call whose JSON is unusable. `Some(Ok((name, args, end)))`:
-/// `end` is the byte offset just after the call (after the closing tag, or the
-/// end of the reply when it is missing). Lenient for small models: a missing
-/// closing tag, trailing text, raw newlines inside JSON strings, missing or
-/// JSON-string `arguments` are accepted.
-pub fn parse_tool_call(reply: &str) -> Option<Result<(String, serde_json::Value, usize), String>> {
-    let open = reply.find(TOOL_CALL_OPEN)?;
+/// Parse the first tool call of a reply. `None`: no tool call. `Some(Err)`:
+/// a tool call whose JSON is unusable. `Some(Ok((name, args, end)))`: `end` is
+/// the byte offset just after the call.
+///
+/// A call is a `<tool_call>…</tool_call>` block (`end` after the closing tag,
+/// or the end of the reply when it is missing), or a bare JSON object
+/// `{"name": T, "arguments": …}` naming one of `tools`, the agent's tools
+/// (`end` after the object): small models given the Hermes/Qwen tool
+/// declaration often write the call without its tag. A bare object that is
+/// not valid JSON or names no declared tool is not a call. Lenient for small
+/// models: a missing closing tag, trailing text, raw newlines inside JSON
+/// strings, missing or JSON-string `arguments` are accepted.
+pub fn parse_tool_call(
+    reply: &str,
+    tools: &[String],
+) -> Option<Result<(String, serde_json::Value, usize), String>> {
+    let bare = bare_tool_call(reply, tools);
+    let open = match (reply.find(TOOL_CALL_OPEN), &bare) {
+        (Some(open), Some((start, _))) if open < *start => open,
+        (None, None) => return None,
+        (Some(open), None) => open,
+        (_, Some(_)) => return bare.map(|(_, call)| Ok(call)),
+    };
     let body_start = open + TOOL_CALL_OPEN.len();
     let (body, end) = match reply[body_start..].find(TOOL_CALL_CLOSE) {
         Some(c) => (
@@ -557,26 +580,122 @@ pub fn parse_tool_call(reply: &str) -> Option<Result<(String, serde_json::Value,
         ),
         None => (&reply[body_start..], reply.len()),
     };
-    let v = match first_json_value(body.trim()) {
-        Some(v) => v,
-        None => return Some(Err("tool call is not valid JSON".into())),
-    };
-    let Some(obj) = v.as_object() else {
-        return Some(Err("tool call is not a JSON object".into()));
-    };
-    let Some(name) = obj.get("name").and_then(|n| n.as_str()) else {
-        return Some(Err("tool call has no string `name`".into()));
-    };
+    Some(call_from_json(body).map(|(name, args)| (name, args, end)))
+}
+
+/// The first bare JSON tool call of a declared tool in `reply`: its start and
+/// `(name, arguments, end)`.
+fn bare_tool_call(
+    reply: &str,
+    tools: &[String],
+) -> Option<(usize, (String, serde_json::Value, usize))> {
+    reply.match_indices('{').find_map(|(i, _)| {
+        if !reply[i + 1..].trim_start().starts_with("\"name\"") {
+            return None;
+        }
+        let end = i + json_object_end(&reply[i..])?;
+        let (name, args) = call_from_json(&reply[i..end]).ok()?;
+        tools
+            .contains(&name)
+            .then_some((i, (name, args, end)))
+    })
+}
+
+/// Byte length of the JSON object at the start of `s` (brace matching outside
+/// strings; raw control characters inside strings are tolerated). `None`: unclosed.
+fn json_object_end(s: &str) -> Option<usize> {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for (i, c) in s.char_indices() {
+        if in_str {
+            match c {
+                _ if esc => esc = false,
+                '\\' => esc = true,
+                '"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' | '[' => depth += 1,
+            '}' | ']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A tool call's `(name, arguments)` from its JSON text.
+fn call_from_json(body: &str) -> Result<(String, serde_json::Value), String> {
+    let v = first_json_value(body.trim()).ok_or("tool call is not valid JSON")?;
+    let obj = v.as_object().ok_or("tool call is not a JSON object")?;
+    let name = obj
+        .get("name")
+        .and_then(|n| n.as_str())
+        .ok_or("tool call has no string `name`")?;
     let args = match obj.get("arguments") {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(a @ serde_json::Value::Object(_)) => a.clone(),
         Some(serde_json::Value::String(s)) => match first_json_value(s.trim()) {
             Some(a @ serde_json::Value::Object(_)) => a,
-            _ => return Some(Err("tool call `arguments` is not an object".into())),
+            _ => return Err("tool call `arguments` is not an object".into()),
         },
-        Some(_) => return Some(Err("tool call `arguments` is not an object".into())),
+        Some(_) => return Err("tool call `arguments` is not an object".into()),
     };
-    Some(Ok((name.to_string(), args, end)))
+    Ok((name.to_string(), args))
+}
+
+/// The Hermes/Qwen tool declaration of `tools` (a system-message section,
+/// exactly as Qwen2.5's chat template writes it for a request's `tools`).
+pub fn tool_declaration(tools: &[String], env: &dyn ToolEnv) -> String {
+    let mut out = String::from(
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+         You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+    );
+    for t in tools {
+        let f = serde_json::json!({
+            "name": t,
+            "description": env.describe(t).unwrap_or_default(),
+            "parameters": env.parameters(t),
+        });
+        out.push('\n');
+        out.push_str(&format!(
+            "{{\"type\": \"function\", \"function\": {{\"name\": {}, \"description\": {}, \"parameters\": {}}}}}",
+            py_json(&f["name"]),
+            py_json(&f["description"]),
+            py_json(&f["parameters"])
+        ));
+    }
+    out.push_str(
+        "\n</tools>\n\nFor each function call, return a json object with function name and \
+         arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+         {\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>",
+    );
+    out
+}
+
+/// JSON as Python's `json.dumps` writes it (`", "` and `": "` separators),
+/// which chat templates' `tojson` produce.
+fn py_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(a) => {
+            let items: Vec<String> = a.iter().map(py_json).collect();
+            format!("[{}]", items.join(", "))
+        }
+        serde_json::Value::Object(m) => {
+            let items: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{}: {}", serde_json::Value::from(k.as_str()), py_json(v)))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The first JSON value at the start of `s` (trailing text ignored); retries
@@ -877,8 +996,20 @@ fn new_pending(
 ) -> Pending {
     let prompt = render_prompt(llm, g, run, agent, opts);
     let mut messages = Vec::with_capacity(2);
-    if !opts.system_prompt.is_empty() {
-        messages.push(Message::system(opts.system_prompt.clone()));
+    let tools = &g.setup.agents[agent].tools;
+    let system = match run.tools.as_deref() {
+        Some(env) if opts.declare_tools && !tools.is_empty() => {
+            let decl = tool_declaration(tools, env);
+            if opts.system_prompt.is_empty() {
+                decl
+            } else {
+                format!("{}\n\n{decl}", opts.system_prompt)
+            }
+        }
+        _ => opts.system_prompt.clone(),
+    };
+    if !system.is_empty() {
+        messages.push(Message::system(system));
     }
     messages.push(Message::user(prompt.clone()));
     let p = Pending {
@@ -935,17 +1066,24 @@ pub(super) fn start_step(
 }
 
 /// The output constraint of an agent turn requiring `tags` (none when the
-/// guard is off or there is nothing to require).
-fn guard(opts: &RunOptions, tags: &[String], tool_turn: bool) -> Option<OutputConstraint> {
+/// guard is off or there is nothing to require). `escapes`: the strings that
+/// free a tool turn ([`tool_escapes`]), empty otherwise.
+fn guard(opts: &RunOptions, tags: &[String], escapes: Vec<String>) -> Option<OutputConstraint> {
     if !opts.tag_guard || tags.is_empty() {
         return None;
     }
-    let escapes = if tool_turn {
-        vec![TOOL_CALL_OPEN.to_string()]
-    } else {
-        Vec::new()
-    };
     Some(OutputConstraint::tags(tags.iter().cloned()).with_escapes(escapes))
+}
+
+/// What opens a tool call in a reply of an agent with `tools`: the tag, and
+/// the start of a bare JSON call of each tool (see [`parse_tool_call`]).
+fn tool_escapes(tools: &[String]) -> Vec<String> {
+    let mut out = vec![TOOL_CALL_OPEN.to_string()];
+    for t in tools {
+        out.push(format!("{{\"name\": \"{t}\""));
+        out.push(format!("{{\"name\":\"{t}\""));
+    }
+    out
 }
 
 /// The output contract of an agent turn writing `tags`: a grammar when the
@@ -959,7 +1097,12 @@ fn output_contract(
     tool_turn: bool,
 ) -> (Option<OutputConstraint>, Option<Grammar>) {
     if a.output_grammars.is_empty() || tool_turn || !opts.tag_guard || tags.is_empty() {
-        return (guard(opts, tags, tool_turn), None);
+        let escapes = if tool_turn {
+            tool_escapes(&a.tools)
+        } else {
+            Vec::new()
+        };
+        return (guard(opts, tags, escapes), None);
     }
     let parts: Vec<TaggedOutput> = tags
         .iter()
@@ -1003,6 +1146,7 @@ pub(super) fn turn_request(
 /// the reply makes one; otherwise the call is finished (final reply, or the
 /// request was rejected).
 pub(super) fn absorb_turn(
+    g: &Graph<'_>,
     p: &mut Pending,
     gen: Result<Generation, String>,
     tool_turn: bool,
@@ -1024,7 +1168,8 @@ pub(super) fn absorb_turn(
     if tool_turn && gen.stop_reason == StopReason::StopString {
         text.push_str(TOOL_CALL_CLOSE);
     }
-    match tool_turn.then(|| parse_tool_call(&text)).flatten() {
+    let tools = &g.setup.agents[p.agent].tools;
+    match tool_turn.then(|| parse_tool_call(&text, tools)).flatten() {
         Some(Ok((name, args, end))) => {
             p.messages.push(Message::assistant(text[..end].to_string()));
             Some((name, args))
@@ -1286,7 +1431,7 @@ fn super_step(
             generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
         let mut jobs: Vec<Vec<ToolJob>> = (0..runs.len()).map(|_| Vec::new()).collect();
         for ((&i, gen), tt) in live.iter().zip(gens).zip(tool_turn) {
-            if let Some((name, args)) = absorb_turn(&mut pend[i], gen, tt) {
+            if let Some((name, args)) = absorb_turn(g, &mut pend[i], gen, tt) {
                 jobs[pend[i].run].push(ToolJob {
                     pending: i,
                     name,
@@ -1348,42 +1493,65 @@ mod tests {
     #[test]
     fn tool_call_parsing() {
         let (n, a, end) =
-            parse_tool_call(r#"x <tool_call>{"name": "t", "arguments": {"k": 1}}</tool_call> y"#)
+            parse_tool_call(r#"x <tool_call>{"name": "t", "arguments": {"k": 1}}</tool_call> y"#, &[])
                 .unwrap()
                 .unwrap();
         assert_eq!((n.as_str(), a["k"].as_i64(), end), ("t", Some(1), 61));
         // Missing arguments, missing close tag, trailing text.
-        let (n, a, _) = parse_tool_call("<tool_call>\n{\"name\": \"t\"}\nthen")
+        let (n, a, _) = parse_tool_call("<tool_call>\n{\"name\": \"t\"}\nthen", &[])
             .unwrap()
             .unwrap();
         assert_eq!((n.as_str(), a), ("t", serde_json::json!({})));
         // Raw newlines inside strings (small models).
         let (_, a, _) =
-            parse_tool_call("<tool_call>{\"name\": \"w\", \"arguments\": {\"code\": \"def f():\n\treturn 1\"}}</tool_call>")
+            parse_tool_call("<tool_call>{\"name\": \"w\", \"arguments\": {\"code\": \"def f():\n\treturn 1\"}}</tool_call>", &[])
                 .unwrap()
                 .unwrap();
         assert_eq!(a["code"], "def f():\n\treturn 1");
         // Arguments given as a JSON string.
         let (_, a, _) = parse_tool_call(
             r#"<tool_call>{"name": "w", "arguments": "{\"code\": \"x\"}"}</tool_call>"#,
+            &[],
         )
         .unwrap()
         .unwrap();
         assert_eq!(a["code"], "x");
-        assert!(parse_tool_call("no call").is_none());
-        assert!(parse_tool_call("<tool_call>{not json}</tool_call>")
+        assert!(parse_tool_call("no call", &[]).is_none());
+        assert!(parse_tool_call("<tool_call>{not json}</tool_call>", &[])
             .unwrap()
             .is_err());
         assert!(
-            parse_tool_call(r#"<tool_call>{"arguments": {}}</tool_call>"#)
+            parse_tool_call(r#"<tool_call>{"arguments": {}}</tool_call>"#, &[])
                 .unwrap()
                 .is_err()
         );
         assert!(
-            parse_tool_call(r#"<tool_call>{"name": "t", "arguments": 3}</tool_call>"#)
+            parse_tool_call(r#"<tool_call>{"name": "t", "arguments": 3}</tool_call>"#, &[])
                 .unwrap()
                 .is_err()
         );
+        // Bare JSON calls of declared tools (Hermes-style models dropping the tag).
+        let tools = ["check_tests".to_string(), "write_code".to_string()];
+        let r = "{\"name\": \"check_tests\", \"arguments\": {}}\nThen I answer.";
+        let (n, a, end) = parse_tool_call(r, &tools).unwrap().unwrap();
+        assert_eq!((n.as_str(), a, &r[end..]), ("check_tests", serde_json::json!({}), "\nThen I answer."));
+        let r = "Saving:\n```json\n{\"name\":\"write_code\", \"arguments\": {\"code\": \"def f():\n    return '}'\"}}\n```";
+        let (n, a, end) = parse_tool_call(r, &tools).unwrap().unwrap();
+        assert_eq!((n.as_str(), a["code"].as_str()), ("write_code", Some("def f():\n    return '}'")));
+        assert_eq!(&r[end..], "\n```");
+        // Not calls: an undeclared name, a broken object, JSON of another shape.
+        for r in [
+            "{\"name\": \"run_code\", \"arguments\": {}}",
+            "{\"name\": \"check_tests\", \"arguments\": {",
+            "{\"answer\": 3}",
+        ] {
+            assert!(parse_tool_call(r, &tools).is_none(), "{r}");
+        }
+        // The earlier of a tagged and a bare call wins.
+        let r = "<tool_call>{\"name\": \"write_code\", \"arguments\": {\"code\": \"x\"}}</tool_call> {\"name\": \"check_tests\"}";
+        assert_eq!(parse_tool_call(r, &tools).unwrap().unwrap().0, "write_code");
+        let r = "{\"name\": \"check_tests\"} <tool_call>{\"name\": \"write_code\"}</tool_call>";
+        assert_eq!(parse_tool_call(r, &tools).unwrap().unwrap().0, "check_tests");
     }
 
     #[test]

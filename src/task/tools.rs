@@ -115,7 +115,7 @@ impl ToolEnv for McodeEnv {
         Self::TOOLS.iter().map(|s| s.to_string()).collect()
     }
 
-    /// The text after `- name: ` in an "Available tools:" block.
+    /// The tool's description in an agent's tool declaration.
     fn describe(&self, name: &str) -> Option<String> {
         Some(
             match name {
@@ -127,6 +127,18 @@ impl ToolEnv for McodeEnv {
             }
             .to_string(),
         )
+    }
+
+    fn parameters(&self, name: &str) -> serde_json::Value {
+        if name == "write_code" {
+            serde_json::json!({
+                "type": "object",
+                "properties": {"code": {"type": "string", "description": "the complete program"}},
+                "required": ["code"],
+            })
+        } else {
+            serde_json::json!({"type": "object", "properties": {}})
+        }
     }
 
     fn call(&mut self, name: &str, args: &serde_json::Value) -> String {
