@@ -54,9 +54,9 @@ pub struct MasArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub tag_guard: bool,
     /// Declare each agent's tools in its system message, in the Hermes/Qwen
-    /// format (true | false). `false` shows tools only where the prompts do
-    /// (the reference behaviour).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// format, and run bare JSON calls of them (true | false). `false` shows
+    /// tools only where the prompts do (the reference behaviour).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub declare_tools: bool,
 }
 

@@ -253,7 +253,9 @@ impl RequestQueue for Driver<'_, '_> {
         self.steps[ri].outstanding -= 1;
         match kind {
             Kind::Turn(tt) => {
-                if let Some((name, args)) = absorb_turn(self.g, &mut self.steps[ri].pend[i], gen, tt) {
+                if let Some((name, args)) =
+                    absorb_turn(self.g, self.opts, &mut self.steps[ri].pend[i], gen, tt)
+                {
                     self.steps[ri].jobs.push(ToolJob {
                         pending: i,
                         name,

@@ -45,8 +45,11 @@
 //! # Tool loop
 //!
 //! For an agent with tools and `max_tool_calls > 0`, a reply holding
-//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>` (first match) is
-//! executed in the run's [`ToolEnv`]. The model's turn is kept in the history
+//! `<tool_call>{"name": …, "arguments": {…}}</tool_call>`, or a bare JSON
+//! object `{"name": T, …}` naming one of the agent's tools (first match, see
+//! [`parse_tool_call`]), is executed in the run's [`ToolEnv`]. With
+//! [`RunOptions::declare_tools`] the agent's system message declares its tools
+//! in the Hermes/Qwen format ([`tool_declaration`]). The model's turn is kept in the history
 //! up to the end of the call, and the result comes back as a user message
 //! `<tool_result>{"name", "argument_keys", "result"}</tool_result>` (the
 //! result capped like a field). Requests of such agents stop at
@@ -218,9 +221,10 @@ pub struct RunOptions {
     /// Declare each agent's tools in its system message, in the Hermes
     /// format Qwen's chat templates use (`# Tools` … `<tools>` one JSON
     /// function signature per line `</tools>` … how to write `<tool_call>`),
-    /// built from the run's [`ToolEnv`] descriptions (not in the reference,
-    /// which shows tools only inside the prompts). Small models then call
-    /// tools in the format they were trained on.
+    /// built from the run's [`ToolEnv`] descriptions, and accept bare JSON
+    /// calls of them ([`parse_tool_call`]). Not in the reference, which shows
+    /// tools only inside the prompts. Off by default: it made the 0.5B
+    /// Qwen2.5-Coder call tools but lose MBPP items (README).
     pub declare_tools: bool,
 }
 
@@ -239,7 +243,7 @@ impl Default for RunOptions {
             schedule: Schedule::Continuous,
             tool_workers: 0,
             tag_guard: true,
-            declare_tools: true,
+            declare_tools: false,
         }
     }
 }
@@ -558,7 +562,9 @@ pub fn request_seed(run_seed: u64, agent: &str, call_index: usize, turn: usize) 
 /// `{"name": T, "arguments": …}` naming one of `tools`, the agent's tools
 /// (`end` after the object): small models given the Hermes/Qwen tool
 /// declaration often write the call without its tag. A bare object that is
-/// not valid JSON or names no declared tool is not a call. Lenient for small
+/// not valid JSON, has keys besides `name` and `arguments` or names no tool
+/// of `tools` is not a call; callers pass the agent's tools only when they
+/// are declared ([`RunOptions::declare_tools`]), else none. Lenient for small
 /// models: a missing closing tag, trailing text, raw newlines inside JSON
 /// strings, missing or JSON-string `arguments` are accepted.
 pub fn parse_tool_call(
@@ -594,10 +600,16 @@ fn bare_tool_call(
             return None;
         }
         let end = i + json_object_end(&reply[i..])?;
+        let v = first_json_value(&reply[i..end])?;
+        // A function signature echoed from the declaration is no call.
+        if v.as_object()?
+            .keys()
+            .any(|k| k != "name" && k != "arguments")
+        {
+            return None;
+        }
         let (name, args) = call_from_json(&reply[i..end]).ok()?;
-        tools
-            .contains(&name)
-            .then_some((i, (name, args, end)))
+        tools.contains(&name).then_some((i, (name, args, end)))
     })
 }
 
@@ -1075,8 +1087,18 @@ fn guard(opts: &RunOptions, tags: &[String], escapes: Vec<String>) -> Option<Out
     Some(OutputConstraint::tags(tags.iter().cloned()).with_escapes(escapes))
 }
 
-/// What opens a tool call in a reply of an agent with `tools`: the tag, and
-/// the start of a bare JSON call of each tool (see [`parse_tool_call`]).
+/// The tools an agent may call with bare JSON: its tools when they are
+/// declared, else none (only the `<tool_call>` tag opens a call).
+fn bare_call_tools<'a>(opts: &RunOptions, a: &'a super::AgentSpec) -> &'a [String] {
+    if opts.declare_tools {
+        &a.tools
+    } else {
+        &[]
+    }
+}
+
+/// What opens a tool call in a reply: the tag, and the start of a bare JSON
+/// call of each tool of `tools` (see [`parse_tool_call`]).
 fn tool_escapes(tools: &[String]) -> Vec<String> {
     let mut out = vec![TOOL_CALL_OPEN.to_string()];
     for t in tools {
@@ -1098,7 +1120,7 @@ fn output_contract(
 ) -> (Option<OutputConstraint>, Option<Grammar>) {
     if a.output_grammars.is_empty() || tool_turn || !opts.tag_guard || tags.is_empty() {
         let escapes = if tool_turn {
-            tool_escapes(&a.tools)
+            tool_escapes(bare_call_tools(opts, a))
         } else {
             Vec::new()
         };
@@ -1147,6 +1169,7 @@ pub(super) fn turn_request(
 /// request was rejected).
 pub(super) fn absorb_turn(
     g: &Graph<'_>,
+    opts: &RunOptions,
     p: &mut Pending,
     gen: Result<Generation, String>,
     tool_turn: bool,
@@ -1168,7 +1191,7 @@ pub(super) fn absorb_turn(
     if tool_turn && gen.stop_reason == StopReason::StopString {
         text.push_str(TOOL_CALL_CLOSE);
     }
-    let tools = &g.setup.agents[p.agent].tools;
+    let tools = bare_call_tools(opts, &g.setup.agents[p.agent]);
     match tool_turn.then(|| parse_tool_call(&text, tools)).flatten() {
         Some(Ok((name, args, end))) => {
             p.messages.push(Message::assistant(text[..end].to_string()));
@@ -1431,7 +1454,7 @@ fn super_step(
             generate_isolating(llm, reqs).map_err(|source| GraphError::Llm { step, source })?;
         let mut jobs: Vec<Vec<ToolJob>> = (0..runs.len()).map(|_| Vec::new()).collect();
         for ((&i, gen), tt) in live.iter().zip(gens).zip(tool_turn) {
-            if let Some((name, args)) = absorb_turn(g, &mut pend[i], gen, tt) {
+            if let Some((name, args)) = absorb_turn(g, opts, &mut pend[i], gen, tt) {
                 jobs[pend[i].run].push(ToolJob {
                     pending: i,
                     name,
@@ -1492,10 +1515,12 @@ mod tests {
 
     #[test]
     fn tool_call_parsing() {
-        let (n, a, end) =
-            parse_tool_call(r#"x <tool_call>{"name": "t", "arguments": {"k": 1}}</tool_call> y"#, &[])
-                .unwrap()
-                .unwrap();
+        let (n, a, end) = parse_tool_call(
+            r#"x <tool_call>{"name": "t", "arguments": {"k": 1}}</tool_call> y"#,
+            &[],
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!((n.as_str(), a["k"].as_i64(), end), ("t", Some(1), 61));
         // Missing arguments, missing close tag, trailing text.
         let (n, a, _) = parse_tool_call("<tool_call>\n{\"name\": \"t\"}\nthen", &[])
@@ -1525,25 +1550,34 @@ mod tests {
                 .unwrap()
                 .is_err()
         );
-        assert!(
-            parse_tool_call(r#"<tool_call>{"name": "t", "arguments": 3}</tool_call>"#, &[])
-                .unwrap()
-                .is_err()
-        );
+        assert!(parse_tool_call(
+            r#"<tool_call>{"name": "t", "arguments": 3}</tool_call>"#,
+            &[]
+        )
+        .unwrap()
+        .is_err());
         // Bare JSON calls of declared tools (Hermes-style models dropping the tag).
         let tools = ["check_tests".to_string(), "write_code".to_string()];
         let r = "{\"name\": \"check_tests\", \"arguments\": {}}\nThen I answer.";
         let (n, a, end) = parse_tool_call(r, &tools).unwrap().unwrap();
-        assert_eq!((n.as_str(), a, &r[end..]), ("check_tests", serde_json::json!({}), "\nThen I answer."));
+        assert_eq!(
+            (n.as_str(), a, &r[end..]),
+            ("check_tests", serde_json::json!({}), "\nThen I answer.")
+        );
         let r = "Saving:\n```json\n{\"name\":\"write_code\", \"arguments\": {\"code\": \"def f():\n    return '}'\"}}\n```";
         let (n, a, end) = parse_tool_call(r, &tools).unwrap().unwrap();
-        assert_eq!((n.as_str(), a["code"].as_str()), ("write_code", Some("def f():\n    return '}'")));
+        assert_eq!(
+            (n.as_str(), a["code"].as_str()),
+            ("write_code", Some("def f():\n    return '}'"))
+        );
         assert_eq!(&r[end..], "\n```");
         // Not calls: an undeclared name, a broken object, JSON of another shape.
         for r in [
             "{\"name\": \"run_code\", \"arguments\": {}}",
             "{\"name\": \"check_tests\", \"arguments\": {",
             "{\"answer\": 3}",
+            // A function signature echoed from the declaration.
+            "{\"name\": \"check_tests\", \"description\": \"Run the tests\"}",
         ] {
             assert!(parse_tool_call(r, &tools).is_none(), "{r}");
         }
@@ -1551,7 +1585,10 @@ mod tests {
         let r = "<tool_call>{\"name\": \"write_code\", \"arguments\": {\"code\": \"x\"}}</tool_call> {\"name\": \"check_tests\"}";
         assert_eq!(parse_tool_call(r, &tools).unwrap().unwrap().0, "write_code");
         let r = "{\"name\": \"check_tests\"} <tool_call>{\"name\": \"write_code\"}</tool_call>";
-        assert_eq!(parse_tool_call(r, &tools).unwrap().unwrap().0, "check_tests");
+        assert_eq!(
+            parse_tool_call(r, &tools).unwrap().unwrap().0,
+            "check_tests"
+        );
     }
 
     #[test]
