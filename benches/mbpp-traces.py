@@ -14,6 +14,11 @@ with every coder pass's <code> run against the hidden tests (a plain Python
 subprocess, 10 s each; use on trusted model output only, or in a sandbox):
 items the first pass solves, items some pass solves, items the final code
 solves, and items a later pass lost.
+
+Every program runs in cantante's code sandbox (`cantante sandbox`: rlimits,
+own uid, no network, own pid and mount namespaces, 10 s), the way the MBPP
+metric runs it: code, then the setup code and each hidden test. The binary is
+$CANTANTE_BIN (default target/release/cantante).
 """
 import collections
 import json
@@ -21,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 TOOLS = ("write_code", "run_code", "read_code", "check_tests")
 
@@ -30,12 +36,27 @@ def strip_fences(code):
     return m.group(1) if m else code
 
 
+BIN = os.environ.get("CANTANTE_BIN", "target/release/cantante")
+
+
 def passes(code, item):
-    prog = "\n".join([strip_fences(code), item.get("test_setup_code", ""), *item["test_list"], ""])
-    try:
-        r = subprocess.run([sys.executable, "-c", prog], capture_output=True, timeout=10)
-    except subprocess.TimeoutExpired:
-        return False
+    """Whether `code` passes all hidden tests of `item`, in the sandbox."""
+    with tempfile.TemporaryDirectory() as d:
+        files = {"code.py": strip_fences(code), "tests.txt": "\n".join(item["test_list"]) + "\n",
+                 "setup.py": item.get("test_setup_code", "")}
+        for name, text in files.items():
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+        cmd = [BIN, "sandbox", "--code", os.path.join(d, "code.py"),
+               "--tests", os.path.join(d, "tests.txt"), "--timeout", "10"]
+        if files["setup.py"].strip():
+            cmd += ["--setup", os.path.join(d, "setup.py")]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return False
+    if r.returncode not in (0, 1) or not r.stdout.startswith("Passed"):
+        sys.exit(f"mbpp-traces.py: `{' '.join(cmd[:2])}` failed (exit {r.returncode}): {r.stderr.strip()}")
     return r.returncode == 0
 
 
