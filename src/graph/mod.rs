@@ -161,6 +161,15 @@ pub struct AgentSpec {
     /// match. Not for agents with tools.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub output_grammars: BTreeMap<String, crate::llm::Grammar>,
+    /// Output variables that hold code (e.g. MBPP's `code`). When the tag
+    /// guard had to open such a variable's tag (the model ended its reply
+    /// without it) and the reply before that point holds a markdown code
+    /// fence, the variable is the last fenced block, not what the model wrote
+    /// inside the forced tag: small models that answer in a fence and are
+    /// then made to open the tag rewrite the code worse (flattened lines, cut
+    /// bodies). Recorded in [`runtime::AgentCall::from_fence`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced_outputs: Vec<String>,
 }
 
 /// A MAS setup file: graph, agents and initial prompt pools.

@@ -296,6 +296,10 @@ pub struct AgentCall {
     /// ([`RunOptions::tag_guard`]); the others were written by the model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forced_tags: Vec<String>,
+    /// Output variables taken from the reply's last markdown code fence
+    /// instead of their guard-opened tag ([`super::AgentSpec::fenced_outputs`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_fence: Vec<String>,
 }
 
 /// The outcome of one run.
@@ -820,6 +824,9 @@ pub(super) struct Pending {
     pub(super) call: AgentCall,
     /// Output tags read from format-repair answers.
     pub(super) recovered: BTreeMap<String, String>,
+    /// Values of fenced outputs taken from a code fence (see
+    /// [`super::AgentSpec::fenced_outputs`]); they take precedence over the tag.
+    pub(super) fenced: BTreeMap<String, String>,
     /// Set when a repair request was rejected: no further repair turns.
     pub(super) repair_closed: bool,
     pub(super) finished: bool,
@@ -1044,8 +1051,10 @@ fn new_pending(
             truncated: false,
             tool_calls: Vec::new(),
             forced_tags: Vec::new(),
+            from_fence: Vec::new(),
         },
         recovered: BTreeMap::new(),
+        fenced: BTreeMap::new(),
         repair_closed: false,
         finished: false,
         failed: None,
@@ -1199,6 +1208,16 @@ pub(super) fn absorb_turn(
         }
         // No tool call, invalid call JSON, or no tool budget: final reply.
         _ => {
+            for var in &g.setup.agents[p.agent].fenced_outputs {
+                let open = format!("<{var}>");
+                if !gen.forced.contains(&open) {
+                    continue;
+                }
+                let before = text.find(&open).map_or(text.as_str(), |i| &text[..i]);
+                if let Some(code) = last_fenced_block(before) {
+                    p.fenced.insert(var.clone(), code);
+                }
+            }
             p.call.reply = text;
             p.call.truncated = gen.cut_off || gen.stop_reason == StopReason::Length;
             p.call.forced_tags = forced_vars(&gen.forced);
@@ -1206,6 +1225,26 @@ pub(super) fn absorb_turn(
             None
         }
     }
+}
+
+/// The body of the last complete markdown code fence of `text` (the line
+/// after the opening fence, e.g. ```` ```python ````, up to the closing one),
+/// if it is not blank.
+pub fn last_fenced_block(text: &str) -> Option<String> {
+    let marks: Vec<usize> = text.match_indices("```").map(|(i, _)| i).collect();
+    let pair = marks.len() / 2;
+    if pair == 0 {
+        return None;
+    }
+    let (open, close) = (marks[2 * pair - 2], marks[2 * pair - 1]);
+    let inner = &text[open + 3..close];
+    // The opening line holds the language, if any.
+    let body = match inner.find('\n') {
+        Some(nl) => &inner[nl + 1..],
+        None => inner,
+    };
+    let body = body.trim_end();
+    (!body.trim().is_empty()).then(|| body.to_string())
 }
 
 /// Variable names of forced tag literals (`<v>` or `</v>`), deduplicated in order.
@@ -1372,11 +1411,17 @@ pub(super) fn finish_step(
             run.done = true;
         } else {
             for var in &g.setup.agents[p.agent].output_vars {
-                let found = prompt::extract_tag(&p.call.reply, var).or_else(|| {
-                    let v = p.recovered.remove(var)?;
-                    p.call.repaired.push(var.clone());
-                    Some(v)
-                });
+                let fenced = p.fenced.remove(var);
+                if fenced.is_some() {
+                    p.call.from_fence.push(var.clone());
+                }
+                let found = fenced
+                    .or_else(|| prompt::extract_tag(&p.call.reply, var))
+                    .or_else(|| {
+                        let v = p.recovered.remove(var)?;
+                        p.call.repaired.push(var.clone());
+                        Some(v)
+                    });
                 match found {
                     Some(v) => {
                         if let Some(t) = run.tools.as_mut() {
@@ -1589,6 +1634,21 @@ mod tests {
             parse_tool_call(r, &tools).unwrap().unwrap().0,
             "check_tests"
         );
+    }
+
+    #[test]
+    fn last_fenced_block_takes_the_last_complete_fence() {
+        assert_eq!(
+            last_fenced_block("a\n```python\nx = 1\n```\nb\n```\ny = 2\n\n```\n```open").as_deref(),
+            Some("y = 2")
+        );
+        assert_eq!(
+            last_fenced_block("```def f(): pass```").as_deref(),
+            Some("def f(): pass")
+        );
+        assert_eq!(last_fenced_block("no fence"), None);
+        assert_eq!(last_fenced_block("```python\n  \n```"), None);
+        assert_eq!(last_fenced_block("```python\nunclosed"), None);
     }
 
     #[test]

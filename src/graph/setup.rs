@@ -110,7 +110,8 @@ impl Setup {
     /// 8. every pool prompt has a `{var}` placeholder for each of its agent's
     ///    input vars (except `few_shots`, which is optional);
     /// 9. `output_grammars` only name the agent's output vars, compile (with
-    ///    the `grammar` feature), and only on agents without tools.
+    ///    the `grammar` feature), and only on agents without tools;
+    /// 10. `fenced_outputs` only name the agent's output vars.
     pub fn validate(&self, rules: &Validation) -> Result<(), GraphError> {
         // 1. names
         let mut seen = BTreeSet::new();
@@ -316,6 +317,13 @@ impl Setup {
                         format!("{} grammar does not compile: {e}", g.kind()),
                     ));
                 }
+            }
+            if let Some(v) = a.fenced_outputs.iter().find(|v| !a.output_vars.contains(v)) {
+                return Err(invalid(
+                    Some(&a.name),
+                    "fenced_outputs",
+                    format!("`{v}` is not one of the agent's output_vars"),
+                ));
             }
             if !a.output_grammars.is_empty() && !a.tools.is_empty() {
                 return Err(invalid(

@@ -289,6 +289,7 @@ mod tests {
             tools: vec![],
             max_tool_calls: 0,
             output_grammars: Default::default(),
+            fenced_outputs: Vec::new(),
         };
         let setup = Setup {
             edges: vec![],

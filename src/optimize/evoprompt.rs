@@ -183,6 +183,7 @@ mod tests {
             tools: vec![],
             max_tool_calls: 0,
             output_grammars: Default::default(),
+            fenced_outputs: Vec::new(),
         };
         let cfg = OptimizeConfig::default();
         let ctx = AgentContext {

@@ -307,6 +307,7 @@ mod tests {
             tools: vec![],
             max_tool_calls: 0,
             output_grammars: Default::default(),
+            fenced_outputs: Vec::new(),
         };
         assert!(prompt_problems("Solve {query}. Put it in <answer></answer>.", &agent).is_empty());
         let p = prompt_problems("Solve {{query}}. Put it in <answer></answer>.", &agent);
@@ -327,6 +328,7 @@ mod tests {
             tools: vec![],
             max_tool_calls: 0,
             output_grammars: Default::default(),
+            fenced_outputs: Vec::new(),
         }
     }
 

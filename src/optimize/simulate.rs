@@ -73,6 +73,7 @@ impl PlantedWorld {
                 tools: vec![],
                 max_tool_calls: 0,
                 output_grammars: Default::default(),
+                fenced_outputs: Vec::new(),
             });
             let prompts = STYLES
                 .iter()

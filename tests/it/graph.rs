@@ -1003,6 +1003,80 @@ impl Llm for Picky {
     }
 }
 
+/// Reports the literals between ⟨ ⟩ in its scripted replies as forced by the
+/// tag guard (markers removed), like the engine's `Generation::forced`.
+struct Guarded(ScriptedLlm);
+
+impl Llm for Guarded {
+    fn generate(&self, reqs: &[Request]) -> cantante::llm::Result<Vec<Generation>> {
+        let mut out = self.0.generate(reqs)?;
+        for g in &mut out {
+            let mut text = String::new();
+            for (i, part) in g.text.split(['⟨', '⟩']).enumerate() {
+                if i % 2 == 1 {
+                    g.forced.push(part.to_string());
+                }
+                text.push_str(part);
+            }
+            g.text = text;
+        }
+        Ok(out)
+    }
+    fn count_tokens(&self, t: &str) -> usize {
+        self.0.count_tokens(t)
+    }
+    fn truncate_tokens(&self, t: &str, n: usize) -> String {
+        self.0.truncate_tokens(t, n)
+    }
+    fn model_id(&self) -> String {
+        "guarded".into()
+    }
+}
+
+/// A fenced output is the reply's last code fence when the guard had to open
+/// its tag, and what the tag holds otherwise.
+#[test]
+fn fenced_outputs_prefer_the_fence_over_a_guard_opened_tag() {
+    const FENCED: &str = r#"
+edges:
+  - {from: __start__, to: coder}
+  - {from: coder, to: __end__}
+agents:
+  - {name: coder, input_vars: [query], output_vars: [prediction], fenced_outputs: [prediction]}
+init_agent_prompt_pool:
+  coder: ["C {query}"]
+"#;
+    let llm = Guarded(ScriptedLlm::new(|r| {
+        match user_prompt(r) {
+            "C forced" => "Here:\n```python\ndef f():\n    return 1\n```\nDone.\n⟨<prediction>⟩def f(): return⟨</prediction>⟩",
+            "C written" => "```python\nA\n```\n<prediction>B</prediction>",
+            "C nofence" => "⟨<prediction>⟩B⟨</prediction>⟩",
+            "C closeonly" => "```\nA\n```\n<prediction>B⟨</prediction>⟩",
+            _ => "?",
+        }
+        .to_string()
+    }));
+    let queries = ["forced", "written", "nofence", "closeonly"];
+    let setup = yaml(FENCED);
+    let out = run_batch(&llm, &setup, specs(&setup, &queries), &opts(), None).unwrap();
+    let preds: Vec<&str> = out.iter().map(|r| r.prediction.as_str()).collect();
+    assert_eq!(preds, ["def f():\n    return 1", "B", "B", "B"]);
+    assert_eq!(out[0].calls[0].from_fence, ["prediction"]);
+    assert!(out[1..].iter().all(|r| r.calls[0].from_fence.is_empty()));
+    // Without `fenced_outputs`, the guard-opened tag counts.
+    let plain = yaml(&FENCED.replace(", fenced_outputs: [prediction]", ""));
+    let out = run_batch(&llm, &plain, specs(&plain, &queries[..1]), &opts(), None).unwrap();
+    assert_eq!(out[0].prediction, "def f(): return");
+    // A fenced output must be an output variable.
+    let bad = FENCED.replace("fenced_outputs: [prediction]", "fenced_outputs: [code]");
+    let e = Setup::from_yaml(&bad, "t.yaml")
+        .unwrap()
+        .validate(&Validation::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fenced_outputs") && e.contains("`code`"), "{e}");
+}
+
 #[test]
 fn rejected_request_ends_only_its_run() {
     let setup = Setup::load(config("gsm8k.yaml")).unwrap();

@@ -31,6 +31,7 @@ fn agent(name: &str, inputs: &[&str], outputs: &[&str]) -> AgentSpec {
         tools: vec![],
         max_tool_calls: 0,
         output_grammars: Default::default(),
+        fenced_outputs: Vec::new(),
     }
 }
 
