@@ -223,6 +223,10 @@ pub struct TagCounts {
     pub forced: usize,
     /// Tags still missing at the end of the call (format failures).
     pub missing: usize,
+    /// Outputs taken from a code fence instead of their guard-opened tag
+    /// (`fenced_outputs`; counted in `forced` too).
+    #[serde(default)]
+    pub from_fence: usize,
 }
 
 /// Summarise the runs of one configuration.
@@ -247,6 +251,7 @@ pub fn summarize(runs: &[ScoredRun]) -> EvalSummary {
             t.forced += forced;
             t.written += c.outputs.len() - forced;
             t.missing += c.format_failures.len();
+            t.from_fence += c.from_fence.len();
         }
     }
     let rate = |n: usize, t: usize| n as f64 / t.max(1) as f64;

@@ -212,12 +212,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let cut = summary.truncation_rate.get(agent).copied().unwrap_or(0.0);
         let t = summary.tags.get(agent).copied().unwrap_or_default();
         println!(
-            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%; replies cut off at --max-tokens: {:.1}%); output tags: {} written by the model, {} forced by the tag guard, {} missing",
+            "format failures {agent}: {:.1}% (repaired by a follow-up turn: {:.1}%; replies cut off at --max-tokens: {:.1}%); output tags: {} written by the model, {} forced by the tag guard{}, {} missing",
             100.0 * rate,
             100.0 * repaired,
             100.0 * cut,
             t.written,
             t.forced,
+            match t.from_fence {
+                0 => String::new(),
+                n => format!(" ({n} of them taken from a code fence)"),
+            },
             t.missing
         );
     }

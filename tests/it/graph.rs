@@ -1063,6 +1063,21 @@ init_agent_prompt_pool:
     assert_eq!(preds, ["def f():\n    return 1", "B", "B", "B"]);
     assert_eq!(out[0].calls[0].from_fence, ["prediction"]);
     assert!(out[1..].iter().all(|r| r.calls[0].from_fence.is_empty()));
+    // eval's summary counts them per agent.
+    let scored: Vec<cantante::eval::ScoredRun> = out
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| cantante::eval::ScoredRun {
+            config: 0,
+            example: i,
+            score: 0.0,
+            result,
+        })
+        .collect();
+    assert_eq!(
+        cantante::eval::summarize(&scored).tags["coder"].from_fence,
+        1
+    );
     // Without `fenced_outputs`, the guard-opened tag counts.
     let plain = yaml(&FENCED.replace(", fenced_outputs: [prediction]", ""));
     let out = run_batch(&llm, &plain, specs(&plain, &queries[..1]), &opts(), None).unwrap();
