@@ -599,6 +599,9 @@ fn bare_tool_call(
     reply: &str,
     tools: &[String],
 ) -> Option<(usize, (String, serde_json::Value, usize))> {
+    if tools.is_empty() {
+        return None;
+    }
     reply.match_indices('{').find_map(|(i, _)| {
         if !reply[i + 1..].trim_start().starts_with("\"name\"") {
             return None;
@@ -674,18 +677,18 @@ pub fn tool_declaration(tools: &[String], env: &dyn ToolEnv) -> String {
          You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
     );
     for t in tools {
+        // Key order as the template's `tojson` writes it (serde_json keeps
+        // insertion order in this build; the declaration test pins it).
         let f = serde_json::json!({
-            "name": t,
-            "description": env.describe(t).unwrap_or_default(),
-            "parameters": env.parameters(t),
+            "type": "function",
+            "function": {
+                "name": t,
+                "description": env.describe(t).unwrap_or_default(),
+                "parameters": env.parameters(t),
+            },
         });
         out.push('\n');
-        out.push_str(&format!(
-            "{{\"type\": \"function\", \"function\": {{\"name\": {}, \"description\": {}, \"parameters\": {}}}}}",
-            py_json(&f["name"]),
-            py_json(&f["description"]),
-            py_json(&f["parameters"])
-        ));
+        out.push_str(&py_json(&f));
     }
     out.push_str(
         "\n</tools>\n\nFor each function call, return a json object with function name and \
