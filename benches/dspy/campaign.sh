@@ -17,12 +17,15 @@
 # calls) and MIPROv2 0.7·B/(10·q) trials (minibatches of 10 plus its
 # bootstrapping and instruction proposals). These are estimates: the table
 # reports the tokens each baseline actually spent (the server's `usage`).
+# The run's own settings come from OUT/protocol.json (what bench-run recorded):
+# dev and test sizes, the task model's temperature and its new-token limit per
+# turn, so a greedy protocol gets greedy baselines on the same items.
 # Environment: CANTANTE_DATA (the datasets, as for every cantante command), CANTANTE_BIN (default target/release/cantante), PORT (8090),
-# MAX_BATCH (64), MAX_TOKENS (the protocol's new-token limit, default 512),
+# MAX_BATCH (64), MAX_TOKENS / TEMPERATURE (override the recorded protocol's),
 # CANTANTE_DSPY_VENV, PROTOCOL (for the table; default
-# configs/protocols/cpu-evidence.yaml).
+# configs/protocols/<recorded name>.yaml, else the recorded name).
 set -euo pipefail
-[[ $# -ge 4 ]] || { sed -n 2,24p "$0"; exit 2; }
+[[ $# -ge 4 ]] || { sed -n 2,26p "$0"; exit 2; }
 out=$1 task=$2 seeds=$3 model=$4 optimizers=${5:-mipro,gepa}
 here="$(cd "$(dirname "$0")" && pwd)"
 bin=${CANTANTE_BIN:-target/release/cantante}
@@ -31,6 +34,20 @@ venv=${CANTANTE_DSPY_VENV:-$HOME/.cache/cantante/dspy-venv}
 py="$venv/bin/python"
 [[ -x "$py" ]] || { echo "DSPy is not installed: run benches/dspy/install.sh" >&2; exit 2; }
 [[ -x "$bin" ]] || { echo "no cantante binary at $bin (cargo build --release, or set CANTANTE_BIN)" >&2; exit 2; }
+[[ -f "$out/protocol.json" ]] || { echo "no $out/protocol.json: OUT must be a bench-run directory" >&2; exit 2; }
+# name dev test temperature max_new_tokens, as bench-run recorded them for TASK.
+read -r pname dev_n test_n rec_temp rec_tokens < <(python3 - "$out/protocol.json" "$task" <<'EOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+p = j["protocol"]
+t = (p.get("tasks") or {}).get(sys.argv[2]) or {}
+print(j["name"], p["dev_size"], p["test_size"], p["temperature"], t.get("max_new_tokens") or p["max_new_tokens"])
+EOF
+)
+temperature=${TEMPERATURE:-$rec_temp}
+max_tokens=${MAX_TOKENS:-$rec_tokens}
+protocol=${PROTOCOL:-configs/protocols/$pname.yaml}
+[[ -n "${PROTOCOL:-}" || -f "$protocol" ]] || protocol=$pname
 
 server=""
 stop_server() { [[ -n "$server" ]] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=""; }
@@ -72,9 +89,9 @@ EOF
 )
   # The seed's items, drawn once (the bench-run draws the same ones).
   [[ -f "$dir/dspy_dev.jsonl" ]] ||
-    "$bin" data sample --task "$task" --split dev --n 30 --seed "$seed" >"$dir/dspy_dev.jsonl"
+    "$bin" data sample --task "$task" --split dev --n "$dev_n" --seed "$seed" >"$dir/dspy_dev.jsonl"
   [[ -f "$dir/dspy_test.jsonl" ]] ||
-    "$bin" data sample --task "$task" --split test --n 50 --seed "$seed" >"$dir/dspy_test.jsonl"
+    "$bin" data sample --task "$task" --split test --n "$test_n" --seed "$seed" >"$dir/dspy_test.jsonl"
   for opt in ${optimizers//,/ }; do
     result="$dir/dspy_$opt.json"
     [[ -f "$result" ]] && { echo "seed $seed $opt: done ($result)"; continue; }
@@ -84,14 +101,14 @@ EOF
       none) knob=() ;;
       *) echo "unknown optimizer $opt (mipro, gepa, none)" >&2; exit 2 ;;
     esac
-    echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}"
+    echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}; temperature $temperature, $max_tokens new tokens per turn"
     start_server
     "$py" "$here/baseline.py" --task "$task" --api-base "http://127.0.0.1:$port/v1" \
       --dev "$dir/dspy_dev.jsonl" --test "$dir/dspy_test.jsonl" --seed "$seed" \
-      --max-tokens "${MAX_TOKENS:-512}" --optimizer "$opt" "${knob[@]}" --out "$result.tmp"
+      --max-tokens "$max_tokens" --temperature "$temperature" --optimizer "$opt" "${knob[@]}" --out "$result.tmp"
     mv "$result.tmp" "$result"
   done
 done
 stop_server
-"$bin" bench-run --task "$task" --protocol "${PROTOCOL:-configs/protocols/cpu-evidence.yaml}" \
+"$bin" bench-run --task "$task" --protocol "$protocol" \
   --seeds "$seeds" --out "$out" --table-only
