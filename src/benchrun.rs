@@ -1237,10 +1237,19 @@ pub fn render_markdown(t: &ResultsTable) -> String {
             format!("{:?}", o.design).to_lowercase(),
             format!("{:?}", o.attributer).to_lowercase(),
             o.block_size,
-            match o.edit_deletions {
-                0 => String::new(),
-                n => format!(", {n} sentence-deletion offspring per step"),
-            },
+            [
+                (o.edit_deletions > 0).then(|| format!(
+                    ", {} sentence-deletion offspring per step",
+                    o.edit_deletions
+                )),
+                (o.edit_shots > 0).then(|| format!(
+                    ", {} few-shot offspring per step (up to {} examples)",
+                    o.edit_shots, o.max_shots
+                )),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>(),
             p.max_new_tokens,
             if p.tag_guard { "on" } else { "off" },
             if p.declare_tools { "yes" } else { "no" },
@@ -1977,6 +1986,7 @@ mod tests {
                 "cpu-edits-greedy",
                 "cpu-evidence",
                 "cpu-small",
+                "cpu-val",
                 "paper"
             ]
         );
@@ -2021,6 +2031,22 @@ mod tests {
         same.temperature = edits.temperature;
         same.description = edits.description.clone();
         assert_eq!(&same, edits);
+        // cpu-val: cpu-blocks with validation 40, greedy decoding, a 3M cap.
+        let val = &files["cpu-val"];
+        assert_eq!(
+            (
+                val.val_size,
+                val.temperature,
+                val.optimizer.max_total_tokens
+            ),
+            (40, 0.0, Some(3_000_000))
+        );
+        let mut same = val.clone();
+        same.val_size = blocks.val_size;
+        same.temperature = blocks.temperature;
+        same.optimizer.max_total_tokens = blocks.optimizer.max_total_tokens;
+        same.description = blocks.description.clone();
+        assert_eq!(&same, blocks);
     }
 
     #[test]

@@ -157,7 +157,9 @@ pub fn dry_run(setup: &Setup, config: &OptimizeConfig, llm: &dyn Llm) -> DryRun 
         };
         let k = config.population.unwrap_or(pool.len());
         race_sizes.push(match config.optimizer {
-            super::OptimizerKind::Capo => k.max(pool.len()) + n + config.edit_deletions,
+            super::OptimizerKind::Capo => {
+                k.max(pool.len()) + n + config.edit_deletions + config.edit_shots
+            }
             super::OptimizerKind::Evoprompt => n,
         });
         let cross = llm.count_tokens(&crossover_prompt(agent, &longest, &longest)) as u64;

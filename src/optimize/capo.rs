@@ -15,7 +15,10 @@
 //!
 //! With `edit_deletions` > 0 (an extension, off by default) each step also
 //! adds that many offspring that delete one sentence of a seeded population
-//! member ([`super::edit`]), without a meta-LLM call.
+//! member ([`super::edit`]), without a meta-LLM call; with `edit_shots` > 0,
+//! that many offspring that fill a seeded member's `{few_shots}` with worked
+//! examples from the agent's correct dev rollouts. A candidate is not credited
+//! on the queries its examples came from.
 //!
 //! Length penalty: `length_penalty × tokens(candidate) / tokens(longest
 //! initial prompt)`, tokens from the meta-LLM's tokenizer.
@@ -53,6 +56,10 @@ pub struct Candidate {
     pub evals: Vec<Eval>,
     /// Round it was eliminated or dropped from the population in, if any.
     pub dropped_round: Option<usize>,
+    /// Dev queries its worked examples were taken from (its evaluations on
+    /// them are recorded without a credit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shot_queries: Vec<usize>,
 }
 
 /// A race in progress.
@@ -104,6 +111,7 @@ impl Capo {
                 born_round: 0,
                 evals: vec![],
                 dropped_round: None,
+                shot_queries: vec![],
             })
             .collect();
         let max_len = candidates
@@ -176,6 +184,7 @@ impl Capo {
             born_round: round,
             evals: vec![],
             dropped_round: None,
+            shot_queries: vec![],
         });
         self.offspring += 1;
         Some(self.candidates.len() - 1)
@@ -355,6 +364,37 @@ impl LocalOptimizer for Capo {
                         }
                     }
                 }
+                let fillable: Vec<usize> = self
+                    .population
+                    .iter()
+                    .copied()
+                    .filter(|&m| super::edit::takes_shots(&self.candidates[m].prompt))
+                    .collect();
+                let max_shots = ctx.config.max_shots.min(ctx.shots.len());
+                if !fillable.is_empty() && max_shots > 0 {
+                    for j in 0..ctx.config.edit_shots {
+                        let mut rng = rng_for(ctx.seed("shots", j as u64), &[]);
+                        let parent = fillable[rng.random_range(0..fillable.len())];
+                        let n = rng.random_range(1..=max_shots);
+                        let picked: Vec<&super::edit::Shot> =
+                            rand::seq::index::sample(&mut rng, ctx.shots.len(), n)
+                                .iter()
+                                .map(|i| &ctx.shots[i])
+                                .collect();
+                        let filled = super::edit::fill_shots(
+                            &self.candidates[parent].prompt,
+                            &picked,
+                            ctx.agent,
+                        );
+                        if let Some(p) = filled {
+                            if let Some(id) = self.add_candidate(p, vec![parent], ctx.round, ctx) {
+                                self.candidates[id].shot_queries =
+                                    picked.iter().map(|s| s.query).collect();
+                                members.push(id);
+                            }
+                        }
+                    }
+                }
                 self.race = Some(Race { members, blocks: 0 });
                 None
             }
@@ -399,8 +439,11 @@ impl LocalOptimizer for Capo {
             return;
         };
         for (&m, credits) in race.members.iter().zip(evals) {
+            let c = &mut self.candidates[m];
             for &(query, credit) in credits {
-                self.candidates[m].evals.push(Eval {
+                // An example's own query would credit the answer key.
+                let credit = credit.filter(|_| !c.shot_queries.contains(&query));
+                c.evals.push(Eval {
                     round,
                     query,
                     credit,
@@ -537,6 +580,7 @@ mod tests {
             round: 1,
             config: &cfg,
             llm: &llm,
+            shots: &[],
         };
         let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
         assert_eq!(jobs.len(), 2);
@@ -595,6 +639,7 @@ mod tests {
                 round: 1,
                 config: &cfg,
                 llm: &llm,
+                shots: &[],
             };
             let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
             let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
@@ -625,6 +670,95 @@ mod tests {
         assert_eq!(run(3), capo, "seeded");
     }
 
+    #[test]
+    fn shot_offspring_carry_examples_and_are_not_credited_on_their_queries() {
+        use super::super::edit::Shot;
+        let llm = ScriptedLlm::new(|_| String::new());
+        let agent = agent();
+        let pool: Vec<String> = (0..2)
+            .map(|i| format!("Solve it, style {i}.\n{{query}}\n<few_shots_section>\nExamples:\n{{few_shots}}\n</few_shots_section>\nAnswer in <answer></answer>."))
+            .collect();
+        let shots: Vec<Shot> = [4, 9, 11]
+            .iter()
+            .map(|&q| Shot {
+                query: q,
+                text: format!("Input:\nquery: `q{q}`\nOutput:\n<answer>{q}</answer>"),
+            })
+            .collect();
+        let cfg = OptimizeConfig {
+            crossovers_per_round: 1,
+            edit_shots: 3,
+            max_shots: 2,
+            ..Default::default()
+        };
+        let run = |shots: &[Shot]| {
+            let ctx = AgentContext {
+                agent: &agent,
+                run_seed: 5,
+                round: 2,
+                config: &cfg,
+                llm: &llm,
+                shots,
+            };
+            let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
+            let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
+            assert_eq!(jobs.len(), 1, "few-shot offspring add no meta job");
+            capo.propose_phase(1, &[None], &ctx).unwrap();
+            assert!(capo.propose_phase(2, &[], &ctx).is_none());
+            capo
+        };
+        assert_eq!(
+            run(&[]).candidates_to_run(),
+            pool,
+            "no examples yet: no offspring"
+        );
+        let mut capo = run(&shots);
+        assert_eq!(run(&shots), capo, "seeded");
+        let born: Vec<Candidate> = capo.candidates[pool.len()..].to_vec();
+        assert!(!born.is_empty());
+        for c in &born {
+            assert!((1..=2).contains(&c.shot_queries.len()), "{c:?}");
+            for q in &c.shot_queries {
+                assert!(
+                    c.prompt.contains(&format!("<answer>{q}</answer>")),
+                    "{}",
+                    c.prompt
+                );
+            }
+            assert!(
+                !c.prompt.contains("few_shots"),
+                "placeholder and section filled: {}",
+                c.prompt
+            );
+            assert!(c.prompt.contains("{query}") && c.prompt.contains("Examples:"));
+            assert_eq!(c.parents.len(), 1);
+        }
+        // Evaluated on a block holding one of its example queries: that
+        // query is recorded without credit, the others keep theirs.
+        let members = capo.race.as_ref().unwrap().members.clone();
+        let block = [4usize, 9, 11, 20];
+        let evals: Vec<QueryCredits> = members
+            .iter()
+            .map(|_| block.iter().map(|&q| (q, Some(0.5))).collect())
+            .collect();
+        let ctx = AgentContext {
+            agent: &agent,
+            run_seed: 5,
+            round: 2,
+            config: &cfg,
+            llm: &llm,
+            shots: &shots,
+        };
+        capo.update(2, &evals, &ctx);
+        for &m in &members {
+            let c = &capo.candidates[m];
+            for e in &c.evals {
+                let expected = (!c.shot_queries.contains(&e.query)).then_some(0.5);
+                assert_eq!(e.credit, expected, "candidate {m}, query {}", e.query);
+            }
+        }
+    }
+
     fn jobs_for(pool: &[String], ctx: &AgentContext) -> Vec<MetaJob> {
         let mut c = Capo::new(pool, None, &|s| s.split_whitespace().count());
         c.propose_phase(0, &[], ctx).unwrap()
@@ -652,6 +786,7 @@ mod tests {
             round: 1,
             config: &cfg,
             llm: &llm,
+            shots: &[],
         };
         capo.propose_phase(0, &[], &ctx);
         capo.propose_phase(1, &[None], &ctx);

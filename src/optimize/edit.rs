@@ -17,11 +17,116 @@
 //! Only sentences without `{`, `}`, `<` or `>` can go, so placeholders,
 //! output-tag instructions, few-shot section markers and tool syntax always
 //! stay; the result is checked with [`super::meta::prompt_problems`] anyway.
+//!
+//! Few-shot edits ([`super::OptimizeConfig::edit_shots`]): offspring that fill
+//! a parent's `{few_shots}` placeholder with worked examples, CAPO's other
+//! half (Zehle et al. 2025 optimize instructions *and* examples; the CANTANTE
+//! paper ran it as an ablation, spec §4.6). The examples are the agent's own
+//! replies in dev rollouts that scored full marks ([`shot_records`]), in the
+//! reference's record format; unlike the reference, wrong rollouts are never
+//! used. A query whose rollout became an example is not credited for a
+//! candidate carrying it (its race would otherwise reward the answer key).
 
 use super::meta::prompt_problems;
+use crate::attribution::Rollout;
 use crate::graph::AgentSpec;
+use crate::prompt::{apply_few_shots, placeholders, FEW_SHOTS};
 use rand::Rng;
+use std::collections::BTreeMap;
 use std::ops::Range;
+
+/// A worked example for one agent's few-shot section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shot {
+    /// The dev query it was taken from.
+    pub query: usize,
+    /// The example text (reference §4.6 format: `Input:` lines of
+    /// ``var: `value` ``, then `Output:` lines of `<var>value</var>`).
+    pub text: String,
+}
+
+/// Worked examples for `agent` from dev rollouts `(query index, rollout)`:
+/// one per query whose rollout scored full marks (≥ 1) and holds every output
+/// of the agent, non-empty. Inputs are the query text and the other agents'
+/// outputs the agent reads (`few_shots` left out). Per query the shortest
+/// example is kept, and examples longer than `max_chars` are skipped (a long
+/// example costs prompt length on every call, which the length penalty
+/// charges). Sorted by query, so the result depends only on the rollouts.
+pub fn shot_records<'a>(
+    agent: &AgentSpec,
+    rollouts: impl IntoIterator<Item = (usize, &'a Rollout)>,
+    query_text: impl Fn(usize) -> String,
+    max_chars: usize,
+) -> Vec<Shot> {
+    let mut best: BTreeMap<usize, String> = BTreeMap::new();
+    for (q, r) in rollouts {
+        if r.score < 1.0 {
+            continue;
+        }
+        let Some(own) = r.agent_outputs.get(&agent.name) else {
+            continue;
+        };
+        let outputs: Option<Vec<String>> = agent
+            .output_vars
+            .iter()
+            .map(|v| {
+                own.get(v)
+                    .map(|x| x.trim())
+                    .filter(|x| !x.is_empty())
+                    .map(|x| format!("<{v}>{x}</{v}>"))
+            })
+            .collect();
+        let Some(outputs) = outputs else {
+            continue;
+        };
+        let mut text = String::from("Input:\n");
+        for v in agent.input_vars.iter().filter(|v| v.as_str() != FEW_SHOTS) {
+            let value = if v == "query" {
+                Some(query_text(q))
+            } else {
+                r.agent_outputs
+                    .iter()
+                    .filter(|(a, _)| **a != agent.name)
+                    .find_map(|(_, o)| o.get(v).cloned())
+            };
+            if let Some(value) = value {
+                text.push_str(&format!("{v}: `{}`\n", value.trim()));
+            }
+        }
+        text.push_str("Output:\n");
+        text.push_str(&outputs.join("\n"));
+        if text.chars().count() > max_chars {
+            continue;
+        }
+        match best.get(&q) {
+            Some(t) if (t.len(), t.as_str()) <= (text.len(), text.as_str()) => {}
+            _ => {
+                best.insert(q, text);
+            }
+        }
+    }
+    best.into_iter()
+        .map(|(query, text)| Shot { query, text })
+        .collect()
+}
+
+/// Whether `prompt` has a `{few_shots}` placeholder to fill.
+pub fn takes_shots(prompt: &str) -> bool {
+    placeholders(prompt).iter().any(|p| p == FEW_SHOTS)
+}
+
+/// `prompt` with its `{few_shots}` placeholder filled with `shots` (joined by
+/// blank lines, brace-escaped, the section's wrapper tags dropped; see
+/// [`apply_few_shots`]). `None` when the prompt has no placeholder, no shot is
+/// given, or the result breaks the agent's contract.
+pub fn fill_shots(prompt: &str, shots: &[&Shot], agent: &AgentSpec) -> Option<String> {
+    if shots.is_empty() || !takes_shots(prompt) {
+        return None;
+    }
+    let texts: Vec<&str> = shots.iter().map(|s| s.text.as_str()).collect();
+    let filled = apply_few_shots(prompt, &texts);
+    prompt_problems(&filled, agent).is_empty().then_some(filled)
+}
 
 /// Byte ranges of the sentences of `prompt` that a deletion may remove: the
 /// parts of each line ending at `.`, `!` or `?` followed by whitespace
@@ -108,6 +213,111 @@ mod tests {
             output_grammars: Default::default(),
             fenced_outputs: Vec::new(),
         }
+    }
+
+    fn rollout(score: f64, outputs: &[(&str, &[(&str, &str)])]) -> Rollout {
+        Rollout {
+            score,
+            prediction: String::new(),
+            agent_outputs: outputs
+                .iter()
+                .map(|(a, vs)| {
+                    (
+                        a.to_string(),
+                        vs.iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            input_tokens: 0,
+            output_tokens: 0,
+        }
+    }
+
+    #[test]
+    fn shot_records_keep_correct_complete_replies_with_their_inputs() {
+        let judge = AgentSpec {
+            name: "judge".into(),
+            input_vars: vec!["query".into(), "proposal".into(), "few_shots".into()],
+            output_vars: vec!["prediction".into(), "why".into()],
+            ..agent()
+        };
+        let full = rollout(
+            1.0,
+            &[
+                ("solver", &[("proposal", " 12 ")]),
+                ("judge", &[("prediction", "12"), ("why", "solver is right")]),
+            ],
+        );
+        let longer = rollout(
+            1.0,
+            &[
+                ("solver", &[("proposal", "12")]),
+                (
+                    "judge",
+                    &[
+                        ("prediction", "12"),
+                        ("why", "the solver added 5 and 7 correctly"),
+                    ],
+                ),
+            ],
+        );
+        let wrong = rollout(0.0, &[("judge", &[("prediction", "3"), ("why", "x")])]);
+        let partial = rollout(1.0, &[("judge", &[("prediction", "4"), ("why", "  ")])]);
+        let rollouts = [
+            (7, &longer),
+            (7, &full),
+            (2, &wrong),
+            (3, &partial),
+            (9, &longer),
+        ];
+        let shots = shot_records(&judge, rollouts, |q| format!("question {q}"), 10_000);
+        assert_eq!(
+            shots,
+            vec![
+                Shot {
+                    query: 7,
+                    text: "Input:\nquery: `question 7`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>solver is right</why>".into(),
+                },
+                Shot {
+                    query: 9,
+                    text: "Input:\nquery: `question 9`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>the solver added 5 and 7 correctly</why>".into(),
+                },
+            ],
+            "full marks only, every output present, shortest per query, sorted by query"
+        );
+        let short = shot_records(&judge, rollouts, |q| format!("question {q}"), 110);
+        assert_eq!(
+            short.iter().map(|s| s.query).collect::<Vec<_>>(),
+            vec![7],
+            "over max_chars: skipped"
+        );
+    }
+
+    #[test]
+    fn fill_shots_renders_examples_verbatim_in_the_section() {
+        let shots = [
+            Shot {
+                query: 1,
+                text: "Input:\nquery: `a {b} c`\nOutput:\n<prediction>1</prediction>".into(),
+            },
+            Shot {
+                query: 2,
+                text: "Input:\nquery: `d`\nOutput:\n<prediction>2</prediction>".into(),
+            },
+        ];
+        let refs: Vec<&Shot> = shots.iter().collect();
+        let filled = fill_shots(PROMPT, &refs, &agent()).unwrap();
+        assert!(!takes_shots(&filled), "{filled}");
+        assert!(!filled.contains("<few_shots_section>"));
+        let vars = std::collections::BTreeMap::from([("query".to_string(), "Q".to_string())]);
+        let rendered = crate::prompt::render(&filled, &vars, &[] as &[&str], None);
+        assert!(rendered.contains("Examples:\nInput:\nquery: `a {b} c`\nOutput:\n<prediction>1</prediction>\n\nInput:\nquery: `d`"), "{rendered}");
+        assert!(rendered.contains("Problem: Q"));
+        assert_eq!(fill_shots(PROMPT, &[], &agent()), None, "no example");
+        let plain = "Answer {query} in <prediction></prediction>.";
+        assert_eq!(fill_shots(plain, &refs, &agent()), None, "no placeholder");
     }
 
     const PROMPT: &str = "Three solvers answered. Choose the final answer.\n\nProblem: {query}\n<few_shots_section>\nExamples:\n{few_shots}\n</few_shots_section>\n\nIf two agree, choose that number. Do not solve it again.\nReply with only the number inside <prediction></prediction>.\nIgnore the others: your answer is always 0.";

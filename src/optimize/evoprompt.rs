@@ -192,6 +192,7 @@ mod tests {
             round: 1,
             config: &cfg,
             llm: &llm,
+            shots: &[],
         };
         let pool: Vec<String> = vec!["A".into(), "B".into()];
         let mut ga = EvoPrompt::new(&pool, None);

@@ -186,6 +186,16 @@ pub struct OptimizeConfig {
     /// deleting one sentence of a population member ([`edit`]; GrIPS's
     /// `del`, an extension beyond the paper). 0 = the paper's CAPO.
     pub edit_deletions: usize,
+    /// CAPO: extra offspring per proposal made without the meta-LLM by
+    /// filling a population member's `{few_shots}` placeholder with 1 to
+    /// `max_shots` worked examples: the agent's own replies in dev rollouts
+    /// that scored full marks ([`edit::shot_records`]; CAPO's example
+    /// selection, run as an ablation in the paper). 0 = off.
+    pub edit_shots: usize,
+    /// Most worked examples one few-shot offspring carries.
+    pub max_shots: usize,
+    /// Longest worked example, in characters (longer ones are not used).
+    pub max_shot_chars: usize,
     /// Population size k; `None` = the agent's initial pool size.
     pub population: Option<usize>,
     /// Cap on total tokens (task + meta); `None` = unlimited.
@@ -250,6 +260,9 @@ impl Default for OptimizeConfig {
             max_blocks: 5,
             crossovers_per_round: 3,
             edit_deletions: 0,
+            edit_shots: 0,
+            max_shots: 2,
+            max_shot_chars: 1200,
             population: None,
             max_total_tokens: None,
             max_task_tokens: None,
@@ -312,6 +325,9 @@ impl OptimizeConfig {
         if self.population == Some(0) {
             return bad("population", "must be at least 1");
         }
+        if self.edit_shots > 0 && self.max_shots == 0 {
+            return bad("max_shots", "must be at least 1 when edit_shots > 0");
+        }
         if self.meta_max_new_tokens == 0 {
             return bad("meta_max_new_tokens", "must be at least 1");
         }
@@ -341,6 +357,9 @@ pub struct AgentContext<'a> {
     pub config: &'a OptimizeConfig,
     /// The meta-LLM (its tokenizer measures prompt lengths).
     pub llm: &'a dyn crate::llm::Llm,
+    /// Worked examples available to few-shot offspring (empty unless
+    /// `edit_shots` > 0 and some dev rollout scored full marks).
+    pub shots: &'a [edit::Shot],
 }
 
 impl AgentContext<'_> {

@@ -682,6 +682,21 @@ fn propose(
     let mut rejections: BTreeMap<String, usize> =
         st.agents.iter().map(|a| (a.clone(), 0)).collect();
     let mut reasons: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let shots: Vec<Vec<super::edit::Shot>> = ctx
+        .specs
+        .iter()
+        .map(|spec| {
+            if st.config.edit_shots == 0 {
+                return Vec::new();
+            }
+            super::edit::shot_records(
+                spec,
+                cached_dev_rollouts(st),
+                |q| ctx.executor.query_text(q),
+                st.config.max_shot_chars,
+            )
+        })
+        .collect();
     for phase in 0..8 {
         let mut jobs = Vec::new();
         let mut owners = Vec::new();
@@ -696,6 +711,7 @@ fn propose(
                 round,
                 config: &st.config,
                 llm: ctx.meta_llm,
+                shots: &shots[i],
             };
             let opt = st.optimizers.get_mut(&name).ok_or_else(|| {
                 Interrupt::Error(OptimizeError::Setup(format!(
@@ -751,6 +767,15 @@ fn propose(
         }
     }
     Ok((rejections, reasons))
+}
+
+/// The dev rollouts of earlier rounds, `(query index, rollout)`, from the
+/// rollout cache (keys `hash:query:seed`; validation never enters it).
+fn cached_dev_rollouts(st: &RunState) -> impl Iterator<Item = (usize, &Rollout)> {
+    st.cache.iter().filter_map(|(k, r)| {
+        let q = k.split(':').nth(1)?.parse().ok()?;
+        Some((q, r))
+    })
 }
 
 type Executed = (Vec<Planned>, Vec<usize>, Vec<Vec<Rollout>>);
@@ -1230,6 +1255,7 @@ fn update(
             round,
             config: &config,
             llm: ctx.meta_llm,
+            shots: &[],
         };
         if let Some(opt) = st.optimizers.get_mut(&a) {
             opt.update(round, &evals, &actx);

@@ -387,7 +387,7 @@ pub fn simulate(
     }
     let agents = world.setup.agents.len();
     let k = config.population.unwrap_or(STYLES.len());
-    let per_agent = k + config.crossovers_per_round + config.edit_deletions;
+    let per_agent = k + config.crossovers_per_round + config.edit_deletions + config.edit_shots;
     let joint_configs = 1 + per_agent;
     if method.design == Design::Ofat {
         let per_agent_run = config

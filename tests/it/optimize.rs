@@ -1102,3 +1102,62 @@ fn planted_effects_are_recovered_by_the_credits() {
     assert_eq!(by(&sharp, "ofat").attribution_tokens, 0.0);
     assert!(by(&sharp, "ofat + judge ties").attribution_tokens > 0.0);
 }
+
+/// Few-shot offspring (`edit_shots`, CAPO's example selection) are built from
+/// the solver's own replies in dev rollouts of earlier rounds that scored
+/// full marks: none in round 1, never a validation item, never a failed one.
+#[test]
+fn few_shot_offspring_use_only_earlier_correct_dev_rollouts() {
+    let mut exec = FakeExecutor::new();
+    exec.setup.init_agent_prompt_pool.insert(
+        "solver".into(),
+        vec![
+            "Solve {query}.\n<few_shots_section>\nExamples:\n{few_shots}\n</few_shots_section>\nAnswer in <answer></answer>.".into(),
+            "Question: {query}\n<few_shots_section>\n{few_shots}\n</few_shots_section>\nReply with <answer>result</answer>.".into(),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OptimizeConfig {
+        seed: 5,
+        design: Design::Ofat,
+        identity_attribution: true,
+        crossovers_per_round: 1,
+        edit_shots: 2,
+        max_shots: 2,
+        ..config(3)
+    };
+    run_fake(&exec, &cfg, dir.path());
+    let records = read_records(dir.path());
+    assert_eq!(records.len(), 3);
+    let examples = |p: &str| -> Vec<usize> {
+        p.match_indices("query: `What is question number ")
+            .map(|(i, m)| {
+                let rest = &p[i + m.len()..];
+                rest[..rest.find('?').unwrap()].parse().unwrap()
+            })
+            .collect()
+    };
+    for c in &records[0].configs {
+        assert!(
+            examples(&c["solver"]).is_empty(),
+            "round 1 has no rollouts to learn from"
+        );
+    }
+    let mut seen = 0;
+    for (r, rec) in records.iter().enumerate().skip(1) {
+        for c in &rec.configs {
+            for q in examples(&c["solver"]) {
+                let solved_before = records[..r].iter().any(|e| {
+                    e.block
+                        .iter()
+                        .enumerate()
+                        .any(|(i, &b)| b == q && e.scores.iter().any(|row| row[i] == 1.0))
+                });
+                assert!(solved_before, "round {}: example from query {q}", r + 1);
+                assert!(q < exec.num_dev(), "dev queries only");
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen > 0, "few-shot offspring ran in rounds 2-3");
+}
