@@ -364,14 +364,17 @@ impl LocalOptimizer for Capo {
                         }
                     }
                 }
-                let fillable: Vec<usize> = self
-                    .population
-                    .iter()
-                    .copied()
-                    .filter(|&m| super::edit::takes_shots(&self.candidates[m].prompt))
-                    .collect();
                 let max_shots = ctx.config.max_shots.min(ctx.shots.len());
-                if !fillable.is_empty() && max_shots > 0 {
+                let fillable: Vec<usize> = if ctx.config.edit_shots > 0 && max_shots > 0 {
+                    self.population
+                        .iter()
+                        .copied()
+                        .filter(|&m| super::edit::takes_shots(&self.candidates[m].prompt))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if !fillable.is_empty() {
                     for j in 0..ctx.config.edit_shots {
                         let mut rng = rng_for(ctx.seed("shots", j as u64), &[]);
                         let parent = fillable[rng.random_range(0..fillable.len())];
@@ -620,6 +623,19 @@ mod tests {
         assert_eq!(j2, jobs_for(&pool, &ctx));
     }
 
+    /// One CAPO step on `pool` whose only meta job (a crossover) is
+    /// rejected: what races besides the pool comes from the edit operators,
+    /// which make no meta call.
+    fn edit_step(pool: &[String], ctx: &AgentContext) -> Capo {
+        let mut capo = Capo::new(pool, None, &|s| s.split_whitespace().count());
+        let jobs = capo.propose_phase(0, &[], ctx).unwrap();
+        assert_eq!(jobs.len(), 1, "edits add no meta job");
+        let jobs = capo.propose_phase(1, &[None], ctx).unwrap();
+        assert!(jobs.is_empty());
+        assert!(capo.propose_phase(2, &[], ctx).is_none());
+        capo
+    }
+
     #[test]
     fn deletion_offspring_join_the_race_without_meta_calls() {
         let llm = ScriptedLlm::new(|_| String::new());
@@ -641,13 +657,7 @@ mod tests {
                 llm: &llm,
                 shots: &[],
             };
-            let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
-            let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
-            assert_eq!(jobs.len(), 1, "deletions add no meta job");
-            let jobs = capo.propose_phase(1, &[None], &ctx).unwrap();
-            assert!(jobs.is_empty());
-            assert!(capo.propose_phase(2, &[], &ctx).is_none());
-            capo
+            edit_step(&pool, &ctx)
         };
         assert_eq!(
             run(0).candidates_to_run(),
@@ -700,12 +710,7 @@ mod tests {
                 llm: &llm,
                 shots,
             };
-            let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
-            let jobs = capo.propose_phase(0, &[], &ctx).unwrap();
-            assert_eq!(jobs.len(), 1, "few-shot offspring add no meta job");
-            capo.propose_phase(1, &[None], &ctx).unwrap();
-            assert!(capo.propose_phase(2, &[], &ctx).is_none());
-            capo
+            edit_step(&pool, &ctx)
         };
         assert_eq!(
             run(&[]).candidates_to_run(),
