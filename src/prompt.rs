@@ -150,6 +150,15 @@ pub fn placeholders(template: &str) -> Vec<String> {
     out
 }
 
+/// How many times `{name}` is written in the template (escaped groups
+/// `{{name}}` do not count).
+pub fn placeholder_count(template: &str, name: &str) -> usize {
+    lex(template)
+        .into_iter()
+        .filter(|p| matches!(p, Piece::Var(_, _, ns, ne) if &template[*ns..*ne] == name))
+        .count()
+}
+
 /// The input variables (other than `few_shots`, which is optional) that have
 /// no `{var}` placeholder in the template, in `input_vars` order.
 pub fn missing_placeholders<S: AsRef<str>>(template: &str, input_vars: &[S]) -> Vec<String> {

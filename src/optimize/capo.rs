@@ -301,13 +301,11 @@ impl LocalOptimizer for Capo {
                     for j in 0..n {
                         let idx = rand::seq::index::sample(&mut rng, self.population.len(), 2);
                         let (a, b) = (self.population[idx.index(0)], self.population[idx.index(1)]);
+                        let (ma, fa) = (&self.candidates[a].prompt, &self.candidates[b].prompt);
                         jobs.push(MetaJob {
-                            prompt: crossover_prompt(
-                                ctx.agent,
-                                &self.candidates[a].prompt,
-                                &self.candidates[b].prompt,
-                            ),
+                            prompt: crossover_prompt(ctx.agent, ma, fa),
                             seed: ctx.seed("crossover", j as u64),
+                            sources: vec![ma.clone(), fa.clone()],
                         });
                         pairs.push((a, b));
                     }
@@ -320,6 +318,7 @@ impl LocalOptimizer for Capo {
                         .map(|j| MetaJob {
                             prompt: mutation_prompt(ctx.agent, &self.candidates[p].prompt),
                             seed: ctx.seed("mutation", j as u64),
+                            sources: vec![self.candidates[p].prompt.clone()],
                         })
                         .collect();
                     self.stage = Stage::Mutating(vec![vec![p]; n]);
@@ -330,13 +329,19 @@ impl LocalOptimizer for Capo {
                 let mut jobs = Vec::new();
                 let mut lineage = Vec::new();
                 for (j, (child, (a, b))) in outputs.iter().zip(pairs).enumerate() {
-                    if let Some(child) = child {
-                        jobs.push(MetaJob {
-                            prompt: mutation_prompt(ctx.agent, child),
-                            seed: ctx.seed("mutation", j as u64),
-                        });
-                        lineage.push(vec![a, b]);
-                    }
+                    // A crossover the rewriter could not produce (rejected
+                    // twice) falls back to mutating the first parent, so the
+                    // race keeps its number of offspring.
+                    let (child, parents) = match child {
+                        Some(child) => (child, vec![a, b]),
+                        None => (&self.candidates[a].prompt, vec![a]),
+                    };
+                    jobs.push(MetaJob {
+                        prompt: mutation_prompt(ctx.agent, child),
+                        seed: ctx.seed("mutation", j as u64),
+                        sources: vec![child.clone()],
+                    });
+                    lineage.push(parents);
                 }
                 self.stage = Stage::Mutating(lineage);
                 Some(jobs)
@@ -591,9 +596,18 @@ mod tests {
         let jobs = capo
             .propose_phase(1, &[Some("C0 {query} <answer>".into()), None], &ctx)
             .unwrap();
-        assert_eq!(jobs.len(), 1, "the rejected child is not mutated");
+        assert_eq!(
+            jobs.len(),
+            2,
+            "a rejected crossover falls back to mutating its first parent"
+        );
+        assert_eq!(jobs[0].sources, vec!["C0 {query} <answer>".to_string()]);
+        assert_eq!(jobs[1].sources.len(), 1);
+        assert!(pool.contains(&jobs[1].sources[0]));
+        assert!(jobs[1].prompt.contains(&jobs[1].sources[0]));
+        // The fallback mutation is rejected too: no offspring from that pair.
         assert!(capo
-            .propose_phase(2, &[Some("M0 {query} <answer>".into())], &ctx)
+            .propose_phase(2, &[Some("M0 {query} <answer>".into()), None], &ctx)
             .is_none());
         let run = capo.candidates_to_run();
         assert_eq!(run.len(), 4);
@@ -623,16 +637,16 @@ mod tests {
         assert_eq!(j2, jobs_for(&pool, &ctx));
     }
 
-    /// One CAPO step on `pool` whose only meta job (a crossover) is
-    /// rejected: what races besides the pool comes from the edit operators,
-    /// which make no meta call.
+    /// One CAPO step on `pool` whose meta jobs (a crossover, then the
+    /// fallback mutation of its first parent) are both rejected: what races
+    /// besides the pool comes from the edit operators, which make no meta call.
     fn edit_step(pool: &[String], ctx: &AgentContext) -> Capo {
         let mut capo = Capo::new(pool, None, &|s| s.split_whitespace().count());
         let jobs = capo.propose_phase(0, &[], ctx).unwrap();
         assert_eq!(jobs.len(), 1, "edits add no meta job");
         let jobs = capo.propose_phase(1, &[None], ctx).unwrap();
-        assert!(jobs.is_empty());
-        assert!(capo.propose_phase(2, &[], ctx).is_none());
+        assert_eq!(jobs.len(), 1, "only the fallback mutation");
+        assert!(capo.propose_phase(2, &[None], ctx).is_none());
         capo
     }
 

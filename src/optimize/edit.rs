@@ -125,7 +125,9 @@ pub fn fill_shots(prompt: &str, shots: &[&Shot], agent: &AgentSpec) -> Option<St
     }
     let texts: Vec<&str> = shots.iter().map(|s| s.text.as_str()).collect();
     let filled = apply_few_shots(prompt, &texts);
-    prompt_problems(&filled, agent).is_empty().then_some(filled)
+    prompt_problems(&filled, agent, &[prompt])
+        .is_empty()
+        .then_some(filled)
 }
 
 /// Byte ranges of the sentences of `prompt` that a deletion may remove: the
@@ -193,7 +195,8 @@ pub fn delete_sentence(prompt: &str, agent: &AgentSpec, rng: &mut impl Rng) -> O
     };
     let edited = [&prompt[..cut.start], &prompt[cut.end..]].concat();
     let edited = edited.trim_end().to_string();
-    (prompt_problems(&edited, agent).is_empty() && edited != prompt.trim_end()).then_some(edited)
+    (prompt_problems(&edited, agent, &[prompt]).is_empty() && edited != prompt.trim_end())
+        .then_some(edited)
 }
 
 #[cfg(test)]
@@ -345,7 +348,10 @@ mod tests {
         for seed in 0..200 {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let edited = delete_sentence(PROMPT, &agent(), &mut rng).unwrap();
-            assert!(prompt_problems(&edited, &agent()).is_empty(), "{edited}");
+            assert!(
+                prompt_problems(&edited, &agent(), &[]).is_empty(),
+                "{edited}"
+            );
             assert!(edited.contains("<few_shots_section>") && edited.contains("Examples:"));
             let gone: Vec<usize> = (0..spans.len())
                 .filter(|&i| !edited.contains(PROMPT[spans[i].clone()].trim()))

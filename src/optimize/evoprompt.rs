@@ -95,13 +95,11 @@ impl LocalOptimizer for EvoPrompt {
                 .map(|j| {
                     let a = self.pick(&mut rng);
                     let b = self.pick(&mut rng);
+                    let (pa, pb) = (&self.members[a].prompt, &self.members[b].prompt);
                     MetaJob {
-                        prompt: ga_prompt(
-                            ctx.agent,
-                            &self.members[a].prompt,
-                            &self.members[b].prompt,
-                        ),
+                        prompt: ga_prompt(ctx.agent, pa, pb),
                         seed: ctx.seed("ga", j as u64),
+                        sources: vec![pa.clone(), pb.clone()],
                     }
                 })
                 .collect();

@@ -129,9 +129,28 @@ change some of its wording so it differs from both parents. Output only the fina
 /// Qwen2.5-Coder-1.5B answered 3 of 9 MBPP mutation probes so, and those
 /// rewrites were rejected until this fallback. `None` without either tag or
 /// when empty.
+///
+/// A `<prompt>` body that is itself one `<template>…</template>` block is
+/// unwrapped (the rewriter answered `<prompt><template>new</template></prompt>`).
 pub fn extract_prompt(reply: &str) -> Option<String> {
-    tagged(reply, "prompt").or_else(|| tagged(reply, "template"))
+    let body = tagged(reply, "prompt").or_else(|| tagged(reply, "template"))?;
+    let inner = body
+        .strip_prefix("<template>")
+        .and_then(|b| b.strip_suffix("</template>"))
+        .filter(|b| !b.contains("<template>") && !b.contains("</template>"))
+        .map(str::trim);
+    match inner {
+        Some(b) if !b.is_empty() => Some(b.to_string()),
+        _ => Some(body),
+    }
 }
+
+/// The tags the meta prompts themselves write around templates. A generated
+/// prompt that contains one (and whose sources do not) is a copy of the
+/// request, not a template: Qwen2.5-Coder-1.5B answered every GSM8K crossover
+/// of `ev15v8` seed 7 (7 of 7 offspring) with both parents pasted one after
+/// the other, `<template_a>`/`<template_b>` wrappers included.
+const META_TAGS: [&str; 4] = ["prompt", "template", "template_a", "template_b"];
 
 /// Text after the last `<tag>` up to the next `</tag>` or the end, trimmed;
 /// `None` when absent or empty.
@@ -149,8 +168,14 @@ fn tagged(reply: &str, tag: &str) -> Option<String> {
 }
 
 /// Problems of a generated prompt for `agent` (empty = valid): missing input
-/// placeholders (`few_shots` is optional) and output tags never mentioned.
-pub fn prompt_problems(prompt: &str, agent: &AgentSpec) -> Vec<String> {
+/// placeholders (`few_shots` is optional), output tags never mentioned, the
+/// meta prompts' own wrapper tags ([`META_TAGS`]) and an input placeholder
+/// written more often than in any of `sources`, the templates the prompt was
+/// generated from (both mark a reply that pasted its parents together: the
+/// pipeline would show the model the query twice). Tags and repeats that a
+/// source already has are allowed; with no sources, each placeholder may
+/// appear once.
+pub fn prompt_problems(prompt: &str, agent: &AgentSpec, sources: &[&str]) -> Vec<String> {
     // The runtime's own placeholder parser, so an escaped `{{var}}` does not count.
     let mut problems: Vec<String> = crate::prompt::missing_placeholders(prompt, &agent.input_vars)
         .into_iter()
@@ -161,6 +186,32 @@ pub fn prompt_problems(prompt: &str, agent: &AgentSpec) -> Vec<String> {
             .into_iter()
             .map(|v| format!("missing output tag <{v}>")),
     );
+    for tag in META_TAGS {
+        if agent.output_vars.iter().any(|v| v == tag) {
+            continue;
+        }
+        let marks = [format!("<{tag}>"), format!("</{tag}>")];
+        let written = |t: &str| marks.iter().any(|m| t.contains(m.as_str()));
+        if written(prompt) && !sources.iter().any(|s| written(s)) {
+            problems.push(format!(
+                "contains the rewriting request's <{tag}> tag (a copy of the request, not a template)"
+            ));
+        }
+    }
+    for v in &agent.input_vars {
+        let n = crate::prompt::placeholder_count(prompt, v);
+        let allowed = sources
+            .iter()
+            .map(|s| crate::prompt::placeholder_count(s, v))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        if n > allowed {
+            problems.push(format!(
+                "placeholder {{{v}}} written {n} times (at most {allowed} in the template it rewrites)"
+            ));
+        }
+    }
     problems
 }
 
@@ -240,7 +291,8 @@ pub fn run_meta_jobs(
             out.output_tokens += g.completion_tokens;
             let problems = match extract_prompt(&g.text).map(|p| unshield(&p)) {
                 Some(p) => {
-                    let problems = prompt_problems(&p, agents[i]);
+                    let sources: Vec<&str> = jobs[i].sources.iter().map(String::as_str).collect();
+                    let problems = prompt_problems(&p, agents[i], &sources);
                     if problems.is_empty() {
                         out.prompts[i] = Some(p);
                         continue;
@@ -309,10 +361,12 @@ mod tests {
             output_grammars: Default::default(),
             fenced_outputs: Vec::new(),
         };
-        assert!(prompt_problems("Solve {query}. Put it in <answer></answer>.", &agent).is_empty());
-        let p = prompt_problems("Solve {{query}}. Put it in <answer></answer>.", &agent);
+        assert!(
+            prompt_problems("Solve {query}. Put it in <answer></answer>.", &agent, &[]).is_empty()
+        );
+        let p = prompt_problems("Solve {{query}}. Put it in <answer></answer>.", &agent, &[]);
         assert_eq!(p, vec!["missing placeholder {query}".to_string()]);
-        let p = prompt_problems("Solve {query}.", &agent);
+        let p = prompt_problems("Solve {query}.", &agent, &[]);
         assert_eq!(p, vec!["missing output tag <answer>".to_string()]);
     }
 
@@ -360,14 +414,69 @@ mod tests {
     #[test]
     fn validates_placeholders_and_tags() {
         let a = agent();
-        assert!(prompt_problems("Solve {query}. Put it in <answer>.", &a).is_empty());
+        assert!(prompt_problems("Solve {query}. Put it in <answer>.", &a, &[]).is_empty());
         assert_eq!(
-            prompt_problems("Solve it. <answer>", &a),
+            prompt_problems("Solve it. <answer>", &a, &[]),
             vec!["missing placeholder {query}"]
         );
         assert_eq!(
-            prompt_problems("Solve {query}.", &a),
+            prompt_problems("Solve {query}.", &a, &[]),
             vec!["missing output tag <answer>"]
+        );
+    }
+
+    /// The shape of every GSM8K crossover child of `ev15v8` seed 7: both
+    /// parents pasted in their request wrappers, so the query appears twice.
+    #[test]
+    fn a_reply_that_pastes_its_parents_together_is_rejected() {
+        let a = agent();
+        let ma = "Solve {query}.\n<few_shots_section>{few_shots}</few_shots_section>\nAnswer in <answer></answer>.";
+        let fa = "Problem: {query}\nThink step by step, then write <answer>the number</answer>.";
+        let pasted = format!("<template>\n<template_a>\n{ma}\n</template_a>\n<template_b>\n{fa}\n</template_b>\n</template>");
+        let reply = format!("<prompt>\n{pasted}\n</prompt>");
+        let p = extract_prompt(&reply).unwrap();
+        assert_eq!(
+            prompt_problems(&p, &a, &[ma, fa]),
+            vec![
+                "contains the rewriting request's <template_a> tag (a copy of the request, not a template)",
+                "contains the rewriting request's <template_b> tag (a copy of the request, not a template)",
+                "placeholder {query} written 2 times (at most 1 in the template it rewrites)",
+            ]
+        );
+        // Without the wrappers, the repeated query still gives it away.
+        let joined = format!("{ma}\n\n{fa}");
+        assert_eq!(
+            prompt_problems(&joined, &a, &[ma, fa]),
+            vec!["placeholder {query} written 2 times (at most 1 in the template it rewrites)"]
+        );
+        // A real combination passes, and so does a repeat or a tag that a
+        // parent already had.
+        let merged =
+            "Problem: {query}\n{few_shots}\nThink step by step, then answer in <answer></answer>.";
+        assert!(prompt_problems(merged, &a, &[ma, fa]).is_empty());
+        let twice = "Read {query}. Again: {query}. <answer></answer> <prompt>";
+        assert!(prompt_problems(twice, &a, &[twice]).is_empty());
+        assert_eq!(prompt_problems(twice, &a, &[]).len(), 2);
+        // An output variable named like a meta tag is the agent's own tag.
+        let b = AgentSpec {
+            output_vars: vec!["prompt".into()],
+            ..agent()
+        };
+        assert!(prompt_problems("Rewrite {query} into <prompt></prompt>.", &b, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_prompt_wrapped_in_one_template_block_is_unwrapped() {
+        assert_eq!(
+            extract_prompt("<prompt>\n<template>\nSolve {query}.\n</template>\n</prompt>")
+                .as_deref(),
+            Some("Solve {query}.")
+        );
+        // Two blocks stay as they are (and are then rejected by their tags).
+        let two = "<prompt><template>A</template><template>B</template></prompt>";
+        assert_eq!(
+            extract_prompt(two).as_deref(),
+            Some("<template>A</template><template>B</template>")
         );
     }
 
@@ -414,6 +523,7 @@ mod tests {
         let jobs = vec![MetaJob {
             prompt: mutation_prompt(&a, template),
             seed: 1,
+            sources: vec![template.to_string()],
         }];
         let out = run_meta_jobs(&llm, &jobs, &[&a], 100, 0.1, &mut |_| Ok(())).unwrap();
         assert_eq!(out.prompts[0].as_deref(), Some(template));
@@ -436,6 +546,7 @@ mod tests {
             .map(|&s| MetaJob {
                 prompt: "p".into(),
                 seed: s,
+                sources: vec![],
             })
             .collect();
         let out = run_meta_jobs(&llm, &jobs, &[&a, &a, &a], 100, 0.1, &mut |_| Ok(())).unwrap();

@@ -342,6 +342,10 @@ pub struct MetaJob {
     pub prompt: String,
     /// Seed of the request (a regeneration uses a seed derived from it).
     pub seed: u64,
+    /// The templates the job rewrites (one to mutate, two to cross over):
+    /// the generated prompt is checked against them
+    /// ([`meta::prompt_problems`]).
+    pub sources: Vec<String>,
 }
 
 /// What a local optimizer knows about its agent when proposing.
