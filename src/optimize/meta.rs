@@ -130,27 +130,33 @@ change some of its wording so it differs from both parents. Output only the fina
 /// rewrites were rejected until this fallback. `None` without either tag or
 /// when empty.
 ///
-/// A `<prompt>` body that is itself one `<template>…</template>` block is
-/// unwrapped (the rewriter answered `<prompt><template>new</template></prompt>`).
+/// A body that is itself one wrapper block, `<template…>…</template…>`, is
+/// unwrapped: the rewriter answered `<prompt><template>new</template></prompt>`,
+/// and once (`ev15v9` seed 7) wrapped a good merge in a `<template_c>` of its
+/// own invention.
 pub fn extract_prompt(reply: &str) -> Option<String> {
     let body = tagged(reply, "prompt").or_else(|| tagged(reply, "template"))?;
-    let inner = body
-        .strip_prefix("<template>")
-        .and_then(|b| b.strip_suffix("</template>"))
-        .filter(|b| !b.contains("<template>") && !b.contains("</template>"))
-        .map(str::trim);
-    match inner {
-        Some(b) if !b.is_empty() => Some(b.to_string()),
-        _ => Some(body),
-    }
+    let unwrapped = WRAPPER_TAG
+        .captures(&body)
+        .filter(|c| c.get(0).is_some_and(|m| m.start() == 0) && !c[0].starts_with("</"))
+        .and_then(|c| {
+            body.strip_prefix(&c[0])?
+                .strip_suffix(&format!("</{}>", &c[1]))
+        })
+        .map(str::trim)
+        .filter(|inner| !inner.is_empty() && !WRAPPER_TAG.is_match(inner));
+    Some(unwrapped.map_or(body.clone(), str::to_string))
 }
 
-/// The tags the meta prompts themselves write around templates. A generated
-/// prompt that contains one (and whose sources do not) is a copy of the
-/// request, not a template: Qwen2.5-Coder-1.5B answered every GSM8K crossover
-/// of `ev15v8` seed 7 (7 of 7 offspring) with both parents pasted one after
-/// the other, `<template_a>`/`<template_b>` wrappers included.
-const META_TAGS: [&str; 4] = ["prompt", "template", "template_a", "template_b"];
+/// The tags the meta prompts write around templates (`<prompt>`,
+/// `<template>`, `<template_a>`, `<template_b>`) and the like (`<template_c>`),
+/// opening or closing. A generated prompt that contains one (and whose
+/// sources do not) is a copy of the request, not a template:
+/// Qwen2.5-Coder-1.5B answered every GSM8K crossover of `ev15v8` seed 7 (7 of
+/// 7 offspring) with both parents pasted one after the other,
+/// `<template_a>`/`<template_b>` wrappers included.
+static WRAPPER_TAG: std::sync::LazyLock<regex::Regex> =
+    std::sync::LazyLock::new(|| regex::Regex::new(r"</?(prompt|template\w*)>").unwrap());
 
 /// Text after the last `<tag>` up to the next `</tag>` or the end, trimmed;
 /// `None` when absent or empty.
@@ -169,7 +175,7 @@ fn tagged(reply: &str, tag: &str) -> Option<String> {
 
 /// Problems of a generated prompt for `agent` (empty = valid): missing input
 /// placeholders (`few_shots` is optional), output tags never mentioned, the
-/// meta prompts' own wrapper tags ([`META_TAGS`]) and an input placeholder
+/// meta prompts' own wrapper tags ([`WRAPPER_TAG`]) and an input placeholder
 /// written more often than in any of `sources`, the templates the prompt was
 /// generated from (both mark a reply that pasted its parents together: the
 /// pipeline would show the model the query twice). Tags and repeats that a
@@ -186,18 +192,22 @@ pub fn prompt_problems(prompt: &str, agent: &AgentSpec, sources: &[&str]) -> Vec
             .into_iter()
             .map(|v| format!("missing output tag <{v}>")),
     );
-    for tag in META_TAGS {
-        if agent.output_vars.iter().any(|v| v == tag) {
-            continue;
-        }
-        let marks = [format!("<{tag}>"), format!("</{tag}>")];
-        let written = |t: &str| marks.iter().any(|m| t.contains(m.as_str()));
-        if written(prompt) && !sources.iter().any(|s| written(s)) {
-            problems.push(format!(
-                "contains the rewriting request's <{tag}> tag (a copy of the request, not a template)"
-            ));
+    let mut tags: Vec<&str> = Vec::new();
+    for c in WRAPPER_TAG.captures_iter(prompt) {
+        let tag = c.get(1).map_or("", |m| m.as_str());
+        let foreign = !agent.output_vars.iter().any(|v| v == tag)
+            && !sources
+                .iter()
+                .any(|s| s.contains(&format!("<{tag}>")) || s.contains(&format!("</{tag}>")));
+        if foreign && !tags.contains(&tag) {
+            tags.push(tag);
         }
     }
+    problems.extend(tags.iter().map(|tag| {
+        format!(
+            "contains the rewriting request's <{tag}> tag (a copy of the request, not a template)"
+        )
+    }));
     for v in &agent.input_vars {
         let n = crate::prompt::placeholder_count(prompt, v);
         let allowed = sources
@@ -438,6 +448,7 @@ mod tests {
         assert_eq!(
             prompt_problems(&p, &a, &[ma, fa]),
             vec![
+                "contains the rewriting request's <template> tag (a copy of the request, not a template)",
                 "contains the rewriting request's <template_a> tag (a copy of the request, not a template)",
                 "contains the rewriting request's <template_b> tag (a copy of the request, not a template)",
                 "placeholder {query} written 2 times (at most 1 in the template it rewrites)",
@@ -471,6 +482,16 @@ mod tests {
             extract_prompt("<prompt>\n<template>\nSolve {query}.\n</template>\n</prompt>")
                 .as_deref(),
             Some("Solve {query}.")
+        );
+        // A wrapper the rewriter invented.
+        assert_eq!(
+            extract_prompt("<prompt><template_c>\nSolve {query}.\n</template_c></prompt>")
+                .as_deref(),
+            Some("Solve {query}.")
+        );
+        assert_eq!(
+            prompt_problems("<template_c>Solve {query} in <answer></answer>.", &agent(), &[]),
+            vec!["contains the rewriting request's <template_c> tag (a copy of the request, not a template)"]
         );
         // Two blocks stay as they are (and are then rejected by their tags).
         let two = "<prompt><template>A</template><template>B</template></prompt>";
