@@ -1985,6 +1985,7 @@ mod tests {
                 "cpu-edits",
                 "cpu-edits-greedy",
                 "cpu-evidence",
+                "cpu-gate",
                 "cpu-small",
                 "cpu-val",
                 "paper"
@@ -2047,6 +2048,19 @@ mod tests {
         same.optimizer.max_total_tokens = blocks.optimizer.max_total_tokens;
         same.description = blocks.description.clone();
         assert_eq!(&same, blocks);
+        // cpu-gate: cpu-val with the validation gate.
+        let gate = &files["cpu-gate"];
+        assert_eq!(
+            (
+                val.optimizer.validation_alpha,
+                gate.optimizer.validation_alpha
+            ),
+            (None, Some(0.1))
+        );
+        let mut same = gate.clone();
+        same.optimizer.validation_alpha = None;
+        same.description = val.description.clone();
+        assert_eq!(&same, val);
     }
 
     #[test]

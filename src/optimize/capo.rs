@@ -27,7 +27,7 @@ use super::meta::{crossover_prompt, mutation_prompt};
 use super::{rng_for, AgentContext, LocalOptimizer, MetaJob, QueryCredits, RunPriority};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use statrs::distribution::{ContinuousCDF, StudentsT};
+use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, StudentsT};
 use std::collections::BTreeMap;
 
 /// One evaluation of a candidate: its credit on one query of one round's block.
@@ -228,6 +228,28 @@ pub fn paired_t_greater(b: &[f64], a: &[f64]) -> f64 {
     let t = mean / (var / n as f64).sqrt();
     match StudentsT::new(0.0, 1.0, (n - 1) as f64) {
         Ok(dist) => dist.sf(t),
+        Err(_) => 1.0,
+    }
+}
+
+/// p-value of the one-sided sign test "`b` is better than `a`" over paired
+/// items: with `w` items where `b` scores higher and `l` where it scores
+/// lower (ties left out), P[X ≥ w] for X ~ Binomial(w + l, 1/2). 1 without
+/// any differing item; only the first `min(len)` items are paired.
+pub fn sign_test_greater(b: &[f64], a: &[f64]) -> f64 {
+    let (mut wins, mut losses) = (0u64, 0u64);
+    for (x, y) in b.iter().zip(a) {
+        if x > y {
+            wins += 1;
+        } else if x < y {
+            losses += 1;
+        }
+    }
+    if wins == 0 {
+        return 1.0;
+    }
+    match Binomial::new(0.5, wins + losses) {
+        Ok(dist) => dist.sf(wins - 1),
         Err(_) => 1.0,
     }
 }
@@ -525,6 +547,24 @@ mod tests {
         assert_eq!(paired_t_greater(&[1.0, 1.0, 1.0], &[0.0; 3]), 0.0);
         assert_eq!(paired_t_greater(&[0.0; 3], &[0.0; 3]), 1.0);
         assert_eq!(paired_t_greater(&[5.0], &[0.0]), 1.0);
+    }
+
+    #[test]
+    fn sign_test_matches_binomial_tails() {
+        // 5 wins, 0 losses: 1/32; ties do not count.
+        let b = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0];
+        let a = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0];
+        assert!((sign_test_greater(&b, &a) - 1.0 / 32.0).abs() < 1e-12);
+        // 3 wins, 1 loss: P[X >= 3 | n = 4] = 5/16.
+        let b = [1.0, 1.0, 1.0, 0.0];
+        let a = [0.0, 0.0, 0.0, 1.0];
+        assert!((sign_test_greater(&b, &a) - 5.0 / 16.0).abs() < 1e-12);
+        // The other way round: 1 win, 3 losses: 15/16.
+        assert!((sign_test_greater(&a, &b) - 15.0 / 16.0).abs() < 1e-12);
+        // No wins, or nothing differs: 1.
+        assert_eq!(sign_test_greater(&[0.0, 0.5], &[1.0, 0.5]), 1.0);
+        assert_eq!(sign_test_greater(&a, &a), 1.0);
+        assert_eq!(sign_test_greater(&[], &[]), 1.0);
     }
 
     #[test]

@@ -36,6 +36,31 @@ pub struct ValidationPoint {
     pub score: f64,
     /// Task tokens of the validation (0 when served from the cache).
     pub tokens: usize,
+    /// Score of every validation item, in the validation set's order (empty
+    /// in checkpoints written before per-item scores were kept).
+    #[serde(default)]
+    pub item_scores: Vec<f64>,
+}
+
+impl ValidationPoint {
+    /// Whether this point should replace `best` as the best validated
+    /// configuration: a higher mean and, with `alpha`, a per-item gain that
+    /// passes the one-sided sign test at that level (points without
+    /// per-item scores on the same items cannot pass it).
+    pub fn improves_on(&self, best: &ValidationPoint, alpha: Option<f64>) -> bool {
+        if best.score >= self.score {
+            return false;
+        }
+        match alpha {
+            None => true,
+            Some(_) if !best.score.is_finite() => true,
+            Some(a) => {
+                !self.item_scores.is_empty()
+                    && self.item_scores.len() == best.item_scores.len()
+                    && super::capo::sign_test_greater(&self.item_scores, &best.item_scores) < a
+            }
+        }
+    }
 }
 
 /// Running sums of an agent's credits (for summary statistics).
@@ -104,6 +129,10 @@ pub struct RunState {
     pub cache: BTreeMap<String, Rollout>,
     /// Validation cache: `config_hash:seed` → (score, tokens).
     pub validation_cache: BTreeMap<String, (f64, usize)>,
+    /// Per-item scores of the cached validations, same keys (absent for
+    /// validations cached before they were kept).
+    #[serde(default)]
+    pub validation_items: BTreeMap<String, Vec<f64>>,
     /// Rejected generated prompts per agent (cumulative).
     pub rejections: BTreeMap<String, usize>,
     /// Credits received per agent (cumulative).
@@ -121,12 +150,15 @@ pub struct RunState {
 }
 
 impl RunState {
-    /// The best validated configuration so far (earliest on ties).
+    /// The best validated configuration so far: each validation in turn
+    /// replaces the best before it when it [improves on](ValidationPoint::improves_on)
+    /// it under the run's `validation_alpha` (earliest on ties).
     pub fn best(&self) -> Option<&ValidationPoint> {
+        let alpha = self.config.validation_alpha;
         self.validations
             .iter()
             .fold(None, |best: Option<&ValidationPoint>, v| match best {
-                Some(b) if b.score >= v.score => Some(b),
+                Some(b) if !v.improves_on(b, alpha) => Some(b),
                 _ => Some(v),
             })
     }
@@ -243,6 +275,7 @@ mod tests {
             },
             cache: BTreeMap::new(),
             validation_cache: BTreeMap::new(),
+            validation_items: BTreeMap::new(),
             rejections: BTreeMap::new(),
             credits: BTreeMap::new(),
             validations: vec![],
@@ -266,6 +299,7 @@ mod tests {
             config: [("a".to_string(), "p: {query}\n  - \"quoted\"".to_string())].into(),
             score: 1.0 / 7.0,
             tokens: 1,
+            item_scores: vec![0.0, 1.0 / 3.0, 1.0],
         });
         save(dir.path(), &state).unwrap();
         let back = load(dir.path()).unwrap();
@@ -277,6 +311,54 @@ mod tests {
             );
         }
         assert!(!dir.path().join("checkpoint.tmp").exists());
+    }
+
+    fn point(round: usize, items: &[f64]) -> ValidationPoint {
+        ValidationPoint {
+            round,
+            config: PromptSet::new(),
+            score: items.iter().sum::<f64>() / items.len().max(1) as f64,
+            tokens: 0,
+            item_scores: items.to_vec(),
+        }
+    }
+
+    #[test]
+    fn best_needs_a_significant_gain_under_the_gate() {
+        let initial = point(0, &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        // +2 items over the initial (2 won, 0 lost): p = 1/4.
+        let small = point(1, &[1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+        // +5 over the initial (5 won, 0 lost): p = 1/32.
+        let large = point(2, &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
+        let mut st = RunState {
+            version: VERSION,
+            config: OptimizeConfig::default(),
+            agents: vec![],
+            optimizers: BTreeMap::new(),
+            rounds_done: 2,
+            tokens: TokenCounters::default(),
+            cache: BTreeMap::new(),
+            validation_cache: BTreeMap::new(),
+            validation_items: BTreeMap::new(),
+            rejections: BTreeMap::new(),
+            credits: BTreeMap::new(),
+            validations: vec![initial.clone(), small.clone()],
+            stop_reason: None,
+            attribution_groups: 0,
+            degenerate_groups: 0,
+        };
+        // The paper's rule: a higher mean wins.
+        assert_eq!(st.best().unwrap().round, 1);
+        st.config.validation_alpha = Some(0.1);
+        assert_eq!(st.best().unwrap().round, 0);
+        // Compared with the initial (the best so far), not with round 1.
+        st.validations.push(large);
+        assert_eq!(st.best().unwrap().round, 2);
+        // Without per-item scores (an old checkpoint) nothing passes the gate.
+        st.validations[2].item_scores.clear();
+        assert_eq!(st.best().unwrap().round, 0);
+        st.config.validation_alpha = None;
+        assert_eq!(st.best().unwrap().round, 2);
     }
 
     #[test]

@@ -140,16 +140,15 @@ impl Executor for MasExecutor<'_> {
             .collect())
     }
 
-    fn validate(&self, config: &PromptSet, seed: u64) -> anyhow::Result<(f64, usize)> {
+    fn validate(&self, config: &PromptSet, seed: u64) -> anyhow::Result<(Vec<f64>, usize)> {
         if self.validation.is_empty() {
             anyhow::bail!("no validation examples");
         }
         let runs = self.run(std::slice::from_ref(config), &self.validation, seed)?;
-        let s = eval::summarize(&runs[0]);
         let tokens = runs[0]
             .iter()
             .map(|r| r.result.input_tokens + r.result.output_tokens)
             .sum();
-        Ok((s.accuracy, tokens))
+        Ok((runs[0].iter().map(|r| r.score).collect(), tokens))
     }
 }

@@ -59,9 +59,10 @@ pub trait Executor: Sync {
         queries: &[usize],
         seed: u64,
     ) -> anyhow::Result<Vec<Vec<Rollout>>>;
-    /// Mean score of one configuration on the validation block, and the task
-    /// tokens it cost.
-    fn validate(&self, config: &PromptSet, seed: u64) -> anyhow::Result<(f64, usize)>;
+    /// Score of one configuration on every validation item (in the
+    /// validation set's order, the same for every configuration), and the
+    /// task tokens it cost.
+    fn validate(&self, config: &PromptSet, seed: u64) -> anyhow::Result<(Vec<f64>, usize)>;
 }
 
 /// Errors of the optimizer.
@@ -246,6 +247,13 @@ pub struct OptimizeConfig {
     pub task_max_new_tokens_estimate: usize,
     /// Estimated validation rollouts (for the dry-run projection only).
     pub validation_size_estimate: usize,
+    /// Significance gate on the validation (an extension beyond the paper):
+    /// a round's validated configuration replaces the best one only when its
+    /// per-item gain passes a one-sided sign test at this level
+    /// ([`capo::sign_test_greater`] over the items where the two differ), not
+    /// merely when its mean is higher. `None` = the paper's rule (a higher
+    /// mean wins).
+    pub validation_alpha: Option<f64>,
 }
 
 impl Default for OptimizeConfig {
@@ -282,6 +290,7 @@ impl Default for OptimizeConfig {
             optimizer: OptimizerKind::Capo,
             task_max_new_tokens_estimate: 512,
             validation_size_estimate: 50,
+            validation_alpha: None,
         }
     }
 }
@@ -297,6 +306,9 @@ impl OptimizeConfig {
         };
         if !(0.0..=1.0).contains(&self.judge_min_coverage) {
             return bad("judge_min_coverage", "must be in [0, 1]");
+        }
+        if matches!(self.validation_alpha, Some(a) if !(a > 0.0 && a <= 1.0)) {
+            return bad("validation_alpha", "must be in (0, 1]");
         }
         if !(0.0..=1.0).contains(&self.ofat_tie_weight) {
             return bad("ofat_tie_weight", "must be in [0, 1]");

@@ -170,6 +170,12 @@ pub struct RoundRecord {
     pub incumbent: PromptSet,
     /// Its validation score.
     pub validation_score: f64,
+    /// One-sided sign-test p-value of its per-item validation scores against
+    /// the best validated configuration before this round (`None` when either
+    /// lacks per-item scores). With `validation_alpha` set, it replaces that
+    /// best only below the level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_p: Option<f64>,
 }
 
 struct Ctx<'a> {
@@ -306,6 +312,7 @@ pub fn optimize(
         tokens: TokenCounters::default(),
         cache: BTreeMap::new(),
         validation_cache: BTreeMap::new(),
+        validation_items: BTreeMap::new(),
         rejections: specs.iter().map(|a| (a.name.clone(), 0)).collect(),
         credits: BTreeMap::new(),
         validations: vec![],
@@ -328,10 +335,11 @@ pub fn optimize(
     if let Some((_, p)) = prior {
         let vseed = derive_seed(st.config.seed, &[tag("validate")]);
         st.tokens.validation += p.tokens as u64;
-        st.validation_cache.insert(
-            format!("{}:{vseed}", config_hash(&initial)),
-            (p.score, p.tokens),
-        );
+        let key = format!("{}:{vseed}", config_hash(&initial));
+        st.validation_cache.insert(key.clone(), (p.score, p.tokens));
+        if !p.item_scores.is_empty() {
+            st.validation_items.insert(key, p.item_scores.clone());
+        }
         tracing::info!(
             score = p.score,
             "initial validation reused from a run with the same seed"
@@ -341,6 +349,7 @@ pub fn optimize(
             config: initial,
             score: p.score,
             tokens: p.tokens,
+            item_scores: p.item_scores.clone(),
         });
     } else {
         match validate(&ctx, &mut st, &initial, 0) {
@@ -528,6 +537,7 @@ fn drive(ctx: &Ctx, mut st: RunState) -> Result<OptimizeResult, OptimizeError> {
                 st.tokens = next.tokens;
                 st.cache = next.cache;
                 st.validation_cache = next.validation_cache;
+                st.validation_items = next.validation_items;
                 reason = r;
                 break;
             }
@@ -572,6 +582,7 @@ pub fn result_of(st: &RunState, reason: StopReason) -> OptimizeResult {
         config: incumbent_config(st),
         score: f64::NAN,
         tokens: 0,
+        item_scores: vec![],
     });
     OptimizeResult {
         best_prompts: best.config.clone(),
@@ -639,6 +650,10 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
     let incumbent = incumbent_config(st);
     let point = validate(ctx, st, &incumbent, round)?;
     let validation_score = point.score;
+    let validation_p = st
+        .best()
+        .filter(|b| !b.item_scores.is_empty() && b.item_scores.len() == point.item_scores.len())
+        .map(|b| super::capo::sign_test_greater(&point.item_scores, &b.item_scores));
     st.validations.push(point);
     let scores = design::score_matrix(&rollouts);
     Ok(RoundRecord {
@@ -664,6 +679,7 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
         tokens: st.tokens,
         incumbent,
         validation_score,
+        validation_p,
     })
 }
 
@@ -1278,6 +1294,7 @@ fn validate(
             config: config.clone(),
             score,
             tokens: 0,
+            item_scores: st.validation_items.get(&key).cloned().unwrap_or_default(),
         });
     }
     let projected = st
@@ -1295,17 +1312,26 @@ fn validate(
         });
     budget::check(&st.config, &st.tokens, Spend::Task, projected, "validate")
         .map_err(Interrupt::Stop)?;
-    let (score, tokens) = ctx
+    let (item_scores, tokens) = ctx
         .executor
         .validate(config, vseed)
         .map_err(|e| Interrupt::Error(OptimizeError::Executor(e)))?;
+    if item_scores.is_empty() {
+        return Err(Interrupt::Error(OptimizeError::Shape {
+            expected: "a score per validation item".into(),
+            got: "no validation scores".into(),
+        }));
+    }
+    let score = item_scores.iter().sum::<f64>() / item_scores.len() as f64;
     st.tokens.validation += tokens as u64;
-    st.validation_cache.insert(key, (score, tokens));
+    st.validation_cache.insert(key.clone(), (score, tokens));
+    st.validation_items.insert(key, item_scores.clone());
     Ok(ValidationPoint {
         round,
         config: config.clone(),
         score,
         tokens,
+        item_scores,
     })
 }
 

@@ -251,12 +251,12 @@ impl Executor for PlantedWorld {
             .map(|c| queries.iter().map(|&q| self.rollout(c, q)).collect())
             .collect())
     }
-    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(f64, usize)> {
+    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(Vec<f64>, usize)> {
         let start = 1_000_000;
-        let total: f64 = (start..start + self.val)
+        let scores = (start..start + self.val)
             .map(|q| self.rollout(config, q).score)
-            .sum();
-        Ok((total / self.val as f64, 50 * self.val))
+            .collect();
+        Ok((scores, 50 * self.val))
     }
 }
 

@@ -409,6 +409,7 @@ mod tests {
         RoundRow {
             round,
             validation: 0.5,
+            validation_p: None,
             incumbent_block: Some(0.4),
             best_candidate_block: None,
             configs: 1,

@@ -198,6 +198,8 @@ pub struct RoundRow {
     pub round: usize,
     /// Validation score of the combined best after the round.
     pub validation: f64,
+    /// Sign-test p-value of that validation against the best before it.
+    pub validation_p: Option<f64>,
     /// Block-mean score of the incumbent (configuration 0).
     pub incumbent_block: Option<f64>,
     /// Best block-mean score among the candidates (configurations 1..).
@@ -242,6 +244,7 @@ impl RoundRow {
         Self {
             round: rec.round,
             validation: rec.validation_score,
+            validation_p: rec.validation_p,
             incumbent_block: rec.block_scores.first().copied(),
             best_candidate_block,
             configs: rec.configs.len(),
@@ -452,17 +455,29 @@ fn markdown(
     );
 
     let _ = writeln!(md, "## Rounds\n");
+    let gate = match data.config.validation_alpha {
+        Some(a) => {
+            format!("this run's `validation_alpha` is {a}: only p below it replaced the best")
+        }
+        None => "this run has no `validation_alpha`: a higher mean replaced the best".into(),
+    };
     let _ = writeln!(
         md,
-        "| round | validation | incumbent block | best candidate block | configs | task tokens | meta tokens | attribution failures | rejections |"
+        "`p vs best before`: one-sided sign test of the round's per-item validation scores against the best validated configuration before it (`–` without per-item scores); {gate}.\n"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| round | validation | p vs best before | incumbent block | best candidate block | configs | task tokens | meta tokens | attribution failures | rejections |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.round,
             fmt_score(r.validation),
+            r.validation_p
+                .map_or("–".to_string(), |p| format!("{p:.3}")),
             fmt_opt(r.incumbent_block),
             fmt_opt(r.best_candidate_block),
             r.configs,

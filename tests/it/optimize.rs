@@ -127,10 +127,10 @@ impl Executor for FakeExecutor {
             .map(|c| queries.iter().map(|&q| Self::run_one(c, q)).collect())
             .collect())
     }
-    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(f64, usize)> {
+    fn validate(&self, config: &PromptSet, _seed: u64) -> anyhow::Result<(Vec<f64>, usize)> {
         self.validate_calls.fetch_add(1, Ordering::SeqCst);
         let scores: Vec<f64> = (100..108).map(|q| Self::run_one(config, q).score).collect();
-        Ok((scores.iter().sum::<f64>() / scores.len() as f64, 80))
+        Ok((scores, 80))
     }
 }
 
@@ -299,6 +299,45 @@ fn optimize_finds_the_magic_word_and_credits_the_solver() {
     let ev = events.lock().unwrap();
     assert!(ev.iter().any(|e| e.starts_with("RoundFinished { round: 2")));
     assert!(ev.last().unwrap().starts_with("Stopped"));
+}
+
+/// The validation gate: the magic word lifts the 8 validation items from 2/8
+/// to 8/8 (6 items won, none lost: sign-test p = 1/64). At level 0.05 that
+/// passes; at 0.01 it does not, and the run returns the initial prompts
+/// although the validated mean rose. The p-value is in `rounds.jsonl`.
+#[test]
+fn validation_gate_accepts_only_significant_per_item_gains() {
+    let exec = FakeExecutor::new();
+    let gated = |alpha| OptimizeConfig {
+        validation_alpha: Some(alpha),
+        ..config(2)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let res = run_fake(&exec, &gated(0.05), dir.path());
+    assert_eq!((res.initial_score, res.best_score), (0.25, 1.0));
+    assert!(res.best_prompts["solver"].contains(MAGIC));
+    assert_eq!(res.validations[0].item_scores.len(), 8);
+
+    let dir = tempfile::tempdir().unwrap();
+    let res = run_fake(&exec, &gated(0.01), dir.path());
+    assert_eq!(
+        (res.initial_score, res.best_score, res.best_round),
+        (0.25, 0.25, 0)
+    );
+    assert!(!res.best_prompts["solver"].contains(MAGIC));
+    assert!(res.validations.iter().any(|v| v.score == 1.0));
+    let recs = read_records(dir.path());
+    let improved = recs.iter().find(|r| r.validation_score == 1.0).unwrap();
+    assert!((improved.validation_p.unwrap() - 1.0 / 64.0).abs() < 1e-12);
+    let best: PromptSet = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.path().join("best_prompts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(best, res.best_prompts);
+
+    // Out of range is a config error naming the field.
+    let err = gated(0.0).validate().unwrap_err().to_string();
+    assert!(err.contains("validation_alpha"), "{err}");
 }
 
 #[test]
