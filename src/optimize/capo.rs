@@ -24,7 +24,10 @@
 //! initial prompt)`, tokens from the meta-LLM's tokenizer.
 
 use super::meta::{crossover_prompt, mutation_prompt};
-use super::{rng_for, AgentContext, LocalOptimizer, MetaJob, QueryCredits, RunPriority};
+use super::{
+    rng_for, AgentContext, Design, LocalOptimizer, MetaJob, OptimizeConfig, QueryCredits,
+    RunPriority,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, StudentsT};
@@ -190,7 +193,33 @@ impl Capo {
         Some(self.candidates.len() - 1)
     }
 
-    fn finish_race(&mut self, members: Vec<usize>, round: usize, weight: f64) {
+    /// Whether candidate `c` clearly beat candidate `inc` on the evaluations
+    /// both have: more queries where its (unpenalised) credit exceeds `inc`'s
+    /// by more than `margin` than the other way round.
+    fn clearly_beats(&self, c: usize, inc: usize, margin: f64) -> bool {
+        let credits = |id: usize| -> BTreeMap<(usize, usize), f64> {
+            self.candidates[id]
+                .evals
+                .iter()
+                .filter_map(|e| e.credit.map(|x| ((e.round, e.query), x)))
+                .collect()
+        };
+        let (a, b) = (credits(c), credits(inc));
+        let (mut wins, mut losses) = (0usize, 0usize);
+        for (key, x) in &a {
+            if let Some(y) = b.get(key) {
+                if x - y > margin + 1e-9 {
+                    wins += 1;
+                } else if y - x > margin + 1e-9 {
+                    losses += 1;
+                }
+            }
+        }
+        wins > losses
+    }
+
+    fn finish_race(&mut self, members: Vec<usize>, round: usize, config: &OptimizeConfig) {
+        let weight = config.length_penalty;
         let mut ranked: Vec<(usize, Option<f64>)> = members
             .iter()
             .map(|&m| (m, self.mean_score(m, weight)))
@@ -202,6 +231,25 @@ impl Capo {
             (None, Some(_)) => std::cmp::Ordering::Greater,
             (None, None) => std::cmp::Ordering::Equal,
         });
+        // A sticky incumbent keeps first place unless a member ranked above
+        // it clearly beat it: a tie, a shorter prompt or the attributer's
+        // small refinement of a tie (at most `ofat_tie_weight` under `ofat`)
+        // does not move it.
+        if config.sticky_incumbent {
+            let old = self.population.first().copied();
+            if let Some(pos) = old.and_then(|o| ranked.iter().position(|r| r.0 == o)) {
+                let margin = match config.design {
+                    Design::Ofat => config.ofat_tie_weight,
+                    Design::Joint => 0.0,
+                };
+                let lead = ranked[..pos]
+                    .iter()
+                    .position(|r| self.clearly_beats(r.0, ranked[pos].0, margin))
+                    .unwrap_or(pos);
+                let first = ranked.remove(lead);
+                ranked.insert(0, first);
+            }
+        }
         self.population = ranked.iter().take(self.k).map(|r| r.0).collect();
         for r in ranked.iter().skip(self.k) {
             self.candidates[r.0].dropped_round = Some(round);
@@ -500,7 +548,7 @@ impl LocalOptimizer for Capo {
             race.members = survivors;
         }
         if race.members.len() <= self.k || race.blocks >= ctx.config.max_blocks {
-            self.finish_race(race.members, round, weight);
+            self.finish_race(race.members, round, ctx.config);
         } else {
             self.race = Some(race);
         }
@@ -816,6 +864,59 @@ mod tests {
                 assert_eq!(e.credit, expected, "candidate {m}, query {}", e.query);
             }
         }
+    }
+
+    /// A two-prompt population (long incumbent first, a short one) raced on
+    /// one block with the given credits of (incumbent, short); returns the
+    /// incumbent afterwards.
+    fn incumbent_after(sticky: bool, long: f64, short: [f64; 4]) -> String {
+        let llm = ScriptedLlm::new(|_| String::new());
+        let agent = agent();
+        let cfg = OptimizeConfig {
+            crossovers_per_round: 1,
+            length_penalty: 0.5,
+            design: Design::Ofat,
+            ofat_tie_weight: 0.25,
+            sticky_incumbent: sticky,
+            ..Default::default()
+        };
+        let pool = vec![
+            "L L L L L L {query} <answer>".to_string(),
+            "S {query} <answer>".to_string(),
+        ];
+        let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
+        let ctx = AgentContext {
+            agent: &agent,
+            run_seed: 3,
+            round: 1,
+            config: &cfg,
+            llm: &llm,
+            shots: &[],
+        };
+        capo.propose_phase(0, &[], &ctx);
+        capo.propose_phase(1, &[None], &ctx);
+        capo.propose_phase(2, &[None], &ctx);
+        let credits = |xs: [f64; 4]| -> QueryCredits {
+            xs.iter().enumerate().map(|(q, &x)| (q, Some(x))).collect()
+        };
+        capo.update(1, &[credits([long; 4]), credits(short)], &ctx);
+        assert!(capo.race.is_none());
+        capo.incumbent()
+    }
+
+    #[test]
+    fn sticky_incumbent_moves_only_for_a_clear_win() {
+        let long = "L L L L L L {query} <answer>";
+        let short = "S {query} <answer>";
+        // A tie: the paper's rule lets the length penalty pick the short one.
+        assert_eq!(incumbent_after(false, 0.0, [0.0; 4]), short);
+        assert_eq!(incumbent_after(true, 0.0, [0.0; 4]), long);
+        // Tie refinements (at most the tie weight) are not a clear win either.
+        assert_eq!(incumbent_after(true, 0.0, [0.2, 0.2, 0.1, 0.0]), long);
+        // One query won outright, none lost: it moves.
+        assert_eq!(incumbent_after(true, 0.0, [1.0, 0.0, 0.0, 0.0]), short);
+        // One won and one lost: a draw keeps the incumbent.
+        assert_eq!(incumbent_after(true, 0.0, [1.0, -1.0, 0.2, 0.0]), long);
     }
 
     fn jobs_for(pool: &[String], ctx: &AgentContext) -> Vec<MetaJob> {

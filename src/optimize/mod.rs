@@ -254,6 +254,13 @@ pub struct OptimizeConfig {
     /// merely when its mean is higher. `None` = the paper's rule (a higher
     /// mean wins).
     pub validation_alpha: Option<f64>,
+    /// CAPO (an extension beyond the paper): the incumbent keeps its place
+    /// after a race unless a candidate ranked above it clearly beat it, i.e.
+    /// won more of their shared queries than it lost by more than
+    /// `ofat_tie_weight` (`ofat`) or by any credit (`joint`). Ties, a shorter
+    /// prompt or the attributer's refinement of a tie then never replace it.
+    /// `false` = the paper's rule (the best mean penalised credit leads).
+    pub sticky_incumbent: bool,
 }
 
 impl Default for OptimizeConfig {
@@ -291,6 +298,7 @@ impl Default for OptimizeConfig {
             task_max_new_tokens_estimate: 512,
             validation_size_estimate: 50,
             validation_alpha: None,
+            sticky_incumbent: false,
         }
     }
 }

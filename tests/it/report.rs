@@ -92,9 +92,11 @@ fn report_of_a_two_round_run() {
             .copied()
             .fold(f64::NEG_INFINITY, f64::max);
         let row = format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
             rec.round,
             rec.validation_score,
+            rec.validation_p
+                .expect("per-item validation scores give a p-value"),
             rec.block_scores[0],
             best_cand,
             rec.configs.len(),
