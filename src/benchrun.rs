@@ -2048,7 +2048,7 @@ mod tests {
         same.optimizer.max_total_tokens = blocks.optimizer.max_total_tokens;
         same.description = blocks.description.clone();
         assert_eq!(&same, blocks);
-        // cpu-gate: cpu-val with the validation gate.
+        // cpu-gate: cpu-val with the validation gate and a sticky incumbent.
         let gate = &files["cpu-gate"];
         assert_eq!(
             (
@@ -2057,8 +2057,10 @@ mod tests {
             ),
             (None, Some(0.1))
         );
+        assert!(!val.optimizer.sticky_incumbent && gate.optimizer.sticky_incumbent);
         let mut same = gate.clone();
         same.optimizer.validation_alpha = None;
+        same.optimizer.sticky_incumbent = false;
         same.description = val.description.clone();
         assert_eq!(&same, val);
     }
