@@ -169,19 +169,22 @@ impl OptimizeBars {
             ProgressEvent::RoundFinished {
                 round,
                 validation_score,
+                validation_p,
                 best_score,
                 tokens,
                 attribution_groups,
                 degenerate_groups,
             } => {
                 self.rounds.set_position(*round as u64);
+                let p = validation_p
+                    .map_or(String::new(), |p| format!(" (p {p:.3} vs the best before)"));
                 let degenerate = if *degenerate_groups > 0 {
                     format!(" ({degenerate_groups} degenerate: identity credits used)")
                 } else {
                     String::new()
                 };
                 let line = format!(
-                    "round {round}: validation {validation_score:.3}, best {best_score:.3}, tokens task {} meta {}, {attribution_groups} attribution groups{degenerate}",
+                    "round {round}: validation {validation_score:.3}{p}, best {best_score:.3}, tokens task {} meta {}, {attribution_groups} attribution groups{degenerate}",
                     tokens.task(),
                     tokens.meta()
                 );

@@ -53,6 +53,9 @@ pub enum ProgressEvent {
         round: usize,
         /// Validation score of this round's combined best.
         validation_score: f64,
+        /// Its sign-test p-value against the best before it (see
+        /// [`RoundRecord::validation_p`]).
+        validation_p: Option<f64>,
         /// Best validation score so far.
         best_score: f64,
         /// Tokens spent so far.
@@ -515,6 +518,7 @@ fn drive(ctx: &Ctx, mut st: RunState) -> Result<OptimizeResult, OptimizeError> {
                 ctx.emit(ProgressEvent::RoundFinished {
                     round,
                     validation_score: record.validation_score,
+                    validation_p: record.validation_p,
                     best_score: best,
                     tokens: st.tokens,
                     attribution_groups: record.attribution_groups,

@@ -128,7 +128,7 @@ fn eval_and_optimize_on_tiny_model() {
     let cfg = d.path().join("opt.yaml");
     std::fs::write(
         &cfg,
-        "rounds: 1\nblock_size: 2\nmeta_max_new_tokens: 12\nattribution_max_new_tokens: 12\n",
+        "rounds: 1\nblock_size: 2\nmeta_max_new_tokens: 12\nattribution_max_new_tokens: 12\nvalidation_alpha: 0.1\nsticky_incumbent: true\n",
     )
     .unwrap();
     let args = |extra: &[&str]| {
@@ -161,6 +161,12 @@ fn eval_and_optimize_on_tiny_model() {
     let (ok, stdout, err) = run(bin().args(args(&["--out", run_dir.to_str().unwrap()])));
     assert!(ok, "{err}");
     assert!(stdout.contains("rounds completed: 1"), "{stdout}");
+    // The round line gives the validation's sign test against the best before
+    // it (a random model solves nothing: no item won, p = 1).
+    assert!(
+        err.contains("round 1: validation 0.000 (p 1.000 vs the best before)"),
+        "{err}"
+    );
     for f in [
         "config.json",
         "rounds.jsonl",
