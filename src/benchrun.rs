@@ -1246,6 +1246,11 @@ pub fn render_markdown(t: &ResultsTable) -> String {
                     ", {} few-shot offspring per step (up to {} examples)",
                     o.edit_shots, o.max_shots
                 )),
+                o.sticky_incumbent
+                    .then(|| ", sticky incumbent (moves only on a clear win)".to_string()),
+                o.validation_alpha.map(|a| format!(
+                    ", validation gate: a sign test p < {a} against the best before"
+                )),
             ]
             .into_iter()
             .flatten()
@@ -1830,6 +1835,22 @@ mod tests {
         // Rows without rates (older run directories) add no section.
         let bare = build_table("cpu-small", &[part(7, &[])]);
         assert!(!render_markdown(&bare).contains("cut off at the token limit"));
+    }
+
+    #[test]
+    fn settings_line_names_the_selection_rules() {
+        let mut t = build_table("cpu-gate", &[]);
+        let (_, gate) = Protocol::resolve("configs/protocols/cpu-gate.yaml").unwrap();
+        t.settings = Some(gate);
+        let md = render_markdown(&t);
+        assert!(
+            md.contains("blocks of 4, sticky incumbent (moves only on a clear win), validation gate: a sign test p < 0.1 against the best before)"),
+            "{md}"
+        );
+        let (_, val) = Protocol::resolve("configs/protocols/cpu-val.yaml").unwrap();
+        t.settings = Some(val);
+        let md = render_markdown(&t);
+        assert!(md.contains("blocks of 4); 512 new tokens"), "{md}");
     }
 
     #[test]
