@@ -20,6 +20,11 @@
 //! examples from the agent's correct dev rollouts. A candidate is not credited
 //! on the queries its examples came from.
 //!
+//! With `sticky_incumbent` (an extension, off by default) the ranking's first
+//! place, the incumbent, changes only when a member clearly beat the old
+//! incumbent on their shared queries (more won than lost beyond the tie
+//! weight); ties broken by length or by the attributer leave it in place.
+//!
 //! Length penalty: `length_penalty × tokens(candidate) / tokens(longest
 //! initial prompt)`, tokens from the meta-LLM's tokenizer.
 
