@@ -730,6 +730,22 @@ mod tests {
         assert_eq!(j2, jobs_for(&pool, &ctx));
     }
 
+    /// The context of round 1 of run seed 3, without worked examples.
+    fn round_one<'a>(
+        agent: &'a AgentSpec,
+        config: &'a OptimizeConfig,
+        llm: &'a ScriptedLlm,
+    ) -> AgentContext<'a> {
+        AgentContext {
+            agent,
+            run_seed: 3,
+            round: 1,
+            config,
+            llm,
+            shots: &[],
+        }
+    }
+
     /// One CAPO step on `pool` whose meta jobs (a crossover, then the
     /// fallback mutation of its first parent) are both rejected: what races
     /// besides the pool comes from the edit operators, which make no meta call.
@@ -756,15 +772,7 @@ mod tests {
                 edit_deletions: deletions,
                 ..Default::default()
             };
-            let ctx = AgentContext {
-                agent: &agent,
-                run_seed: 3,
-                round: 1,
-                config: &cfg,
-                llm: &llm,
-                shots: &[],
-            };
-            edit_step(&pool, &ctx)
+            edit_step(&pool, &round_one(&agent, &cfg, &llm))
         };
         assert_eq!(
             run(0).candidates_to_run(),
@@ -889,18 +897,8 @@ mod tests {
             "L L L L L L {query} <answer>".to_string(),
             "S {query} <answer>".to_string(),
         ];
-        let mut capo = Capo::new(&pool, None, &|s| s.split_whitespace().count());
-        let ctx = AgentContext {
-            agent: &agent,
-            run_seed: 3,
-            round: 1,
-            config: &cfg,
-            llm: &llm,
-            shots: &[],
-        };
-        capo.propose_phase(0, &[], &ctx);
-        capo.propose_phase(1, &[None], &ctx);
-        capo.propose_phase(2, &[None], &ctx);
+        let ctx = round_one(&agent, &cfg, &llm);
+        let mut capo = edit_step(&pool, &ctx);
         let credits = |xs: [f64; 4]| -> QueryCredits {
             xs.iter().enumerate().map(|(q, &x)| (q, Some(x))).collect()
         };

@@ -54,12 +54,15 @@ impl ValidationPoint {
         match alpha {
             None => true,
             Some(_) if !best.score.is_finite() => true,
-            Some(a) => {
-                !self.item_scores.is_empty()
-                    && self.item_scores.len() == best.item_scores.len()
-                    && super::capo::sign_test_greater(&self.item_scores, &best.item_scores) < a
-            }
+            Some(a) => self.p_against(best).is_some_and(|p| p < a),
         }
+    }
+
+    /// One-sided sign-test p-value of this point's per-item scores against
+    /// `best`'s; `None` unless both have scores for the same items.
+    pub fn p_against(&self, best: &ValidationPoint) -> Option<f64> {
+        (!self.item_scores.is_empty() && self.item_scores.len() == best.item_scores.len())
+            .then(|| super::capo::sign_test_greater(&self.item_scores, &best.item_scores))
     }
 }
 

@@ -654,10 +654,7 @@ fn run_round(ctx: &Ctx, st: &mut RunState, round: usize) -> Result<RoundRecord, 
     let incumbent = incumbent_config(st);
     let point = validate(ctx, st, &incumbent, round)?;
     let validation_score = point.score;
-    let validation_p = st
-        .best()
-        .filter(|b| !b.item_scores.is_empty() && b.item_scores.len() == point.item_scores.len())
-        .map(|b| super::capo::sign_test_greater(&point.item_scores, &b.item_scores));
+    let validation_p = st.best().and_then(|b| point.p_against(b));
     st.validations.push(point);
     let scores = design::score_matrix(&rollouts);
     Ok(RoundRecord {
