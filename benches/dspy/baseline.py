@@ -149,6 +149,19 @@ def usage_of(lm):
     return inp, out
 
 
+def write_history(lm, opt_calls, path):
+    """One JSON line per model call, in call order: what DSPy sent and what came back."""
+    with open(path, "w") as f:
+        for i, h in enumerate(lm.history):
+            outputs = h.get("outputs") or []
+            f.write(json.dumps({
+                "phase": "optimization" if i < opt_calls else "test",
+                "messages": h.get("messages"),
+                "reply": outputs[0] if outputs else None,
+                "usage": dict(h.get("usage") or {}),
+            }, default=str) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=["gsm8k", "mbpp"], required=True)
@@ -165,6 +178,8 @@ def main():
     ap.add_argument("--mipro-candidates", type=int, default=3)
     ap.add_argument("--gepa-metric-calls", type=int, default=60, help="GEPA max_metric_calls (sets the budget)")
     ap.add_argument("--limit-test", type=int, default=None)
+    ap.add_argument("--history", default=None,
+                    help="write every model call (phase, messages, reply, usage) to this JSONL file")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -222,6 +237,7 @@ def main():
         program = opt.compile(program, trainset=dev[:half], valset=dev[half:])
     opt_secs = time.time() - started
     opt_in, opt_out = usage_of(lm)
+    opt_calls = len(lm.history)
     opt_failures = failures["count"]
 
     started = time.time()
@@ -256,6 +272,8 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
+    if a.history:
+        write_history(lm, opt_calls, a.history)
     print(f"{a.task} {a.optimizer}: accuracy {out['accuracy']:.3f} on {len(scores)} items; "
           f"optimization {opt_in + opt_out} tokens, {opt_secs:.0f} s; wrote {a.out}")
 

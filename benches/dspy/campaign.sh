@@ -20,12 +20,14 @@
 # The run's own settings come from OUT/protocol.json (what bench-run recorded):
 # dev and test sizes, the task model's temperature and its new-token limit per
 # turn, so a greedy protocol gets greedy baselines on the same items.
+# Every model call of a baseline (messages, reply, usage) is kept beside its
+# result in dspy_<optimizer>_history.jsonl (keep-run.sh leaves it out).
 # Environment: CANTANTE_DATA (the datasets, as for every cantante command), CANTANTE_BIN (default target/release/cantante), PORT (8090),
 # MAX_BATCH (64), MAX_TOKENS / TEMPERATURE (override the recorded protocol's),
 # CANTANTE_DSPY_VENV, PROTOCOL (for the table; default
 # configs/protocols/<recorded name>.yaml, else the recorded name).
 set -euo pipefail
-[[ $# -ge 4 ]] || { sed -n 2,26p "$0"; exit 2; }
+[[ $# -ge 4 ]] || { sed -n 2,28p "$0"; exit 2; }
 out=$1 task=$2 seeds=$3 model=$4 optimizers=${5:-mipro,gepa}
 here="$(cd "$(dirname "$0")" && pwd)"
 bin=${CANTANTE_BIN:-target/release/cantante}
@@ -105,7 +107,8 @@ EOF
     start_server
     "$py" "$here/baseline.py" --task "$task" --api-base "http://127.0.0.1:$port/v1" \
       --dev "$dir/dspy_dev.jsonl" --test "$dir/dspy_test.jsonl" --seed "$seed" \
-      --max-tokens "$max_tokens" --temperature "$temperature" --optimizer "$opt" "${knob[@]}" --out "$result.tmp"
+      --max-tokens "$max_tokens" --temperature "$temperature" --optimizer "$opt" "${knob[@]}" --out "$result.tmp" \
+      --history "$dir/dspy_${opt}_history.jsonl"
     mv "$result.tmp" "$result"
   done
 done
