@@ -8,7 +8,9 @@ Default RUN_DIRs: every `benches/results/runs/*/` with a results.json. Per run
 and task: protocol, seeds, test accuracy (mean over the seeds each method
 finished) of the initial prompts, CANTANTE and the identity ablation, the
 paired CANTANTE-vs-initial difference (95% paired-bootstrap interval, McNemar
-p) and every external baseline (DSPy). Nothing here is computed anew except
+p), the block queries on which CANTANTE's candidate configurations beat,
+lost to or tied their round's incumbent (all seeds and agents together), and
+every external baseline (DSPy). Nothing here is computed anew except
 the formatting: the numbers are bench-run's.
 """
 
@@ -59,7 +61,10 @@ def rows_of(path):
         accs = [acc_cell(by.get((task, m))) for m, _ in METHODS]
         if all(a == "–" for a in accs):
             continue  # a directory bench-run listed as a task but with no evaluation in it
-        yield [run, protocol_name(d), task] + accs + [paired_cell(paired), ext]
+        cands = [c["outcomes"] for c in d.get("candidates", []) if c["task"] == task]
+        flips = (f"{sum(o['won'] for o in cands)} / {sum(o['lost'] for o in cands)} / "
+                 f"{sum(o['tied'] for o in cands)}") if cands else "–"
+        yield [run, protocol_name(d), task] + accs + [paired_cell(paired), flips, ext]
 
 
 def natural(path):
@@ -71,7 +76,8 @@ def main():
     paths = [os.path.join(a, "results.json") for a in sys.argv[1:]] or sorted(
         glob.glob(os.path.join(os.path.dirname(__file__), "results", "runs", "*", "results.json")), key=natural)
     head = ["run", "protocol", "task"] + [f"{label} acc % (seeds)" for _, label in METHODS] + [
-        "CANTANTE − initial, points [95% CI], only C / only I, McNemar", "external baselines, acc % (seeds)"]
+        "CANTANTE − initial, points [95% CI], only C / only I, McNemar",
+        "CANTANTE candidates vs incumbent: queries won / lost / tied", "external baselines, acc % (seeds)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for path in paths:

@@ -15,7 +15,9 @@
 
 use crate::eval::EvalSummary;
 use crate::graph::PromptSet;
-use crate::optimize::analysis::{counterfactual_correlation, credit_correlation};
+use crate::optimize::analysis::{
+    candidate_outcomes, counterfactual_correlation, credit_correlation, Outcomes,
+};
 use crate::optimize::{OptimizeConfig, OptimizeResult, RoundRecord, StopReason};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -715,6 +717,20 @@ pub struct CreditRow {
     pub counterfactual_rho: Option<MeanStd>,
 }
 
+/// Candidate configurations of one CANTANTE run against their round's
+/// incumbent, query by query, for one changed agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRow {
+    /// Task.
+    pub task: String,
+    /// Seed.
+    pub seed: u64,
+    /// The agent the candidates changed (or `(several agents)`).
+    pub changed: String,
+    /// Block queries won, lost and tied against the incumbent.
+    pub outcomes: Outcomes,
+}
+
 /// A paired comparison of two methods over the (seed, test item) pairs both
 /// evaluated: the same items, so item difficulty cancels out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -986,6 +1002,10 @@ pub struct ResultsTable {
     pub rows: Vec<MethodRow>,
     /// Credit correlation per (task, agent).
     pub credit: Vec<CreditRow>,
+    /// Per (task, seed, changed agent): the CANTANTE run's candidates
+    /// against their incumbents, query by query.
+    #[serde(default)]
+    pub candidates: Vec<CandidateRow>,
     /// CANTANTE vs the initial prompts and vs the identity ablation, paired
     /// over (seed, test item).
     #[serde(default)]
@@ -1011,6 +1031,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     let mut machines = BTreeSet::new();
     let mut rows = Vec::new();
     let mut credit = Vec::new();
+    let mut candidates = Vec::new();
     let mut paired = Vec::new();
     let mut baselines = Vec::new();
     let mut notes = Vec::new();
@@ -1182,6 +1203,14 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
             for (agent, v) in counterfactual_correlation(&run.rounds) {
                 per_agent.entry(agent).or_default().1.insert(p.seed, v);
             }
+            for (changed, outcomes) in candidate_outcomes(&run.rounds) {
+                candidates.push(CandidateRow {
+                    task: task.clone(),
+                    seed: p.seed,
+                    changed,
+                    outcomes,
+                });
+            }
         }
         for (agent, (per_seed, cf)) in per_agent {
             let rhos: Vec<f64> = per_seed.values().filter_map(|(r, _)| *r).collect();
@@ -1202,6 +1231,7 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
         machines: machines.into_iter().collect(),
         rows,
         credit,
+        candidates,
         paired,
         baselines,
         reference: paper_reference()
@@ -1429,6 +1459,23 @@ pub fn render_markdown(t: &ResultsTable) -> String {
                 per(&c.per_seed),
                 opt(&c.counterfactual_rho, 1.0, 2),
                 per(&c.counterfactual_per_seed)
+            ));
+        }
+    }
+    if !t.candidates.is_empty() {
+        s.push_str("\n## Candidates against the incumbent\n\n");
+        s.push_str(
+            "Per CANTANTE run, block queries on which a candidate configuration scored above \
+             (won), below (lost) or the same as (tied) its round's incumbent, keyed by the agent \
+             the candidate changed. A prompt can only be adopted for a win; with none, no \
+             selection rule had a better prompt to find.\n\n\
+             | task | seed | changed | configurations | won | lost | tied |\n|---|---|---|---|---|---|---|\n",
+        );
+        for c in &t.candidates {
+            let o = c.outcomes;
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} |\n",
+                c.task, c.seed, c.changed, o.configs, o.won, o.lost, o.tied
             ));
         }
     }
@@ -1898,6 +1945,56 @@ mod tests {
             md.contains("| gsm8k | a | 1.00 ± 0.00 | seed 7: +1.00 (3); seed 42: +1.00 (3) |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn candidate_rows_from_rounds() {
+        let mut rec = record(vec![0.5, 1.0, 0.0], vec![0.0; 3], vec![0.0; 3]);
+        rec.changed = vec![vec![], vec!["a".into()], vec!["a".into(), "b".into()]];
+        let mut p = SeedParts {
+            task: "gsm8k".into(),
+            seed: 7,
+            ..Default::default()
+        };
+        p.runs.insert(
+            Method::Cantante,
+            OptPart {
+                summary: None,
+                rounds: vec![rec.clone(), rec],
+                timing: None,
+            },
+        );
+        let t = build_table("x", &[p]);
+        let won = Outcomes {
+            configs: 2,
+            won: 2,
+            lost: 0,
+            tied: 0,
+        };
+        let lost = Outcomes {
+            won: 0,
+            lost: 2,
+            ..won
+        };
+        let got: Vec<(&str, u64, Outcomes)> = t
+            .candidates
+            .iter()
+            .map(|c| (c.changed.as_str(), c.seed, c.outcomes))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (crate::optimize::analysis::SEVERAL_AGENTS, 7, lost),
+                ("a", 7, won)
+            ]
+        );
+        let md = render_markdown(&t);
+        assert!(md.contains("| gsm8k | 7 | a | 2 | 2 | 0 | 0 |"), "{md}");
+        // Old results.json files (without the field) still load.
+        let mut j = serde_json::to_value(&t).unwrap();
+        j.as_object_mut().unwrap().remove("candidates");
+        let old: ResultsTable = serde_json::from_value(j).unwrap();
+        assert!(old.candidates.is_empty());
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! A moderate, agent-specific ρ indicates credits that are not just an echo of
 //! the system score; it does not show that credits are correct. For that,
 //! [`counterfactual_correlation`] compares credits with the measured gain of
-//! configurations that changed a single agent.
+//! configurations that changed a single agent. [`candidate_outcomes`] counts,
+//! per changed agent, the block queries on which a candidate configuration
+//! solved what the incumbent missed (or the reverse): when it finds no win,
+//! no selection rule can find a better prompt in the run.
 
 use super::RoundRecord;
 use std::collections::BTreeMap;
@@ -127,6 +130,55 @@ pub fn counterfactual_correlation(
     rho_per_agent(points)
 }
 
+/// Per-query comparison of candidate configurations with the incumbent
+/// (configuration 0) of the same round, on the same block queries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Outcomes {
+    /// Candidate configurations compared.
+    pub configs: usize,
+    /// Queries where the candidate scored higher than the incumbent.
+    pub won: usize,
+    /// Queries where it scored lower.
+    pub lost: usize,
+    /// Queries where both scored the same.
+    pub tied: usize,
+}
+
+/// Key of [`candidate_outcomes`] for configurations that changed more than one agent.
+pub const SEVERAL_AGENTS: &str = "(several agents)";
+
+/// Candidate-vs-incumbent outcomes over every round, keyed by the agent a
+/// configuration changed ([`SEVERAL_AGENTS`] when it changed more than one,
+/// as in the joint design). Records without `changed` (older runs)
+/// contribute nothing. Scores differing by less than 1e-9 tie.
+pub fn candidate_outcomes(records: &[RoundRecord]) -> BTreeMap<String, Outcomes> {
+    let mut out: BTreeMap<String, Outcomes> = BTreeMap::new();
+    for rec in records {
+        let Some(base) = rec.scores.first() else {
+            continue;
+        };
+        for (c, changed) in rec.changed.iter().enumerate().skip(1) {
+            let (Some(row), false) = (rec.scores.get(c), changed.is_empty()) else {
+                continue;
+            };
+            let key = match changed.as_slice() {
+                [agent] => agent.clone(),
+                _ => SEVERAL_AGENTS.to_string(),
+            };
+            let e = out.entry(key).or_default();
+            e.configs += 1;
+            for (cand, inc) in row.iter().zip(base) {
+                match cand - inc {
+                    d if d > 1e-9 => e.won += 1,
+                    d if d < -1e-9 => e.lost += 1,
+                    _ => e.tied += 1,
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +201,71 @@ mod tests {
         assert!((r - 0.8).abs() < 1e-12);
         assert_eq!(spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
         assert_eq!(spearman(&[1.0, 2.0], &[1.0, 2.0]), None);
+    }
+
+    /// A round with per-query `scores` and the agents each configuration changed.
+    fn round(scores: Vec<Vec<f64>>, changed: Vec<Vec<&str>>) -> RoundRecord {
+        let n = scores.len();
+        let block_scores: Vec<f64> = scores
+            .iter()
+            .map(|r| r.iter().sum::<f64>() / r.len() as f64)
+            .collect();
+        let j = serde_json::json!({
+            "round": 1, "configs": vec![serde_json::json!({}); n], "config_hashes": vec!["h"; n],
+            "changed": changed, "block": [0, 1, 2], "scores": scores, "block_scores": block_scores,
+            "credits": {}, "attribution_failures": 0, "rejections": {}, "task_tokens": 0,
+            "meta_tokens": 0, "tokens": super::super::TokenCounters::default(), "incumbent": {},
+            "validation_score": 0.0,
+        });
+        serde_json::from_value(j).expect("a RoundRecord")
+    }
+
+    #[test]
+    fn candidate_outcomes_count_flips_per_changed_agent() {
+        let r1 = round(
+            vec![
+                vec![1.0, 0.0, 0.0],
+                vec![1.0, 1.0, 0.0], // a: one win, two ties
+                vec![0.0, 0.0, 0.0], // b: one loss
+                vec![0.5, 0.0, 1.0], // a and b: a loss (partial score) and a win
+            ],
+            vec![vec![], vec!["a"], vec!["b"], vec!["a", "b"]],
+        );
+        let r2 = round(
+            vec![vec![0.0, 1.0, 1.0], vec![0.0, 1.0, 1.0]],
+            vec![vec![], vec!["a"]],
+        );
+        let out = candidate_outcomes(&[r1, r2]);
+        assert_eq!(
+            out["a"],
+            Outcomes {
+                configs: 2,
+                won: 1,
+                lost: 0,
+                tied: 5
+            }
+        );
+        assert_eq!(
+            out["b"],
+            Outcomes {
+                configs: 1,
+                won: 0,
+                lost: 1,
+                tied: 2
+            }
+        );
+        assert_eq!(
+            out[SEVERAL_AGENTS],
+            Outcomes {
+                configs: 1,
+                won: 1,
+                lost: 1,
+                tied: 1
+            }
+        );
+        // Records without `changed` (older runs) count nothing.
+        let mut old = round(vec![vec![0.0], vec![1.0]], vec![vec![], vec!["a"]]);
+        old.changed.clear();
+        assert!(candidate_outcomes(&[old]).is_empty());
     }
 }

@@ -6,8 +6,10 @@
 //! task vs meta tokens. The Markdown also holds a per-round table, per-agent
 //! credit statistics with the credit-correlation analysis of the paper (spec
 //! §9.5: Spearman's ρ between an agent's credit and the block score of the
-//! configuration, via [`crate::optimize::analysis::credit_correlation`]) and
-//! the best prompts.
+//! configuration, via [`crate::optimize::analysis::credit_correlation`]),
+//! per changed agent the block queries its candidates won and lost against
+//! the incumbent ([`crate::optimize::analysis::candidate_outcomes`]) and the
+//! best prompts.
 //!
 //! The charts are drawn by plotters' SVG backend ([`charts`]; no system
 //! fonts needed).
@@ -15,7 +17,9 @@
 pub mod charts;
 
 use crate::graph::PromptSet;
-use crate::optimize::analysis::{counterfactual_correlation, credit_correlation};
+use crate::optimize::analysis::{
+    candidate_outcomes, counterfactual_correlation, credit_correlation,
+};
 use crate::optimize::checkpoint;
 use crate::optimize::{OptimizeConfig, OptimizeResult, RoundRecord, StopReason};
 use serde::de::DeserializeOwned;
@@ -259,6 +263,46 @@ impl RoundRow {
     }
 }
 
+/// Candidates against the incumbent, query by query: per changed agent, how
+/// often a candidate configuration solved a block query the incumbent of its
+/// round missed, and the reverse (nothing for runs without `changed`).
+fn write_candidate_outcomes(md: &mut String, data: &RunData) {
+    let outcomes = candidate_outcomes(&data.rounds);
+    if outcomes.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n### Candidates against the incumbent\n");
+    let _ = writeln!(
+        md,
+        "Per block query, a candidate configuration's score against the incumbent's (configuration 0 of the same round), keyed by the agent the candidate changed. A prompt can only be adopted for a win here; with none, no selection rule had a better prompt to find.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| changed | configurations | queries won | lost | tied |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+    for (agent, o) in &outcomes {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            md_cell(agent),
+            o.configs,
+            o.won,
+            o.lost,
+            o.tied
+        );
+    }
+    let (won, lost) = outcomes
+        .values()
+        .fold((0, 0), |(w, l), o| (w + o.won, l + o.lost));
+    if won == 0 {
+        let _ = writeln!(
+            md,
+            "\nNo candidate solved a query its incumbent missed ({lost} queries lost)."
+        );
+    }
+}
+
 /// Why the rewriter's prompts were rejected: per agent and reason, how many
 /// replies over all rounds (nothing when no round recorded a reason).
 fn write_rejection_reasons(md: &mut String, data: &RunData) {
@@ -488,6 +532,7 @@ fn markdown(
         );
     }
 
+    write_candidate_outcomes(&mut md, data);
     write_rejection_reasons(&mut md, data);
 
     let _ = writeln!(md, "\n## Agent credits\n");

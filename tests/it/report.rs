@@ -106,6 +106,24 @@ fn report_of_a_two_round_run() {
         );
         assert!(md.contains(&row), "missing row {row}\n{md}");
     }
+    // Candidates against the incumbent, query by query, per changed agent.
+    let outcomes = cantante::optimize::analysis::candidate_outcomes(&recs);
+    assert!(!outcomes.is_empty());
+    assert!(md.contains("### Candidates against the incumbent"), "{md}");
+    for (agent, o) in &outcomes {
+        let row = format!(
+            "| {agent} | {} | {} | {} | {} |",
+            o.configs, o.won, o.lost, o.tied
+        );
+        assert!(md.contains(&row), "missing {row}\n{md}");
+    }
+    let total: usize = outcomes.values().map(|o| o.won + o.lost + o.tied).sum();
+    let expected: usize = recs
+        .iter()
+        .map(|r| r.scores[0].len() * r.changed.iter().skip(1).filter(|c| !c.is_empty()).count())
+        .sum();
+    assert!(expected > 0);
+    assert_eq!(total, expected, "every candidate query is counted once");
     // Agents with statistics and the §9.5 correlation: the solver's credit tracks
     // the score, the checker's is constant so its ρ is undefined.
     let corr = cantante::optimize::analysis::credit_correlation(&recs);
