@@ -4,8 +4,9 @@
 //! results table built from whatever parts are finished — initial
 //! configuration, CANTANTE and the identity-attribution ablation (spec §9.4),
 //! each as mean ± std (ddof = 1) over seeds, with test tokens per query,
-//! optimization tokens, wall time, rounds and the credit-correlation check
-//! (spec §9.5), next to the paper's reference numbers.
+//! optimization tokens, wall time, rounds, the credit-correlation check
+//! (spec §9.5) and the candidates' per-query record against their incumbents,
+//! next to the paper's reference numbers.
 //!
 //! Directory layout (`DIR/<task>/seed<S>/`): `initial_test.json`,
 //! `cantante/` (an optimize run directory plus `timing.json`),
