@@ -1909,6 +1909,24 @@ mod tests {
         assert!(md.contains("no finished part yet"));
     }
 
+    /// A GSM8K seed whose only part is an unfinished CANTANTE run with `rounds`.
+    fn cantante_rounds(seed: u64, rounds: Vec<RoundRecord>) -> SeedParts {
+        let mut p = SeedParts {
+            task: "gsm8k".into(),
+            seed,
+            ..Default::default()
+        };
+        p.runs.insert(
+            Method::Cantante,
+            OptPart {
+                summary: None,
+                rounds,
+                timing: None,
+            },
+        );
+        p
+    }
+
     #[test]
     fn credit_columns_from_rounds() {
         // Agent a's credit rises with the block score (ρ = 1), b's falls (ρ = -1).
@@ -1917,22 +1935,7 @@ mod tests {
             vec![0.0, 0.4, 1.0],
             vec![1.0, 0.5, 0.2],
         );
-        let mk = |seed| {
-            let mut p = SeedParts {
-                task: "gsm8k".into(),
-                seed,
-                ..Default::default()
-            };
-            p.runs.insert(
-                Method::Cantante,
-                OptPart {
-                    summary: None,
-                    rounds: vec![rec.clone()],
-                    timing: None,
-                },
-            );
-            p
-        };
+        let mk = |seed| cantante_rounds(seed, vec![rec.clone()]);
         let t = build_table("x", &[mk(7), mk(42)]);
         assert_eq!(t.credit.len(), 2);
         let a = &t.credit[0];
@@ -1952,20 +1955,7 @@ mod tests {
     fn candidate_rows_from_rounds() {
         let mut rec = record(vec![0.5, 1.0, 0.0], vec![0.0; 3], vec![0.0; 3]);
         rec.changed = vec![vec![], vec!["a".into()], vec!["a".into(), "b".into()]];
-        let mut p = SeedParts {
-            task: "gsm8k".into(),
-            seed: 7,
-            ..Default::default()
-        };
-        p.runs.insert(
-            Method::Cantante,
-            OptPart {
-                summary: None,
-                rounds: vec![rec.clone(), rec],
-                timing: None,
-            },
-        );
-        let t = build_table("x", &[p]);
+        let t = build_table("x", &[cantante_rounds(7, vec![rec.clone(), rec])]);
         let won = Outcomes {
             configs: 2,
             won: 2,

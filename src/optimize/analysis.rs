@@ -158,7 +158,7 @@ pub fn candidate_outcomes(records: &[RoundRecord]) -> BTreeMap<String, Outcomes>
             continue;
         };
         for (c, changed) in rec.changed.iter().enumerate().skip(1) {
-            let (Some(row), false) = (rec.scores.get(c), changed.is_empty()) else {
+            let Some(row) = rec.scores.get(c).filter(|_| !changed.is_empty()) else {
                 continue;
             };
             let key = match changed.as_slice() {
