@@ -807,7 +807,8 @@ mod tests {
             .iter()
             .map(|&q| Shot {
                 query: q,
-                text: format!("Input:\nquery: `q{q}`\nOutput:\n<answer>{q}</answer>"),
+                input: format!("query: `q{q}`\n"),
+                outputs: vec![("answer".into(), q.to_string())],
             })
             .collect();
         let cfg = OptimizeConfig {

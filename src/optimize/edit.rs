@@ -35,14 +35,42 @@ use rand::Rng;
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-/// A worked example for one agent's few-shot section.
+/// A worked example for one agent's few-shot section (reference §4.6
+/// format: `Input:` lines of ``var: `value` ``, then `Output:` lines of
+/// `<var>value</var>`; see [`Shot::render`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Shot {
     /// The dev query it was taken from.
     pub query: usize,
-    /// The example text (reference §4.6 format: `Input:` lines of
-    /// ``var: `value` ``, then `Output:` lines of `<var>value</var>`).
-    pub text: String,
+    /// The `Input:` lines, each ending in a newline.
+    pub input: String,
+    /// The agent's outputs `(var, value)`, in its `output_vars` order.
+    pub outputs: Vec<(String, String)>,
+}
+
+impl Shot {
+    /// The example as text, its outputs in the order `prompt` asks for them
+    /// (the first `<var>` of each in `prompt`; outputs it does not mention
+    /// keep their order, after the others). An agent whose `output_vars`
+    /// list the answer before the reasoning (`proposal_1`, `justification_1`)
+    /// but whose prompt asks for the reasoning first would otherwise be shown
+    /// examples that answer before they reason.
+    pub fn render(&self, prompt: &str) -> String {
+        let mut outputs: Vec<(usize, &(String, String))> = self
+            .outputs
+            .iter()
+            .map(|o| {
+                let at = prompt.find(&format!("<{}>", o.0)).unwrap_or(usize::MAX);
+                (at, o)
+            })
+            .collect();
+        outputs.sort_by_key(|(at, _)| *at);
+        let lines: Vec<String> = outputs
+            .iter()
+            .map(|(_, (v, x))| format!("<{v}>{x}</{v}>"))
+            .collect();
+        format!("Input:\n{}Output:\n{}", self.input, lines.join("\n"))
+    }
 }
 
 /// Worked examples for `agent` from dev rollouts `(query index, rollout)`:
@@ -58,7 +86,7 @@ pub fn shot_records<'a>(
     query_text: impl Fn(usize) -> String,
     max_chars: usize,
 ) -> Vec<Shot> {
-    let mut best: BTreeMap<usize, String> = BTreeMap::new();
+    let mut best: BTreeMap<usize, Shot> = BTreeMap::new();
     for (q, r) in rollouts {
         if r.score < 1.0 {
             continue;
@@ -66,20 +94,20 @@ pub fn shot_records<'a>(
         let Some(own) = r.agent_outputs.get(&agent.name) else {
             continue;
         };
-        let outputs: Option<Vec<String>> = agent
+        let outputs: Option<Vec<(String, String)>> = agent
             .output_vars
             .iter()
             .map(|v| {
                 own.get(v)
                     .map(|x| x.trim())
                     .filter(|x| !x.is_empty())
-                    .map(|x| format!("<{v}>{x}</{v}>"))
+                    .map(|x| (v.clone(), x.to_string()))
             })
             .collect();
         let Some(outputs) = outputs else {
             continue;
         };
-        let mut text = String::from("Input:\n");
+        let mut input = String::new();
         for v in agent.input_vars.iter().filter(|v| v.as_str() != FEW_SHOTS) {
             let value = if v == "query" {
                 Some(query_text(q))
@@ -90,24 +118,27 @@ pub fn shot_records<'a>(
                     .find_map(|(_, o)| o.get(v).cloned())
             };
             if let Some(value) = value {
-                text.push_str(&format!("{v}: `{}`\n", value.trim()));
+                input.push_str(&format!("{v}: `{}`\n", value.trim()));
             }
         }
-        text.push_str("Output:\n");
-        text.push_str(&outputs.join("\n"));
+        let shot = Shot {
+            query: q,
+            input,
+            outputs,
+        };
+        // The length does not depend on the output order.
+        let text = shot.render("");
         if text.chars().count() > max_chars {
             continue;
         }
-        match best.get(&q) {
+        match best.get(&q).map(|b| b.render("")) {
             Some(t) if (t.len(), t.as_str()) <= (text.len(), text.as_str()) => {}
             _ => {
-                best.insert(q, text);
+                best.insert(q, shot);
             }
         }
     }
-    best.into_iter()
-        .map(|(query, text)| Shot { query, text })
-        .collect()
+    best.into_values().collect()
 }
 
 /// Whether `prompt` has a `{few_shots}` placeholder to fill.
@@ -115,15 +146,15 @@ pub fn takes_shots(prompt: &str) -> bool {
     placeholders(prompt).iter().any(|p| p == FEW_SHOTS)
 }
 
-/// `prompt` with its `{few_shots}` placeholder filled with `shots` (joined by
-/// blank lines, brace-escaped, the section's wrapper tags dropped; see
+/// `prompt` with its `{few_shots}` placeholder filled with `shots` (each
+/// [`Shot::render`]ed for `prompt`, joined by blank lines, brace-escaped, the section's wrapper tags dropped; see
 /// [`apply_few_shots`]). `None` when the prompt has no placeholder, no shot is
 /// given, or the result breaks the agent's contract.
 pub fn fill_shots(prompt: &str, shots: &[&Shot], agent: &AgentSpec) -> Option<String> {
     if shots.is_empty() || !takes_shots(prompt) {
         return None;
     }
-    let texts: Vec<&str> = shots.iter().map(|s| s.text.as_str()).collect();
+    let texts: Vec<String> = shots.iter().map(|s| s.render(prompt)).collect();
     let filled = apply_few_shots(prompt, &texts);
     prompt_problems(&filled, agent, &[prompt])
         .is_empty()
@@ -276,19 +307,27 @@ mod tests {
             (9, &longer),
         ];
         let shots = shot_records(&judge, rollouts, |q| format!("question {q}"), 10_000);
+        let texts: Vec<(usize, String)> = shots.iter().map(|s| (s.query, s.render(""))).collect();
         assert_eq!(
-            shots,
+            texts,
             vec![
-                Shot {
-                    query: 7,
-                    text: "Input:\nquery: `question 7`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>solver is right</why>".into(),
-                },
-                Shot {
-                    query: 9,
-                    text: "Input:\nquery: `question 9`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>the solver added 5 and 7 correctly</why>".into(),
-                },
+                (
+                    7,
+                    "Input:\nquery: `question 7`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>solver is right</why>".into(),
+                ),
+                (
+                    9,
+                    "Input:\nquery: `question 9`\nproposal: `12`\nOutput:\n<prediction>12</prediction>\n<why>the solver added 5 and 7 correctly</why>".into(),
+                ),
             ],
             "full marks only, every output present, shortest per query, sorted by query"
+        );
+        // Rendered for a prompt that asks for the reasoning first, the
+        // example reasons first too.
+        let why_first = "Explain in <why></why>, then answer in <prediction></prediction>.";
+        assert_eq!(
+            shots[0].render(why_first),
+            "Input:\nquery: `question 7`\nproposal: `12`\nOutput:\n<why>solver is right</why>\n<prediction>12</prediction>"
         );
         let short = shot_records(&judge, rollouts, |q| format!("question {q}"), 110);
         assert_eq!(
@@ -300,16 +339,12 @@ mod tests {
 
     #[test]
     fn fill_shots_renders_examples_verbatim_in_the_section() {
-        let shots = [
-            Shot {
-                query: 1,
-                text: "Input:\nquery: `a {b} c`\nOutput:\n<prediction>1</prediction>".into(),
-            },
-            Shot {
-                query: 2,
-                text: "Input:\nquery: `d`\nOutput:\n<prediction>2</prediction>".into(),
-            },
-        ];
+        let shot = |query: usize, q: &str, p: &str| Shot {
+            query,
+            input: format!("query: `{q}`\n"),
+            outputs: vec![("prediction".into(), p.into())],
+        };
+        let shots = [shot(1, "a {b} c", "1"), shot(2, "d", "2")];
         let refs: Vec<&Shot> = shots.iter().collect();
         let filled = fill_shots(PROMPT, &refs, &agent()).unwrap();
         assert!(!takes_shots(&filled), "{filled}");
