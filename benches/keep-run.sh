@@ -36,5 +36,5 @@ if find "$src" -name '*_test_traces.jsonl' | grep -q .; then
 fi
 
 mkdir -p "$dest"
-tar -C "$src" --exclude='*_test_traces.jsonl' --exclude='dspy_*.jsonl' --exclude='serve.log' -cf - . | tar -C "$dest" -xf -
+tar -C "$src" --exclude='*_test_traces.jsonl' --exclude='dspy_*.jsonl' --exclude='serve*.log' -cf - . | tar -C "$dest" -xf -
 echo "kept $src in $dest ($(du -sh "$dest" | cut -f1))"

@@ -760,6 +760,10 @@ pub struct BaselineRecord {
     /// Served model name.
     #[serde(default)]
     pub model: String,
+    /// The model that wrote the optimizer's own calls (MIPROv2's proposals,
+    /// GEPA's reflections) when it was not the task model (`--meta-api-base`).
+    #[serde(default)]
+    pub meta_model: Option<String>,
     /// Test accuracy in [0, 1].
     pub accuracy: f64,
     /// Per-item scores (example id → score).
@@ -776,7 +780,8 @@ pub struct BaselineRecord {
 }
 
 impl BaselineRecord {
-    /// Display name, e.g. `DSPy MIPROv2`.
+    /// Display name, e.g. `DSPy MIPROv2`, or `DSPy MIPROv2 (meta model
+    /// qwen2.5-coder-1.5b-instruct)` when a second model wrote its proposals.
     pub fn label(&self) -> String {
         let o = match self.optimizer.as_str() {
             "mipro" => "MIPROv2",
@@ -784,7 +789,10 @@ impl BaselineRecord {
             "none" => "unoptimized",
             o => o,
         };
-        format!("DSPy {o}")
+        match &self.meta_model {
+            Some(m) => format!("DSPy {o} (meta model {m})"),
+            None => format!("DSPy {o}"),
+        }
     }
 }
 
@@ -1733,6 +1741,17 @@ mod tests {
             md.contains("| gsm8k | DSPy MIPROv2 | 1 | 7 | 50.00 ± –"),
             "{md}"
         );
+        // The same optimizer with a meta model for its proposals: a row of its own.
+        std::fs::write(
+            seed_dir.join("dspy_mipro_meta.json"),
+            r#"{"optimizer": "mipro", "meta_model": "big", "accuracy": 1.0,
+                "item_scores": {"q1": 1.0, "q2": 1.0}}"#,
+        )
+        .unwrap();
+        let (loaded, _) = load_seed(dir.path(), "gsm8k", 7);
+        let t = build_table("cpu-small", &[loaded]);
+        let names: Vec<&str> = t.baselines.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(names, ["DSPy MIPROv2", "DSPy MIPROv2 (meta model big)"]);
     }
 
     #[test]

@@ -16,7 +16,10 @@ a subprocess (timeout, no network is needed).
         --test test.jsonl --optimizer mipro --seed 7 --out runs/dspy/gsm8k-mipro-7.json
 
 `--optimizer none` evaluates the unoptimized program (DSPy's own default
-prompts). The JSON result holds the accuracy, per-item scores (same ids as
+prompts). `--meta-api-base URL` gives the optimizer a second served model for
+its own calls, as CANTANTE's `--meta-model` does: MIPROv2's instruction
+proposals (`prompt_model`) and GEPA's reflections (`reflection_lm`); without
+it the task model writes them too. The JSON result holds the accuracy, per-item scores (same ids as
 cantante's traces, so the paired comparison applies), the tokens every call
 spent (from the server's `usage`), wall time and the settings.
 """
@@ -140,22 +143,24 @@ def build(dspy, task):
     return Mas(), metric, to_example
 
 
-def usage_of(lm):
+def usage_of(entries):
     inp = out = 0
-    for h in lm.history:
+    for h in entries:
         u = h.get("usage") or {}
         inp += u.get("prompt_tokens", 0) or 0
         out += u.get("completion_tokens", 0) or 0
     return inp, out
 
 
-def write_history(lm, opt_calls, path):
-    """One JSON line per model call, in call order: what DSPy sent and what came back."""
+def write_history(calls, opt_calls, meta_model, path):
+    """One JSON line per model call, in call order: what DSPy sent and what came back,
+    with its phase (`optimization` or `test`) and whether the meta model made it."""
     with open(path, "w") as f:
-        for i, h in enumerate(lm.history):
+        for i, h in enumerate(calls):
             outputs = h.get("outputs") or []
             f.write(json.dumps({
                 "phase": "optimization" if i < opt_calls else "test",
+                "meta": meta_model is not None and h.get("model") == meta_model,
                 "messages": h.get("messages"),
                 "reply": outputs[0] if outputs else None,
                 "usage": dict(h.get("usage") or {}),
@@ -177,6 +182,12 @@ def main():
     ap.add_argument("--mipro-trials", type=int, default=6, help="MIPROv2 num_trials (sets the budget)")
     ap.add_argument("--mipro-candidates", type=int, default=3)
     ap.add_argument("--gepa-metric-calls", type=int, default=60, help="GEPA max_metric_calls (sets the budget)")
+    ap.add_argument("--meta-api-base", default=None,
+                    help="URL (ending in /v1) of a server for the optimizer's own calls (MIPROv2 proposals, GEPA reflections)")
+    ap.add_argument("--meta-label", default=None,
+                    help="name of the meta model for the result (e.g. the GGUF file stem; default: the served name)")
+    ap.add_argument("--meta-max-tokens", type=int, default=1024)
+    ap.add_argument("--meta-temperature", type=float, default=0.7)
     ap.add_argument("--limit-test", type=int, default=None)
     ap.add_argument("--history", default=None,
                     help="write every model call (phase, messages, reply, usage) to this JSONL file")
@@ -185,11 +196,18 @@ def main():
 
     import dspy
     import urllib.request
+    from dspy.clients import base_lm
 
-    name = a.model_name
-    if name is None:
-        with urllib.request.urlopen(a.api_base.rstrip("/") + "/models") as r:
-            name = json.load(r)["data"][0]["id"]
+    # Token counts come from DSPy's global call record, which sees every call,
+    # including those of the LM copies MIPROv2's proposer makes (a copy's own
+    # `history` starts empty, so the LM's history misses them). Keep all of it.
+    base_lm.MAX_HISTORY_SIZE = 10**12
+
+    def served(api_base):
+        with urllib.request.urlopen(api_base.rstrip("/") + "/models") as r:
+            return json.load(r)["data"][0]["id"]
+
+    name = a.model_name or served(a.api_base)
     lm = dspy.LM(
         "openai/" + name,
         api_base=a.api_base,
@@ -199,6 +217,23 @@ def main():
         cache=False,
         num_retries=4,
     )
+    # The optimizer's own model (proposals, reflections): a second server, or the task model.
+    meta_lm, meta_name = lm, None
+    if a.meta_api_base:
+        served_meta = served(a.meta_api_base)
+        if served_meta == name:
+            sys.exit(f"both servers serve the model name `{name}`: start the meta one with "
+                     "`cantante serve --served-model-name` set to another name, so their calls can be told apart")
+        meta_name = a.meta_label or served_meta
+        meta_lm = dspy.LM(
+            "openai/" + served_meta,
+            api_base=a.meta_api_base,
+            api_key=os.environ.get("CANTANTE_API_KEY", "none"),
+            max_tokens=a.meta_max_tokens,
+            temperature=a.meta_temperature,
+            cache=False,
+            num_retries=4,
+        )
     # A reply the adapter cannot parse is a failed rollout (score 0), as a
     # malformed reply is in cantante; DSPy's default stops after 10 of them.
     dspy.configure(lm=lm, max_errors=10**9)
@@ -221,6 +256,7 @@ def main():
     started = time.time()
     if a.optimizer == "mipro":
         opt = dspy.MIPROv2(metric=metric, auto=None, num_candidates=a.mipro_candidates,
+                           prompt_model=meta_lm, task_model=lm,
                            num_threads=a.threads, seed=a.seed, verbose=False)
         half = max(1, len(dev) // 2)
         program = opt.compile(program, trainset=dev[:half], valset=dev[half:], num_trials=a.mipro_trials,
@@ -232,12 +268,15 @@ def main():
             return dspy.Prediction(score=score, feedback="correct" if score else "wrong answer")
 
         opt = dspy.GEPA(metric=feedback_metric, max_metric_calls=a.gepa_metric_calls,
-                        num_threads=a.threads, reflection_lm=lm, seed=a.seed)
+                        num_threads=a.threads, reflection_lm=meta_lm, seed=a.seed)
         half = max(1, len(dev) // 2)
         program = opt.compile(program, trainset=dev[:half], valset=dev[half:])
     opt_secs = time.time() - started
-    opt_in, opt_out = usage_of(lm)
-    opt_calls = len(lm.history)
+    calls = base_lm.GLOBAL_HISTORY
+    meta_id = meta_lm.model if meta_lm is not lm else None
+    opt_calls = len(calls)
+    opt_in, opt_out = usage_of(h for h in calls if h.get("model") != meta_id)
+    meta_in, meta_out = usage_of(h for h in calls if h.get("model") == meta_id)
     opt_failures = failures["count"]
 
     started = time.time()
@@ -249,7 +288,7 @@ def main():
     for e, (_, _, s) in zip(test_items, rows):
         scores[e["id"]] = float(s or 0.0)
     test_secs = time.time() - started
-    all_in, all_out = usage_of(lm)
+    all_in, all_out = usage_of(h for h in calls if h.get("model") != meta_id)
     out = {
         "task": a.task,
         "optimizer": a.optimizer,
@@ -261,7 +300,10 @@ def main():
         "test_items": len(test),
         "accuracy": sum(scores.values()) / max(1, len(scores)),
         "item_scores": scores,
-        "opt_tokens": {"input": opt_in, "output": opt_out},
+        "meta_model": meta_name,
+        # Every optimization call, the meta model's included (CANTANTE's budget counts both too).
+        "opt_tokens": {"input": opt_in + meta_in, "output": opt_out + meta_out},
+        "meta_tokens": {"input": meta_in, "output": meta_out},
         "test_tokens": {"input": all_in - opt_in, "output": all_out - opt_out},
         "failed_rollouts": {"optimization": opt_failures, "test": failures["count"] - opt_failures},
         "opt_wall_secs": opt_secs,
@@ -273,9 +315,10 @@ def main():
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2)
     if a.history:
-        write_history(lm, opt_calls, a.history)
+        write_history(calls, opt_calls, meta_id, a.history)
     print(f"{a.task} {a.optimizer}: accuracy {out['accuracy']:.3f} on {len(scores)} items; "
-          f"optimization {opt_in + opt_out} tokens, {opt_secs:.0f} s; wrote {a.out}")
+          f"optimization {opt_in + opt_out + meta_in + meta_out} tokens "
+          f"({meta_in + meta_out} of them the meta model's), {opt_secs:.0f} s; wrote {a.out}")
 
 
 if __name__ == "__main__":

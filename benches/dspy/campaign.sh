@@ -22,6 +22,12 @@
 # turn, so a greedy protocol gets greedy baselines on the same items.
 # Every model call of a baseline (messages, reply, usage) is kept beside its
 # result in dspy_<optimizer>_history.jsonl (keep-run.sh leaves it out).
+# META_MODEL (a GGUF path; CANTANTE's --meta-model) gives the optimizers the
+# meta model CANTANTE had: a second `cantante serve` on PORT+1 writes MIPROv2's
+# instruction proposals and GEPA's reflections, with the protocol's
+# meta_max_new_tokens and meta_temperature; results go to
+# dspy_<optimizer>_meta.json (a row of their own in the table), so runs with
+# and without it sit side by side. Without it the task model writes them.
 # Environment: CANTANTE_DATA (the datasets, as for every cantante command), CANTANTE_BIN (default target/release/cantante), PORT (8090),
 # MAX_BATCH (64), MAX_TOKENS / TEMPERATURE (override the recorded protocol's),
 # CANTANTE_DSPY_VENV, PROTOCOL (for the table; default
@@ -37,37 +43,55 @@ py="$venv/bin/python"
 [[ -x "$py" ]] || { echo "DSPy is not installed: run benches/dspy/install.sh" >&2; exit 2; }
 [[ -x "$bin" ]] || { echo "no cantante binary at $bin (cargo build --release, or set CANTANTE_BIN)" >&2; exit 2; }
 [[ -f "$out/protocol.json" ]] || { echo "no $out/protocol.json: OUT must be a bench-run directory" >&2; exit 2; }
-# name dev test temperature max_new_tokens, as bench-run recorded them for TASK.
-read -r pname dev_n test_n rec_temp rec_tokens < <(python3 - "$out/protocol.json" "$task" <<'EOF'
+# name dev test temperature max_new_tokens meta_max_new_tokens meta_temperature,
+# as bench-run recorded them for TASK.
+read -r pname dev_n test_n rec_temp rec_tokens meta_tokens meta_temp < <(python3 - "$out/protocol.json" "$task" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))
 p = j["protocol"]
 t = (p.get("tasks") or {}).get(sys.argv[2]) or {}
-print(j["name"], p["dev_size"], p["test_size"], p["temperature"], t.get("max_new_tokens") or p["max_new_tokens"])
+o = p.get("optimizer") or {}
+print(j["name"], p["dev_size"], p["test_size"], p["temperature"], t.get("max_new_tokens") or p["max_new_tokens"],
+      o.get("meta_max_new_tokens", 1024), o.get("meta_temperature", 0.7))
 EOF
 )
+meta_model=${META_MODEL:-}
+[[ -z "$meta_model" || -f "$meta_model" ]] || { echo "META_MODEL $meta_model is not a file" >&2; exit 2; }
+suffix=${meta_model:+_meta}
 temperature=${TEMPERATURE:-$rec_temp}
 max_tokens=${MAX_TOKENS:-$rec_tokens}
 protocol=${PROTOCOL:-configs/protocols/$pname.yaml}
 [[ -n "${PROTOCOL:-}" || -f "$protocol" ]] || protocol=$pname
 
-server=""
-stop_server() { [[ -n "$server" ]] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null; server=""; }
+server="" meta_server=""
+stop_server() {
+  local p
+  for p in $server $meta_server; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  server="" meta_server=""
+}
 trap stop_server EXIT
+
+# serve MODEL PORT LOG VAR [ARGS]: start `cantante serve`, keep its pid in VAR, wait until it answers.
+serve() {
+  "$bin" serve --model "$1" --port "$2" --max-batch "${MAX_BATCH:-64}" "${@:5}" >"$3" 2>&1 &
+  printf -v "$4" '%s' $!
+  for _ in $(seq 1 120); do
+    if "$py" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$2/v1/models')" 2>/dev/null; then
+      return
+    fi
+    kill -0 "${!4}" 2>/dev/null || { echo "cantante serve exited; see $3" >&2; exit 1; }
+    sleep 2
+  done
+  echo "cantante serve did not answer on port $2 within 4 minutes" >&2
+  exit 1
+}
 
 start_server() {
   [[ -n "$server" ]] && return
-  "$bin" serve --model "$model" --port "$port" --max-batch "${MAX_BATCH:-64}" >"$out/serve.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1 120); do
-    if "$py" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/v1/models')" 2>/dev/null; then
-      return
-    fi
-    kill -0 "$server" 2>/dev/null || { echo "cantante serve exited; see $out/serve.log" >&2; exit 1; }
-    sleep 2
-  done
-  echo "cantante serve did not answer on port $port within 4 minutes" >&2
-  exit 1
+  serve "$model" "$port" "$out/serve.log" server
+  # Its own model name, so baseline.py can tell the two models' calls apart.
+  [[ -z "$meta_model" ]] || serve "$meta_model" $((port + 1)) "$out/serve-meta.log" meta_server \
+    --served-model-name cantante-meta
 }
 
 for seed in ${seeds//,/ }; do
@@ -95,7 +119,7 @@ EOF
   [[ -f "$dir/dspy_test.jsonl" ]] ||
     "$bin" data sample --task "$task" --split test --n "$test_n" --seed "$seed" >"$dir/dspy_test.jsonl"
   for opt in ${optimizers//,/ }; do
-    result="$dir/dspy_$opt.json"
+    result="$dir/dspy_$opt$suffix.json"
     [[ -f "$result" ]] && { echo "seed $seed $opt: done ($result)"; continue; }
     case $opt in
       gepa) knob=(--gepa-metric-calls "$gepa_calls") ;;
@@ -103,12 +127,18 @@ EOF
       none) knob=() ;;
       *) echo "unknown optimizer $opt (mipro, gepa, none)" >&2; exit 2 ;;
     esac
-    echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}; temperature $temperature, $max_tokens new tokens per turn"
+    meta=()
+    if [[ -n "$meta_model" ]]; then
+      [[ "$opt" == none ]] && { echo "seed $seed none: no optimizer, no meta model; run it without META_MODEL"; continue; }
+      meta=(--meta-api-base "http://127.0.0.1:$((port + 1))/v1" --meta-label "$(basename "$meta_model" .gguf)"
+            --meta-max-tokens "$meta_tokens" --meta-temperature "$meta_temp")
+    fi
+    echo "seed $seed $opt: CANTANTE spent $budget tokens ($per_query per query): ${knob[*]}; temperature $temperature, $max_tokens new tokens per turn${meta_model:+; meta model $meta_model}"
     start_server
     "$py" "$here/baseline.py" --task "$task" --api-base "http://127.0.0.1:$port/v1" \
       --dev "$dir/dspy_dev.jsonl" --test "$dir/dspy_test.jsonl" --seed "$seed" \
-      --max-tokens "$max_tokens" --temperature "$temperature" --optimizer "$opt" "${knob[@]}" --out "$result.tmp" \
-      --history "$dir/dspy_${opt}_history.jsonl"
+      --max-tokens "$max_tokens" --temperature "$temperature" --optimizer "$opt" "${knob[@]}" "${meta[@]}" \
+      --out "$result.tmp" --history "$dir/dspy_${opt}${suffix}_history.jsonl"
     mv "$result.tmp" "$result"
   done
 done
