@@ -207,16 +207,13 @@ def main():
         with urllib.request.urlopen(api_base.rstrip("/") + "/models") as r:
             return json.load(r)["data"][0]["id"]
 
+    def served_lm(name, api_base, max_tokens, temperature):
+        return dspy.LM("openai/" + name, api_base=api_base,
+                       api_key=os.environ.get("CANTANTE_API_KEY", "none"),
+                       max_tokens=max_tokens, temperature=temperature, cache=False, num_retries=4)
+
     name = a.model_name or served(a.api_base)
-    lm = dspy.LM(
-        "openai/" + name,
-        api_base=a.api_base,
-        api_key=os.environ.get("CANTANTE_API_KEY", "none"),
-        max_tokens=a.max_tokens,
-        temperature=a.temperature,
-        cache=False,
-        num_retries=4,
-    )
+    lm = served_lm(name, a.api_base, a.max_tokens, a.temperature)
     # The optimizer's own model (proposals, reflections): a second server, or the task model.
     meta_lm, meta_name = lm, None
     if a.meta_api_base:
@@ -225,15 +222,7 @@ def main():
             sys.exit(f"both servers serve the model name `{name}`: start the meta one with "
                      "`cantante serve --served-model-name` set to another name, so their calls can be told apart")
         meta_name = a.meta_label or served_meta
-        meta_lm = dspy.LM(
-            "openai/" + served_meta,
-            api_base=a.meta_api_base,
-            api_key=os.environ.get("CANTANTE_API_KEY", "none"),
-            max_tokens=a.meta_max_tokens,
-            temperature=a.meta_temperature,
-            cache=False,
-            num_retries=4,
-        )
+        meta_lm = served_lm(served_meta, a.meta_api_base, a.meta_max_tokens, a.meta_temperature)
     # A reply the adapter cannot parse is a failed rollout (score 0), as a
     # malformed reply is in cantante; DSPy's default stops after 10 of them.
     dspy.configure(lm=lm, max_errors=10**9)

@@ -86,7 +86,9 @@ pub fn shot_records<'a>(
     query_text: impl Fn(usize) -> String,
     max_chars: usize,
 ) -> Vec<Shot> {
-    let mut best: BTreeMap<usize, Shot> = BTreeMap::new();
+    // Per query: the shortest example, kept with its text (in `output_vars`
+    // order; the length does not depend on the order) for the comparison.
+    let mut best: BTreeMap<usize, (String, Shot)> = BTreeMap::new();
     for (q, r) in rollouts {
         if r.score < 1.0 {
             continue;
@@ -126,19 +128,18 @@ pub fn shot_records<'a>(
             input,
             outputs,
         };
-        // The length does not depend on the output order.
         let text = shot.render("");
         if text.chars().count() > max_chars {
             continue;
         }
-        match best.get(&q).map(|b| b.render("")) {
-            Some(t) if (t.len(), t.as_str()) <= (text.len(), text.as_str()) => {}
+        match best.get(&q) {
+            Some((t, _)) if (t.len(), t.as_str()) <= (text.len(), text.as_str()) => {}
             _ => {
-                best.insert(q, shot);
+                best.insert(q, (text, shot));
             }
         }
     }
-    best.into_values().collect()
+    best.into_values().map(|(_, shot)| shot).collect()
 }
 
 /// Whether `prompt` has a `{few_shots}` placeholder to fill.
