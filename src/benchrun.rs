@@ -1029,6 +1029,38 @@ pub struct ResultsTable {
     pub notes: Vec<String>,
 }
 
+/// The note for a run its token budget stopped mid-round: `rounds` counts
+/// finished rounds only, and the unfinished round's work is spent but not
+/// recorded, so the table would otherwise read as if nothing ran. `None` for
+/// runs that stopped otherwise.
+fn budget_stop_note(task: &str, seed: u64, m: Method, s: &OptimizeResult) -> Option<String> {
+    let StopReason::Budget {
+        cap,
+        batch,
+        spent,
+        projected,
+        limit,
+    } = &s.stop_reason
+    else {
+        return None;
+    };
+    let round = s.rounds_completed + 1;
+    let what = if batch == "validate" {
+        format!(
+            "round {round} ran its block, then the budget stopped it before validating \
+             the configuration it moved to, which was therefore not adopted"
+        )
+    } else {
+        format!("the budget stopped round {round} before its `{batch}` batch")
+    };
+    Some(format!(
+        "{task} seed {seed}: {} run: {what} ({cap} tokens: {spent} spent, {projected} more \
+         projected, cap {limit}). Its rounds column counts the {} finished round(s) only.",
+        m.label(),
+        s.rounds_completed
+    ))
+}
+
 /// Build the results table from the loaded parts (pure).
 pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
     let mut tasks: Vec<String> = Vec::new();
@@ -1124,6 +1156,11 @@ pub fn build_table(protocol: &str, parts: &[SeedParts]) -> ResultsTable {
                 runs.iter()
                     .filter_map(|r| r.timing.as_ref().map(|t| t.machine.clone())),
             );
+            for p in &seeds {
+                if let Some(s) = p.runs.get(&m).and_then(|r| r.summary.as_ref()) {
+                    notes.extend(budget_stop_note(task, p.seed, m, s));
+                }
+            }
             let finished: Vec<&OptimizeResult> =
                 runs.iter().filter_map(|r| r.summary.as_ref()).collect();
             let col = |f: &dyn Fn(&OptimizeResult) -> f64| {
@@ -2114,6 +2151,7 @@ mod tests {
                 "cpu-edits-greedy",
                 "cpu-evidence",
                 "cpu-gate",
+                "cpu-gate-val80",
                 "cpu-small",
                 "cpu-val",
                 "paper"
@@ -2191,6 +2229,13 @@ mod tests {
         same.optimizer.sticky_incumbent = false;
         same.description = val.description.clone();
         assert_eq!(&same, val);
+        // cpu-gate-val80: cpu-gate with 80 validation items instead of 40.
+        let val80 = &files["cpu-gate-val80"];
+        assert_eq!((gate.val_size, val80.val_size), (40, 80));
+        let mut same = val80.clone();
+        same.val_size = gate.val_size;
+        same.description = gate.description.clone();
+        assert_eq!(&same, gate);
     }
 
     #[test]
@@ -2221,5 +2266,57 @@ mod tests {
         assert!(!is_finished(&s));
         s.stop_reason = StopReason::StopFile;
         assert!(!is_finished(&s));
+    }
+
+    #[test]
+    fn budget_stops_are_explained_in_the_notes() {
+        let budget = |batch: &str| StopReason::Budget {
+            cap: "total".into(),
+            batch: batch.into(),
+            spent: 800,
+            projected: 170,
+            limit: 866,
+        };
+        let part = |seed: u64, m: Method, rounds: usize, reason: StopReason| {
+            let mut s = summary(800, 20, rounds);
+            s.stop_reason = reason;
+            let mut p = cantante_rounds(seed, vec![]);
+            p.runs.remove(&Method::Cantante);
+            p.runs.insert(
+                m,
+                OptPart {
+                    summary: Some(s),
+                    rounds: vec![],
+                    timing: None,
+                },
+            );
+            p
+        };
+        let t = build_table(
+            "x",
+            &[
+                part(42, Method::Identity, 0, budget("validate")),
+                part(47, Method::Identity, 2, budget("execute")),
+                part(7, Method::Cantante, 3, StopReason::Completed),
+            ],
+        );
+        let notes: Vec<&String> = t.notes.iter().filter(|n| n.contains("budget")).collect();
+        assert_eq!(notes.len(), 2, "{:?}", t.notes);
+        assert!(
+            notes[0].starts_with("gsm8k seed 42: Identity")
+                && notes[0].contains("round 1 ran its block")
+                && notes[0].contains("not adopted")
+                && notes[0].contains("800 spent, 170 more projected, cap 866")
+                && notes[0].contains("0 finished round(s)"),
+            "{}",
+            notes[0]
+        );
+        assert!(
+            notes[1].starts_with("gsm8k seed 47: Identity")
+                && notes[1].contains("stopped round 3 before its `execute` batch"),
+            "{}",
+            notes[1]
+        );
+        assert!(render_markdown(&t).contains(notes[0].as_str()));
     }
 }
