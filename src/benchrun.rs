@@ -1045,7 +1045,9 @@ fn budget_stop_note(task: &str, seed: u64, m: Method, s: &OptimizeResult) -> Opt
         return None;
     };
     let round = s.rounds_completed + 1;
-    let what = if batch == "validate" {
+    let what = if batch == "validate" && s.validations.is_empty() {
+        "the budget stopped it before the initial prompts' validation, so no round ran".to_string()
+    } else if batch == "validate" {
         format!(
             "round {round} ran its block, then the budget stopped it before validating \
              the configuration it moved to, which was therefore not adopted"
@@ -2280,6 +2282,17 @@ mod tests {
         let part = |seed: u64, m: Method, rounds: usize, reason: StopReason| {
             let mut s = summary(800, 20, rounds);
             s.stop_reason = reason;
+            // Seed 8's run never finished its initial validation.
+            if seed != 8 {
+                s.validations
+                    .push(crate::optimize::checkpoint::ValidationPoint {
+                        round: 0,
+                        config: PromptSet::new(),
+                        score: 0.2,
+                        tokens: 100,
+                        item_scores: vec![],
+                    });
+            }
             let mut p = cantante_rounds(seed, vec![]);
             p.runs.remove(&Method::Cantante);
             p.runs.insert(
@@ -2298,10 +2311,18 @@ mod tests {
                 part(42, Method::Identity, 0, budget("validate")),
                 part(47, Method::Identity, 2, budget("execute")),
                 part(7, Method::Cantante, 3, StopReason::Completed),
+                part(8, Method::Cantante, 0, budget("validate")),
             ],
         );
         let notes: Vec<&String> = t.notes.iter().filter(|n| n.contains("budget")).collect();
-        assert_eq!(notes.len(), 2, "{:?}", t.notes);
+        assert_eq!(notes.len(), 3, "{:?}", t.notes);
+        assert!(
+            notes[0].starts_with("gsm8k seed 8: CANTANTE")
+                && notes[0].contains("before the initial prompts' validation, so no round ran"),
+            "{}",
+            notes[0]
+        );
+        let notes = &notes[1..];
         assert!(
             notes[0].starts_with("gsm8k seed 42: Identity")
                 && notes[0].contains("round 1 ran its block")
